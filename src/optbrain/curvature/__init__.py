@@ -1,0 +1,35 @@
+"""Curvature estimators: diagonals of the Hessian, the GGN and Fisher-type matrices.
+
+See :mod:`optbrain.curvature.base` for exact definitions of what each estimator computes.
+"""
+
+from .base import DiagonalCurvature, DiagonalEstimator
+from .exact import ExactHessianDiagonal
+from .fisher import EmpiricalFisherDiagonal, MCFisherDiagonal
+from .ggn import GGNDiagonal
+from .hutchinson import HutchinsonDiagonal
+from .lecun import LeCunDiagonal
+from .rules import register, register_elementwise
+
+ESTIMATORS = {
+    "lecun": LeCunDiagonal,
+    "ggn": GGNDiagonal,
+    "hessian": ExactHessianDiagonal,
+    "empirical_fisher": EmpiricalFisherDiagonal,
+    "mc_fisher": MCFisherDiagonal,
+    "hutchinson": HutchinsonDiagonal,
+}
+
+__all__ = [
+    "DiagonalCurvature",
+    "DiagonalEstimator",
+    "EmpiricalFisherDiagonal",
+    "ESTIMATORS",
+    "ExactHessianDiagonal",
+    "GGNDiagonal",
+    "HutchinsonDiagonal",
+    "LeCunDiagonal",
+    "MCFisherDiagonal",
+    "register",
+    "register_elementwise",
+]

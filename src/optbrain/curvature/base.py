@@ -1,0 +1,109 @@
+"""Protocols and the shared base class of curvature estimators.
+
+Every diagonal estimator computes, for the objective E(θ) = (1/N) Σ_n ℓ_n(θ) of a
+:class:`~optbrain.problem.Problem`, a ParamDict of the same shapes as the parameters:
+
+==========================  =========================================================
+``ExactHessianDiagonal``    diag ∇²E
+``GGNDiagonal``             diag (1/N) Σ_n J_nᵀ H_n J_n   (J_n = ∂f(x_n)/∂θ, H_n = ∂²ℓ_n/∂f²)
+``EmpiricalFisherDiagonal`` (1/N) Σ_n (∇ℓ_n)²
+``MCFisherDiagonal``        unbiased Monte-Carlo estimate of the GGN diagonal
+``HutchinsonDiagonal``      unbiased estimate of diag ∇²E from Hessian-vector products
+``LeCunDiagonal``           LeCun, Denker & Solla's (1989) recursion, exact only where its docs say
+==========================  =========================================================
+
+Curvature is evaluated with the model in eval mode (dropout off, batch-norm running statistics) and
+the previous modes are restored afterwards. With a mask attached, derivatives are taken with respect
+to the stored (original) weights, so pruned entries get curvature 0.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from ..errors import UnsupportedModuleError
+from ..paramdict import ParamDict
+from ..problem import Problem
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int], None]
+"""Called as ``progress(done, total)`` after each unit of work (a batch, a probe vector...)."""
+
+
+@runtime_checkable
+class DiagonalCurvature(Protocol):
+    def diagonal(self, problem: Problem) -> ParamDict: ...
+
+
+class DiagonalEstimator:
+    """Base class: holds ``dtype`` (accumulation precision) and an optional progress callback.
+
+    ``dtype=None`` accumulates in the parameters' dtype; ``torch.float64`` computes the whole
+    estimate in double precision (on a float64 copy of the model's parameters).
+    """
+
+    #: estimators that accept any differentiable module (not only registry layers)
+    generic: bool = True
+
+    def __init__(self, *, dtype: torch.dtype | None = None, progress: Progress | None = None):
+        self.dtype = dtype
+        self.progress = progress
+
+    def diagonal(self, problem: Problem) -> ParamDict:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _finish(self, problem: Problem, out: ParamDict) -> ParamDict:
+        """Results in ``dtype`` (or each parameter's dtype), on the parameters' devices."""
+        params = problem.parameters()
+        return {
+            k: v.to(dtype=self.dtype or params[k].dtype, device=params[k].device)
+            for k, v in out.items()
+        }
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if k != "progress")
+        return f"{type(self).__name__}({args})"
+
+
+class _CastData:
+    """Re-iterable view of a problem's batches with floating tensors cast to ``dtype``."""
+
+    def __init__(self, problem: Problem, dtype: torch.dtype):
+        self.problem, self.dtype = problem, dtype
+
+    def __iter__(self):
+        for x, y in self.problem.batches():
+            yield (
+                x.to(self.dtype) if x.is_floating_point() else x,
+                y.to(self.dtype) if y.is_floating_point() else y,
+            )
+
+
+def in_dtype(problem: Problem, dtype: torch.dtype | None) -> Problem:
+    """The problem itself, or one on a copy of the model cast to ``dtype`` (results keep keys)."""
+    params = list(problem.model.parameters())
+    if dtype is None or not params or all(p.dtype == dtype for p in params):
+        return problem
+    model = copy.deepcopy(problem.model).to(dtype)
+    cast = Problem(model, problem.loss_fn, _CastData(problem, dtype), problem.params)
+    cast._n, cast._reduction = problem.n_samples, problem.reduction
+    return cast
+
+
+def structured_applies(problem: Problem, estimator: str) -> bool:
+    """True when the structured back-propagation handles the model exactly (chain of registry
+    layers, no parameter used twice); otherwise the generic ``torch.func`` path is needed."""
+    from .chain import build_chain, shared_parameters
+
+    try:
+        chain = build_chain(problem.model, estimator)
+    except UnsupportedModuleError as exc:
+        log.debug("%s falls back to torch.func: %s", estimator, exc)
+        return False
+    return not shared_parameters(chain)

@@ -1,0 +1,84 @@
+"""Reading a model as a chain of registry layers (nested ``nn.Sequential`` are flattened)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from ..errors import UnsupportedModuleError
+from .rules import GENERIC_ESTIMATORS, Rule, rule_for
+
+
+@dataclass
+class Link:
+    """One layer of the chain: its module, its rule and the parameters it owns.
+
+    ``params`` maps a rule attribute ("weight") to ``(clean name, parameter, mask or None)``; the
+    mask is the 0/1 tensor of an attached optbrain mask (derivatives with respect to the stored
+    weight are those of the effective weight times the mask).
+    """
+
+    prefix: str
+    module: nn.Module
+    rule: Rule
+    params: dict[str, tuple[str, Tensor, Tensor | None]] = field(default_factory=dict)
+
+
+def _leaves(module: nn.Module, prefix: str):
+    if isinstance(module, nn.Sequential):
+        for name, child in module.named_children():
+            yield from _leaves(child, f"{prefix}{name}.")
+    else:
+        yield prefix, module
+
+
+def _param_of(m: nn.Module, attr: str, estimator: str) -> tuple[Tensor, Tensor | None] | None:
+    if parametrize.is_parametrized(m, attr):
+        plist = m.parametrizations[attr]
+        masks = [getattr(p, "mask", None) for p in plist]
+        if any(mk is None for mk in masks):
+            raise UnsupportedModuleError(
+                f"{estimator} supports only optbrain masks as parametrizations of "
+                f"{type(m).__name__}.{attr}; use one of {', '.join(GENERIC_ESTIMATORS)}"
+            )
+        mult = masks[0].to(plist.original.dtype)
+        for mk in masks[1:]:
+            mult = mult * mk
+        return plist.original, mult
+    p = m._parameters.get(attr)
+    return None if p is None else (p, None)
+
+
+def build_chain(model: nn.Module, estimator: str) -> list[Link]:
+    """The model's layers in forward order; raises UnsupportedModuleError for unknown layers."""
+    chain: list[Link] = []
+    covered: set[int] = set()
+    for prefix, m in _leaves(model, ""):
+        link = Link(prefix.rstrip(".") if prefix else "", m, rule_for(m, estimator))
+        for attr in link.rule.params:
+            got = _param_of(m, attr, estimator)
+            if got is None:
+                continue
+            p, mult = got
+            name = f"{prefix}{attr}"
+            link.params[attr] = (name, p, mult)
+            covered.add(id(p))
+        chain.append(link)
+    stray = [n for n, p in model.named_parameters() if id(p) not in covered]
+    if stray:
+        raise UnsupportedModuleError(
+            f"{estimator}: parameters {stray} belong to no registered layer; use one of "
+            f"{', '.join(GENERIC_ESTIMATORS)}"
+        )
+    return chain
+
+
+def shared_parameters(chain: list[Link]) -> set[int]:
+    """ids of parameters used by more than one link (tied weights)."""
+    seen: dict[int, int] = {}
+    for link in chain:
+        for _, p, _ in link.params.values():
+            seen[id(p)] = seen.get(id(p), 0) + 1
+    return {i for i, c in seen.items() if c > 1}

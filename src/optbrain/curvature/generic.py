@@ -1,0 +1,157 @@
+"""Estimators for arbitrary differentiable modules, built on ``torch.func``.
+
+They need no per-layer rule, so they handle tied weights (one parameter used in several places),
+custom modules and any architecture that treats samples independently in eval mode, at the price
+of materialising per-sample gradients (chunked to bound memory) or Hessian-vector products.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+from torch.func import functional_call, grad, vjp, vmap
+
+from ..errors import NonFiniteLossError
+from ..paramdict import ParamDict, numel, raw_names
+from ..problem import Problem, eval_mode
+from .backprop import _BUDGET, _chunks
+
+log = logging.getLogger(__name__)
+
+Tick = Callable[[int, int], None] | None
+ColumnFn = Callable[[Tensor, Tensor], tuple[Tensor, Tensor | None]]
+
+
+class _Functional:
+    """The model as a pure function of the wanted parameters (others held fixed)."""
+
+    def __init__(self, problem: Problem):
+        self.problem = problem
+        self.model = problem.model
+        self.wanted = {k: p.detach() for k, p in problem.parameters().items()}
+        raw = raw_names(self.model)
+        self.raw = {k: raw[k] for k in self.wanted}
+        taken = set(self.raw.values())
+        self.fixed = {r: p.detach() for r, p in self.model.named_parameters() if r not in taken}
+        self.fixed.update({r: b for r, b in self.model.named_buffers()})
+
+    def __call__(self, params: dict[str, Tensor], x: Tensor) -> Tensor:
+        full = dict(self.fixed)
+        full.update({self.raw[k]: v for k, v in params.items()})
+        return functional_call(self.model, full, (x,))
+
+    def objective(self, params: dict[str, Tensor]) -> Tensor:
+        total = 0.0
+        for x, y in self.problem.batches():
+            total = total + self.problem.batch_objective(self(params, x), y)
+        return total
+
+
+def per_sample_squares(problem: Problem, columns: ColumnFn, tick: Tick = None) -> ParamDict:
+    """(1/N) Σ_n Σ_k σ_kn (∂⟨S_kn, f(x_n)⟩/∂θ)² with (S, σ) = ``columns(out, y)``."""
+    fn = _Functional(problem)
+    acc = {k: torch.zeros_like(v) for k, v in fn.wanted.items()}
+    n_total, done = problem.n_samples, 0
+    with eval_mode(problem.model):
+        for x, y in _chunks(problem, None):
+            with torch.no_grad():
+                out = fn(fn.wanted, x)
+            if not torch.isfinite(out).all():
+                raise NonFiniteLossError("the model output contains NaN or inf")
+            cols, sign = columns(out, y)
+            step = max(1, _BUDGET // max(1, cols.shape[0] * numel(fn.wanted)))
+            for i in range(0, x.shape[0], step):
+                xc, sc = x[i : i + step], cols[:, i : i + step].transpose(0, 1)
+
+                def one(xn: Tensor, sn: Tensor) -> dict[str, Tensor]:
+                    _, pull = vjp(lambda p: fn(p, xn[None])[0], fn.wanted)
+                    return vmap(pull)(sn)[0]
+
+                grads = vmap(one)(xc, sc)  # N × K × shape
+                for k, gk in grads.items():
+                    sq = gk.square()
+                    if sign is not None:
+                        sg = sign[:, i : i + step].T
+                        sq = sq * sg.reshape(sg.shape + (1,) * (sq.dim() - 2))
+                    acc[k] += sq.sum((0, 1))
+            done += x.shape[0]
+            if tick is not None:
+                tick(done, n_total)
+    return {k: v / n_total for k, v in acc.items()}
+
+
+def _hvp_fn(fn: _Functional) -> Callable[[dict[str, Tensor]], dict[str, Tensor]]:
+    """v ↦ ∇²E·v by reverse-over-reverse: one gradient graph, its pull-back vmapped over v."""
+    _, pull = vjp(grad(fn.objective), fn.wanted)
+
+    def hvp(v: dict[str, Tensor]) -> dict[str, Tensor]:
+        return pull(v)[0]
+
+    return hvp
+
+
+def hvp_diagonal(problem: Problem, tick: Tick = None, chunk: int = 64) -> ParamDict:
+    """Exact diag ∇²E from one Hessian-vector product per parameter (small models only)."""
+    fn = _Functional(problem)
+    names = list(fn.wanted)
+    sizes = [fn.wanted[k].numel() for k in names]
+    total = sum(sizes)
+    if total > 20_000:
+        log.warning("exact Hessian diagonal by HVPs needs %d Hessian-vector products", total)
+    hvp = _hvp_fn(fn)
+    diag = torch.empty(total, dtype=next(iter(fn.wanted.values())).dtype)
+    with eval_mode(problem.model):
+        for start in range(0, total, chunk):
+            idx = torch.arange(start, min(start + chunk, total))
+            basis = torch.zeros(len(idx), total, dtype=diag.dtype)
+            basis[torch.arange(len(idx)), idx] = 1
+            vs = _split(basis, names, fn.wanted)
+            hv = vmap(hvp)(vs)
+            flat = torch.cat([hv[k].reshape(len(idx), -1) for k in names], 1)
+            diag[idx] = flat[torch.arange(len(idx)), idx].cpu()
+            if tick is not None:
+                tick(int(idx[-1]) + 1, total)
+    return _unsplit(diag, names, fn.wanted)
+
+
+def hutchinson(
+    problem: Problem, samples: int, gen: torch.Generator, tick: Tick = None, chunk: int = 16
+) -> ParamDict:
+    """(1/S) Σ_s v_s ⊙ H v_s with Rademacher probes v_s: an unbiased estimate of diag ∇²E."""
+    fn = _Functional(problem)
+    names = list(fn.wanted)
+    total = sum(fn.wanted[k].numel() for k in names)
+    dtype = next(iter(fn.wanted.values())).dtype
+    hvp = _hvp_fn(fn)
+    acc = torch.zeros(total, dtype=dtype)
+    with eval_mode(problem.model):
+        for start in range(0, samples, chunk):
+            m = min(chunk, samples - start)
+            v = (torch.randint(0, 2, (m, total), generator=gen) * 2 - 1).to(dtype)
+            hv = vmap(hvp)(_split(v, names, fn.wanted))
+            flat = torch.cat([hv[k].reshape(m, -1) for k in names], 1).cpu()
+            acc += (v * flat).sum(0)
+            if tick is not None:
+                tick(start + m, samples)
+    return _unsplit(acc / samples, names, fn.wanted)
+
+
+def _split(rows: Tensor, names: list[str], like: dict[str, Tensor]) -> dict[str, Tensor]:
+    out, i = {}, 0
+    for k in names:
+        n = like[k].numel()
+        out[k] = rows[:, i : i + n].reshape(rows.shape[0], *like[k].shape).to(like[k])
+        i += n
+    return out
+
+
+def _unsplit(vec: Tensor, names: list[str], like: dict[str, Tensor]) -> ParamDict:
+    out, i = {}, 0
+    for k in names:
+        n = like[k].numel()
+        out[k] = vec[i : i + n].reshape(like[k].shape).to(like[k])
+        i += n
+    return out

@@ -1,0 +1,45 @@
+"""LeCun, Denker & Solla's (1989) diagonal second-derivative recursion (OBD paper, §2.1)."""
+
+from __future__ import annotations
+
+from ..paramdict import ParamDict
+from ..problem import Problem
+from . import backprop
+from .base import DiagonalEstimator, in_dtype
+
+
+class LeCunDiagonal(DiagonalEstimator):
+    """The published recursion, generalised from MSE to any loss.
+
+    Per sample, from the output backwards (a = pre-activation, x = f(a), w_li from unit i to l):
+
+    * output boundary: ∂²ℓ/∂f² taken as the *diagonal* of the loss Hessian (MSE: 2/d per output
+      component for ``reduction="mean"``, i.e. LeCun's 2 f'² boundary once the output activation is
+      applied; cross-entropy: p_c(1 − p_c));
+    * through a layer: ∂²ℓ/∂x_i² = Σ_l w_li² ∂²ℓ/∂a_l² (convolutions: the same with squared
+      kernels; average pooling: coefficients (1/k)²; max pooling: routed to the argmax);
+    * through an activation: ∂²ℓ/∂a_i² = f'(a_i)² ∂²ℓ/∂x_i² + f''(a_i) ∂ℓ/∂x_i; with
+      ``gauss_newton=True`` (Levenberg–Marquardt) the f'' term is dropped, which makes every
+      estimate ≥ 0;
+    * per connection: ∂²ℓ/∂w_ij² = ∂²ℓ/∂a_i² · x_j²; a shared weight (convolution kernel entry,
+      or a parameter used by several layers) gets the sum over its connections.
+
+    The recursion drops the cross-unit terms of the back-propagated curvature, so it is **not** the
+    exact diagonal of the Hessian (or of the Gauss–Newton matrix) in general. It is exact for the
+    last layer when the loss Hessian at the output is diagonal (MSE), and for a one-layer model.
+    Costs about one gradient pass. Only models made of registry layers
+    (:mod:`optbrain.curvature.rules`) nested in ``nn.Sequential`` are supported.
+    """
+
+    generic = False
+
+    def __init__(self, gauss_newton: bool = True, **kwargs):
+        super().__init__(**kwargs)
+        self.gauss_newton = gauss_newton
+
+    def diagonal(self, problem: Problem) -> ParamDict:
+        work = in_dtype(problem, self.dtype)
+        mode = "lecun_gn" if self.gauss_newton else "lecun"
+        return self._finish(
+            problem, backprop.run(work, mode, estimator=type(self).__name__, tick=self.progress)
+        )

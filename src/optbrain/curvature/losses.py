@@ -1,0 +1,129 @@
+"""Per-sample derivatives of the loss with respect to the model output.
+
+For the per-sample loss ℓ_n(f) (see :class:`~optbrain.problem.Problem`) these helpers return, for a
+batch of outputs ``out`` (N × …):
+
+* ``output_grads``: ∂ℓ_n/∂f, shape N × …;
+* ``hessian_factor``: columns S (K × N × …) and optional signs σ (K × N) with
+  H_n = Σ_k σ_kn S_kn S_knᵀ, the per-sample loss Hessian ∂²ℓ_n/∂f²;
+* ``hessian_diagonal``: diag H_n, shape N × …;
+* ``mc_factor``: K sampled columns with E[Σ_k S_kn S_knᵀ] = H_n (the Monte-Carlo Fisher).
+
+Closed forms for ``MSELoss`` and ``CrossEntropyLoss`` on (N, C) logits; any other loss falls back to
+``torch.func.hessian`` of the per-sample loss and an eigen-decomposition (exact, costs O(d³) per
+sample for d output components).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import Tensor, nn
+from torch.func import hessian, vmap
+
+from ..problem import Problem
+
+log = logging.getLogger(__name__)
+
+Factor = tuple[Tensor, Tensor | None]
+
+
+def _mse_scale(problem: Problem, out: Tensor) -> float | None:
+    fn = problem.loss_fn
+    if type(fn) is not nn.MSELoss:
+        return None
+    d = out[0].numel()
+    return 2.0 / d if fn.reduction == "mean" else 2.0
+
+
+def _is_plain_ce(problem: Problem, out: Tensor, y: Tensor) -> bool:
+    fn = problem.loss_fn
+    return (
+        type(fn) is nn.CrossEntropyLoss
+        and fn.weight is None
+        and out.dim() == 2
+        and y.dim() == 1
+        and not torch.is_floating_point(y)
+        and not bool((y == fn.ignore_index).any())
+    )
+
+
+def output_grads(problem: Problem, out: Tensor, y: Tensor) -> Tensor:
+    """∂ℓ_n/∂f for every sample of the batch (N × …)."""
+    out = out.detach().requires_grad_(True)
+    with torch.enable_grad():
+        total = problem.loss_fn(out, y)
+        if problem.reduction == "mean":
+            total = total * out.shape[0]
+        (g,) = torch.autograd.grad(total, out)
+    return g
+
+
+def _per_sample_hessians(problem: Problem, out: Tensor, y: Tensor) -> Tensor:
+    """Dense per-sample loss Hessians, N × d × d (d = numel of one output)."""
+    shape = out.shape[1:]
+
+    def loss_flat(o: Tensor, t: Tensor) -> Tensor:
+        return problem.sample_loss(o.reshape(shape), t)
+
+    return vmap(hessian(loss_flat))(out.detach().reshape(out.shape[0], -1), y)
+
+
+def hessian_factor(problem: Problem, out: Tensor, y: Tensor) -> Factor:
+    """Square-root factor (S, σ) of the per-sample loss Hessians; σ is None when all signs are +."""
+    n = out.shape[0]
+    c = _mse_scale(problem, out)
+    if c is not None:
+        d = out[0].numel()
+        eye = torch.eye(d, dtype=out.dtype, device=out.device) * c**0.5
+        s = eye[:, None, :].expand(d, n, d).reshape(d, *out.shape)
+        return s, None
+    if _is_plain_ce(problem, out, y):
+        p = torch.softmax(out.detach(), dim=1)  # N × C
+        eye = torch.eye(p.shape[1], dtype=p.dtype, device=p.device)
+        # column c for sample n: sqrt(p_nc) (e_c - p_n);  Σ_c = diag(p) - p pᵀ
+        s = p.T.sqrt()[:, :, None] * (eye[:, None, :] - p[None, :, :])
+        return s, None
+    h = _per_sample_hessians(problem, out, y)
+    lam, u = torch.linalg.eigh(h)  # N × d, N × d × d (columns are eigenvectors)
+    s = (u * lam.abs().sqrt()[:, None, :]).permute(2, 0, 1).reshape(-1, *out.shape)
+    sign = torch.sign(lam).T.contiguous()
+    return s, (None if bool((sign >= 0).all()) else sign)
+
+
+def hessian_diagonal(problem: Problem, out: Tensor, y: Tensor) -> Tensor:
+    """diag ∂²ℓ_n/∂f², N × … (LeCun's output boundary)."""
+    c = _mse_scale(problem, out)
+    if c is not None:
+        return torch.full_like(out.detach(), c)
+    if _is_plain_ce(problem, out, y):
+        p = torch.softmax(out.detach(), dim=1)
+        return p * (1 - p)
+    h = _per_sample_hessians(problem, out, y)
+    return torch.diagonal(h, dim1=1, dim2=2).reshape(out.shape)
+
+
+def mc_factor(
+    problem: Problem, out: Tensor, y: Tensor, samples: int, gen: torch.Generator
+) -> Tensor:
+    """``samples`` random columns S with E[Σ_k S_k S_kᵀ] = H_n (each scaled by 1/√samples).
+
+    Cross-entropy draws labels from the model's predictive distribution (ŷ ~ softmax(f)) and uses
+    ∂ℓ(f, ŷ)/∂f = p − e_ŷ; other losses use S·ε with ε ~ N(0, I) for the Hessian's square root S
+    (negative eigenvalues of a non-convex loss are clipped to 0).
+    """
+    scale = samples**-0.5
+    if _is_plain_ce(problem, out, y):
+        p = torch.softmax(out.detach(), dim=1)
+        idx = torch.multinomial(p.double().cpu(), samples, replacement=True, generator=gen)
+        onehot = torch.nn.functional.one_hot(idx.T, p.shape[1]).to(p)  # samples × N × C
+        return (p[None] - onehot) * scale
+    s, sign = hessian_factor(problem, out, y)
+    if sign is not None:
+        log.warning("loss Hessian is indefinite; MC Fisher clips its negative eigenvalues to 0")
+        s = s * (sign > 0).to(s)[(...,) + (None,) * (s.dim() - 2)]
+    k = s.shape[0]
+    eps = torch.randn(samples, k, out.shape[0], generator=gen, dtype=torch.float64)
+    eps = eps.to(device=s.device, dtype=s.dtype)
+    return torch.einsum("jkn,kn...->jn...", eps, s) * scale

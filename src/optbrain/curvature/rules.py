@@ -1,0 +1,332 @@
+"""The per-layer registry: the only place in optbrain with layer-specific derivative code.
+
+A :class:`Rule` tells the structured second-order back-propagation (:mod:`.backprop`) how to move
+curvature from a module's output to its input and how to turn curvature at its output into the
+diagonal for its parameters. Shapes: ``x`` is the module input (N × …), columns ``cols`` carry a
+leading column axis (K × N × …), diagonals ``d`` have the shape of the output (N × …).
+
+Users can teach optbrain a new layer with :func:`register`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import jvp, vjp, vmap
+
+from ..errors import UnsupportedModuleError
+
+GENERIC_ESTIMATORS = (
+    "GGNDiagonal(method='func')",
+    "ExactHessianDiagonal(method='hvp')",
+    "EmpiricalFisherDiagonal(method='func')",
+    "MCFisherDiagonal(method='func')",
+    "HutchinsonDiagonal",
+)
+
+
+def _sign_weighted(cols2: Tensor, sign: Tensor | None) -> Tensor:
+    if sign is None:
+        return cols2
+    return cols2 * sign.reshape(sign.shape + (1,) * (cols2.dim() - 2))
+
+
+class Rule:
+    """Derivative rules of one layer kind. Subclasses override what differs from the defaults."""
+
+    #: parameter attributes the rule differentiates (those that are not None on the module)
+    params: tuple[str, ...] = ()
+
+    def column_cost(self, m: nn.Module, x: Tensor) -> int:
+        """Elements per sample and column that :meth:`sq_grads` materialises (memory planning)."""
+        return 0
+
+    def vjp(self, m: nn.Module, x: Tensor, cols: Tensor) -> Tensor:
+        """Jᵀ·c for every column: (K × N × out) → (K × N × in)."""
+        _, fn = vjp(m, x)
+        return vmap(fn)(cols)[0]
+
+    def sq_vjp(self, m: nn.Module, x: Tensor, d: Tensor) -> Tensor:
+        """LeCun's propagation (J∘J)ᵀ·d of a diagonal through a layer linear in its input."""
+        raise UnsupportedModuleError(f"no LeCun rule for {type(m).__name__}")
+
+    def diag_params(self, m: nn.Module, x: Tensor, d: Tensor) -> dict[str, Tensor]:
+        """Σ over samples and connections of d·(∂out/∂w)² — LeCun's per-connection rule."""
+        return {}
+
+    def sq_grads(
+        self, m: nn.Module, x: Tensor, cols: Tensor, sign: Tensor | None
+    ) -> dict[str, Tensor]:
+        """Σ_k Σ_n σ_kn (per-sample gradient of ⟨cols_kn, out_n⟩)² for each parameter."""
+        return {}
+
+    def diag_columns(self, m: nn.Module, x: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
+        """Columns (and signs) of Jᵀ diag(d) J at the input, one per output unit."""
+        n = d.shape[0]
+        flat = d.reshape(n, -1)
+        u = flat.shape[1]
+        eye = torch.eye(u, dtype=d.dtype, device=d.device)
+        basis = flat.abs().sqrt().T[:, :, None] * eye[:, None, :]  # U × N × U
+        cols = self.vjp(m, x, basis.reshape(u, *d.shape))
+        return cols, torch.sign(flat).T.contiguous()
+
+
+class ElementwiseRule(Rule):
+    """x ↦ f(x) applied entry by entry; f', f'' by forward-mode AD unless given in closed form."""
+
+    def __init__(self, derivs: Callable[[nn.Module, Tensor], tuple[Tensor, Tensor]] | None = None):
+        self._derivs = derivs
+
+    def derivatives(self, m: nn.Module, a: Tensor) -> tuple[Tensor, Tensor]:
+        if self._derivs is not None:
+            return self._derivs(m, a)
+        ones = torch.ones_like(a)
+
+        def first(t: Tensor) -> Tensor:
+            return jvp(m, (t,), (ones,))[1]
+
+        f1, f2 = jvp(first, (a,), (ones,))
+        return f1, f2
+
+    def vjp(self, m: nn.Module, x: Tensor, cols: Tensor) -> Tensor:
+        return cols * self.derivatives(m, x)[0]
+
+
+class ReshapeRule(Rule):
+    """Identity-like layers (Flatten, Unflatten, Identity, Dropout in eval mode)."""
+
+    def vjp(self, m: nn.Module, x: Tensor, cols: Tensor) -> Tensor:
+        return cols.reshape(cols.shape[0], *x.shape)
+
+    def sq_vjp(self, m: nn.Module, x: Tensor, d: Tensor) -> Tensor:
+        return d.reshape(x.shape)
+
+    def diag_columns(self, m: nn.Module, x: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
+        raise AssertionError("a diagonal passes through reshape layers unchanged")
+
+
+class LinearRule(Rule):
+    params = ("weight", "bias")
+
+    def vjp(self, m: nn.Linear, x: Tensor, cols: Tensor) -> Tensor:
+        return cols @ m.weight
+
+    def sq_vjp(self, m: nn.Linear, x: Tensor, d: Tensor) -> Tensor:
+        return d @ m.weight.square()
+
+    def diag_params(self, m: nn.Linear, x: Tensor, d: Tensor) -> dict[str, Tensor]:
+        d2, x2 = d.reshape(-1, d.shape[-1]), x.reshape(-1, x.shape[-1]).square()
+        return {"weight": d2.T @ x2, "bias": d2.sum(0)}
+
+    def column_cost(self, m: nn.Linear, x: Tensor) -> int:
+        return 0 if x.dim() == 2 else m.weight.numel()
+
+    def sq_grads(self, m: nn.Linear, x: Tensor, cols: Tensor, sign: Tensor | None):
+        k, n = cols.shape[:2]
+        if x.dim() == 2:  # one position per sample: (Σ_k σ g²)ᵀ x²
+            g2 = _sign_weighted(cols.square(), sign).sum(0)
+            return {"weight": g2.T @ x.square(), "bias": g2.sum(0)}
+        xs = x.reshape(n, -1, x.shape[-1])
+        gs = cols.reshape(k, n, -1, cols.shape[-1])
+        gw = torch.einsum("knto,nti->knoi", gs, xs)
+        gb = gs.sum(2)
+        return {
+            "weight": _sign_weighted(gw.square(), sign).sum((0, 1)),
+            "bias": _sign_weighted(gb.square(), sign).sum((0, 1)),
+        }
+
+    def diag_columns(self, m: nn.Linear, x: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
+        if d.dim() != 2:
+            return super().diag_columns(m, x, d)
+        cols = d.abs().sqrt().T[:, :, None] * m.weight[:, None, :]  # out × N × in
+        return cols, torch.sign(d).T.contiguous()
+
+
+class ConvRule(Rule):
+    """Conv1d / Conv2d with any stride, padding (zeros), dilation and groups; weights are shared
+    across positions, so a weight's per-sample gradient sums over its connections."""
+
+    params = ("weight", "bias")
+
+    def _check(self, m: nn.Module) -> None:
+        if m.padding_mode != "zeros":
+            raise UnsupportedModuleError(
+                f"{type(m).__name__} with padding_mode={m.padding_mode!r}: only 'zeros' is "
+                "supported by the structured estimators; use one of "
+                f"{', '.join(GENERIC_ESTIMATORS)}"
+            )
+
+    def _unfold(self, m: nn.Module, x: Tensor) -> Tensor:
+        """Input patches, N × groups × (C_in/groups · k) × positions."""
+        self._check(m)
+        ks, st, dl = list(m.kernel_size), list(m.stride), list(m.dilation)
+        if isinstance(m.padding, str):
+            pads = []
+            for k, d in zip(ks, dl):
+                total = d * (k - 1) if m.padding == "same" else 0
+                pads.append((total // 2, total - total // 2))
+        else:
+            pads = [(p, p) for p in m.padding]
+        flat_pad = [v for pair in reversed(pads) for v in pair]
+        xp = F.pad(x, flat_pad) if any(flat_pad) else x
+        if xp.dim() == 3:  # Conv1d as a 2-D conv of height 1
+            xp, ks, st, dl = xp.unsqueeze(2), [1, *ks], [1, *st], [1, *dl]
+        cols = F.unfold(xp, ks, dilation=dl, stride=st)  # N × (C_in·k) × P
+        return cols.reshape(x.shape[0], m.groups, -1, cols.shape[-1])
+
+    def _out(self, m: nn.Module, t: Tensor, lead: int) -> Tensor:
+        """Output-shaped tensor → (lead dims) × groups × C_out/groups × positions."""
+        return t.reshape(*t.shape[:lead], m.groups, m.out_channels // m.groups, -1)
+
+    def column_cost(self, m: nn.Module, x: Tensor) -> int:
+        return m.weight.numel()
+
+    def sq_vjp(self, m: nn.Module, x: Tensor, d: Tensor) -> Tensor:
+        self._check(m)
+        w2 = m.weight.square()
+        _, fn = vjp(lambda inp: m._conv_forward(inp, w2, None), x)
+        return fn(d)[0]
+
+    def diag_params(self, m: nn.Module, x: Tensor, d: Tensor) -> dict[str, Tensor]:
+        xu = self._unfold(m, x)
+        w = torch.einsum("ngop,ngip->goi", self._out(m, d, 1), xu.square())
+        out = {"weight": w.reshape(m.weight.shape)}
+        out["bias"] = d.reshape(d.shape[0], d.shape[1], -1).sum((0, 2))
+        return out
+
+    def sq_grads(self, m: nn.Module, x: Tensor, cols: Tensor, sign: Tensor | None):
+        xu = self._unfold(m, x)
+        g = self._out(m, cols, 2)  # K × N × G × O × P
+        gw = torch.einsum("kngop,ngip->kngoi", g, xu)
+        gw = _sign_weighted(gw.square(), sign).sum((0, 1))
+        gb = _sign_weighted(g.sum(-1).square(), sign).sum((0, 1))
+        return {"weight": gw.reshape(m.weight.shape), "bias": gb.reshape(-1)}
+
+
+class AvgPoolRule(Rule):
+    def _divisor(self, m: nn.Module) -> float:
+        if m.divisor_override:
+            return float(m.divisor_override)
+        pad = m.padding if isinstance(m.padding, (tuple, list)) else (m.padding,)
+        if m.ceil_mode or (not m.count_include_pad and any(pad)):
+            raise UnsupportedModuleError(
+                f"{type(m).__name__} with ceil_mode or count_include_pad=False and padding has "
+                "windows of unequal size; LeCunDiagonal supports only uniform average pooling"
+            )
+        ks = m.kernel_size if isinstance(m.kernel_size, (tuple, list)) else (m.kernel_size,)
+        dims = 2 if isinstance(m, nn.AvgPool2d) else 1
+        if len(ks) == 1 and dims == 2:
+            ks = (ks[0], ks[0])
+        return float(math.prod(ks))
+
+    def sq_vjp(self, m: nn.Module, x: Tensor, d: Tensor) -> Tensor:
+        _, fn = vjp(m, x)  # every connection has coefficient 1/divisor; squared: 1/divisor²
+        return fn(d / self._divisor(m))[0]
+
+
+class MaxPoolRule(Rule):
+    def sq_vjp(self, m: nn.Module, x: Tensor, d: Tensor) -> Tensor:
+        if getattr(m, "return_indices", False):
+            raise UnsupportedModuleError(f"{type(m).__name__}(return_indices=True)")
+        _, fn = vjp(m, x)  # a 0/1 selection: (J∘J) = J
+        return fn(d)[0]
+
+
+# ---------------------------------------------------------------------------- activations
+
+
+def _tanh(m: nn.Module, a: Tensor) -> tuple[Tensor, Tensor]:
+    t = torch.tanh(a)
+    f1 = 1 - t * t
+    return f1, -2 * t * f1
+
+
+def _sigmoid(m: nn.Module, a: Tensor) -> tuple[Tensor, Tensor]:
+    s = torch.sigmoid(a)
+    f1 = s * (1 - s)
+    return f1, f1 * (1 - 2 * s)
+
+
+def _relu(m: nn.Module, a: Tensor) -> tuple[Tensor, Tensor]:
+    return (a > 0).to(a.dtype), torch.zeros_like(a)
+
+
+def _lecun_tanh(m: nn.Module, a: Tensor) -> tuple[Tensor, Tensor]:
+    A, S = 1.7159, 2.0 / 3.0
+    t = torch.tanh(S * a)
+    f1 = A * S * (1 - t * t)
+    return f1, -2 * S * t * f1
+
+
+_REGISTRY: dict[type, Rule] = {}
+
+
+def register(cls: type, rule: Rule) -> None:
+    """Teach the structured estimators a layer kind (subclasses inherit the rule)."""
+    _REGISTRY[cls] = rule
+
+
+def register_elementwise(
+    cls: type, derivatives: Callable[[nn.Module, Tensor], tuple[Tensor, Tensor]] | None = None
+) -> None:
+    """Register an element-wise activation; ``derivatives(module, a) -> (f'(a), f''(a))`` or None
+    to obtain both by forward-mode automatic differentiation."""
+    register(cls, ElementwiseRule(derivatives))
+
+
+register(nn.Linear, LinearRule())
+for _c in (nn.Conv1d, nn.Conv2d):
+    register(_c, ConvRule())
+for _c in (nn.AvgPool1d, nn.AvgPool2d):
+    register(_c, AvgPoolRule())
+for _c in (nn.MaxPool1d, nn.MaxPool2d):
+    register(_c, MaxPoolRule())
+for _c in (nn.Flatten, nn.Unflatten, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d):
+    register(_c, ReshapeRule())
+register_elementwise(nn.Tanh, _tanh)
+register_elementwise(nn.Sigmoid, _sigmoid)
+register_elementwise(nn.ReLU, _relu)
+for _c in (
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.SELU,
+    nn.CELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Mish,
+    nn.Softplus,
+    nn.Softsign,
+    nn.Tanhshrink,
+    nn.LogSigmoid,
+    nn.Hardtanh,
+    nn.ReLU6,
+):
+    register_elementwise(_c)
+
+
+def _register_optbrain_activations() -> None:
+    try:
+        from ..models.activations import LeCunTanh
+    except ImportError:  # pragma: no cover - models package absent
+        return
+    register_elementwise(LeCunTanh, _lecun_tanh)
+
+
+_register_optbrain_activations()
+
+
+def rule_for(m: nn.Module, estimator: str = "this estimator") -> Rule:
+    """The rule of a module's class (or nearest registered base class), else a clear error."""
+    for cls in type(m).__mro__:
+        if cls in _REGISTRY:
+            return _REGISTRY[cls]
+    raise UnsupportedModuleError(
+        f"{estimator} has no rule for module type {type(m).__name__}; supported: "
+        f"{', '.join(sorted(c.__name__ for c in _REGISTRY))}. Estimators that support arbitrary "
+        f"differentiable modules: {', '.join(GENERIC_ESTIMATORS)} (or register a rule with "
+        "optbrain.curvature.rules.register)"
+    )
