@@ -79,11 +79,13 @@ def run(
     n_total = problem.n_samples
     done = 0
     with torch.no_grad(), eval_mode(model):
-        probe = [next(problem.batches())[0][:1]]
-        for lk in chain:
-            probe.append(lk.module(probe[-1]))
-        k0 = {"ef": 1, "mc": samples, "lecun": 1, "lecun_gn": 1}.get(mode, probe[-1][0].numel())
-        chunk = None if mode.startswith("lecun") else _chunk_size(chain, probe, k0, mode)
+        chunk = None  # LeCun carries one diagonal: batches as given
+        if not mode.startswith("lecun"):
+            probe = [next(problem.batches())[0][:1]]
+            for lk in chain:
+                probe.append(lk.module(probe[-1]))
+            k0 = {"ef": 1, "mc": samples}.get(mode, probe[-1][0].numel())
+            chunk = _chunk_size(chain, probe, k0, mode)
         for x, y in _chunks(problem, chunk):
             xs = [x]
             for lk in chain:
@@ -124,7 +126,7 @@ def _sweep(problem, chain, xs, y, mode, first, acc, wanted, samples, generator) 
             if i == first:
                 break
             if isinstance(lk.rule, ElementwiseRule):
-                f1, f2 = lk.rule.derivatives(lk.module, x)
+                f1, f2 = lk.rule.derivatives(lk.module, x, xs[i + 1], g is not None)
                 d = f1.square() * d
                 if g is not None:
                     d = d + f2 * g
@@ -152,7 +154,7 @@ def _sweep(problem, chain, xs, y, mode, first, acc, wanted, samples, generator) 
         if i == first:
             break
         if isinstance(lk.rule, ElementwiseRule):
-            f1, f2 = lk.rule.derivatives(lk.module, x)
+            f1, f2 = lk.rule.derivatives(lk.module, x, xs[i + 1], g is not None)
             cols = cols * f1
             if diag is not None:
                 diag = f1.square() * diag

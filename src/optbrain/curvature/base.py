@@ -26,7 +26,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from ..errors import UnsupportedModuleError
+from ..errors import NonFiniteLossError, UnsupportedModuleError
 from ..paramdict import ParamDict
 from ..problem import Problem
 
@@ -59,7 +59,14 @@ class DiagonalEstimator:
         raise NotImplementedError
 
     def _finish(self, problem: Problem, out: ParamDict) -> ParamDict:
-        """Results in ``dtype`` (or each parameter's dtype), on the parameters' devices."""
+        """Results in ``dtype`` (or each parameter's dtype), on the parameters' devices; refuses
+        non-finite values (a NaN or inf loss anywhere in the data)."""
+        for k, v in out.items():
+            if not torch.isfinite(v).all():
+                raise NonFiniteLossError(
+                    f"{type(self).__name__}: the curvature of {k} is NaN or infinite (NaN or inf "
+                    "loss, inputs or weights in the data)"
+                )
         params = problem.parameters()
         return {
             k: v.to(dtype=self.dtype or params[k].dtype, device=params[k].device)

@@ -37,6 +37,7 @@ class _Functional:
         taken = set(self.raw.values())
         self.fixed = {r: p.detach() for r, p in self.model.named_parameters() if r not in taken}
         self.fixed.update({r: b for r, b in self.model.named_buffers()})
+        self.loop = False  # set when vmap over samples is not supported by some layer
 
     def __call__(self, params: dict[str, Tensor], x: Tensor) -> Tensor:
         full = dict(self.fixed)
@@ -66,11 +67,7 @@ def per_sample_squares(problem: Problem, columns: ColumnFn, tick: Tick = None) -
             for i in range(0, x.shape[0], step):
                 xc, sc = x[i : i + step], cols[:, i : i + step].transpose(0, 1)
 
-                def one(xn: Tensor, sn: Tensor) -> dict[str, Tensor]:
-                    _, pull = vjp(lambda p: fn(p, xn[None])[0], fn.wanted)
-                    return vmap(pull)(sn)[0]
-
-                grads = vmap(one)(xc, sc)  # N × K × shape
+                grads = _per_sample_pullbacks(fn, xc, sc)  # N × K × shape
                 for k, gk in grads.items():
                     sq = gk.square()
                     if sign is not None:
@@ -81,6 +78,30 @@ def per_sample_squares(problem: Problem, columns: ColumnFn, tick: Tick = None) -
             if tick is not None:
                 tick(done, n_total)
     return {k: v / n_total for k, v in acc.items()}
+
+
+def _per_sample_pullbacks(fn: _Functional, x: Tensor, cols: Tensor) -> dict[str, Tensor]:
+    """For each sample n and column k: ∂⟨cols[n, k], f(x_n)⟩/∂θ, as dict of N × K × shape.
+
+    Vectorised with ``vmap``; layers without a batching rule (``nn.RNN``/``LSTM``/``GRU``) fall
+    back to a loop over samples."""
+
+    def one(xn: Tensor, sn: Tensor) -> dict[str, Tensor]:
+        _, pull = vjp(lambda p: fn(p, xn[None])[0], fn.wanted)
+        return vmap(pull)(sn)[0]
+
+    if not fn.loop:
+        try:
+            return vmap(one)(x, cols)
+        except (RuntimeError, NotImplementedError) as exc:
+            log.info("vmap over samples failed (%s); looping over samples instead", exc)
+            fn.loop = True
+    rows = []
+    for xn, sn in zip(x, cols):
+        _, pull = vjp(lambda p, xn=xn: fn(p, xn[None])[0], fn.wanted)
+        per_col = [pull(c)[0] for c in sn]
+        rows.append({k: torch.stack([g[k] for g in per_col]) for k in fn.wanted})
+    return {k: torch.stack([r[k] for r in rows]) for k in fn.wanted}
 
 
 def _hvp_fn(fn: _Functional) -> Callable[[dict[str, Tensor]], dict[str, Tensor]]:
@@ -101,9 +122,9 @@ def hvp_diagonal(problem: Problem, tick: Tick = None, chunk: int = 64) -> ParamD
     total = sum(sizes)
     if total > 20_000:
         log.warning("exact Hessian diagonal by HVPs needs %d Hessian-vector products", total)
-    hvp = _hvp_fn(fn)
     diag = torch.empty(total, dtype=next(iter(fn.wanted.values())).dtype)
     with eval_mode(problem.model):
+        hvp = _hvp_fn(fn)  # runs the forward pass: must happen in eval mode
         for start in range(0, total, chunk):
             idx = torch.arange(start, min(start + chunk, total))
             basis = torch.zeros(len(idx), total, dtype=diag.dtype)
@@ -125,9 +146,9 @@ def hutchinson(
     names = list(fn.wanted)
     total = sum(fn.wanted[k].numel() for k in names)
     dtype = next(iter(fn.wanted.values())).dtype
-    hvp = _hvp_fn(fn)
     acc = torch.zeros(total, dtype=dtype)
     with eval_mode(problem.model):
+        hvp = _hvp_fn(fn)
         for start in range(0, samples, chunk):
             m = min(chunk, samples - start)
             v = (torch.randint(0, 2, (m, total), generator=gen) * 2 - 1).to(dtype)

@@ -35,6 +35,11 @@ def _sign_weighted(cols2: Tensor, sign: Tensor | None) -> Tensor:
     return cols2 * sign.reshape(sign.shape + (1,) * (cols2.dim() - 2))
 
 
+def _column_square_sum(cols: Tensor, sign: Tensor | None) -> Tensor:
+    """Σ_k σ_kn cols_kn² over the leading column axis."""
+    return _sign_weighted(cols.square(), sign).sum(0)
+
+
 class Rule:
     """Derivative rules of one layer kind. Subclasses override what differs from the defaults."""
 
@@ -75,25 +80,35 @@ class Rule:
         return cols, torch.sign(flat).T.contiguous()
 
 
+Derivatives = Callable[[nn.Module, Tensor, Tensor, bool], tuple[Tensor, Tensor | None]]
+"""``derivatives(module, a, f(a), second) -> (f'(a), f''(a) or None unless second)``."""
+
+
 class ElementwiseRule(Rule):
     """x ↦ f(x) applied entry by entry; f', f'' by forward-mode AD unless given in closed form."""
 
-    def __init__(self, derivs: Callable[[nn.Module, Tensor], tuple[Tensor, Tensor]] | None = None):
+    def __init__(self, derivs: Derivatives | None = None):
         self._derivs = derivs
 
-    def derivatives(self, m: nn.Module, a: Tensor) -> tuple[Tensor, Tensor]:
+    def derivatives(
+        self, m: nn.Module, a: Tensor, y: Tensor | None = None, second: bool = True
+    ) -> tuple[Tensor, Tensor | None]:
+        """(f'(a), f''(a)); ``y = f(a)`` may be passed to save recomputing it; with
+        ``second=False`` f'' is not computed (None)."""
         if self._derivs is not None:
-            return self._derivs(m, a)
+            return self._derivs(m, a, m(a) if y is None else y, second)
         ones = torch.ones_like(a)
 
         def first(t: Tensor) -> Tensor:
             return jvp(m, (t,), (ones,))[1]
 
+        if not second:
+            return first(a), None
         f1, f2 = jvp(first, (a,), (ones,))
         return f1, f2
 
     def vjp(self, m: nn.Module, x: Tensor, cols: Tensor) -> Tensor:
-        return cols * self.derivatives(m, x)[0]
+        return cols * self.derivatives(m, x, second=False)[0]
 
 
 class ReshapeRule(Rule):
@@ -113,7 +128,8 @@ class LinearRule(Rule):
     params = ("weight", "bias")
 
     def vjp(self, m: nn.Linear, x: Tensor, cols: Tensor) -> Tensor:
-        return cols @ m.weight
+        flat = cols.reshape(-1, cols.shape[-1]) @ m.weight  # one 2-D GEMM beats a batched one
+        return flat.reshape(*cols.shape[:-1], flat.shape[-1])
 
     def sq_vjp(self, m: nn.Linear, x: Tensor, d: Tensor) -> Tensor:
         return d @ m.weight.square()
@@ -128,7 +144,7 @@ class LinearRule(Rule):
     def sq_grads(self, m: nn.Linear, x: Tensor, cols: Tensor, sign: Tensor | None):
         k, n = cols.shape[:2]
         if x.dim() == 2:  # one position per sample: (Σ_k σ g²)ᵀ x²
-            g2 = _sign_weighted(cols.square(), sign).sum(0)
+            g2 = _column_square_sum(cols, sign)
             return {"weight": g2.T @ x.square(), "bias": g2.sum(0)}
         xs = x.reshape(n, -1, x.shape[-1])
         gs = cols.reshape(k, n, -1, cols.shape[-1])
@@ -239,27 +255,25 @@ class MaxPoolRule(Rule):
 # ---------------------------------------------------------------------------- activations
 
 
-def _tanh(m: nn.Module, a: Tensor) -> tuple[Tensor, Tensor]:
-    t = torch.tanh(a)
+def _tanh(m: nn.Module, a: Tensor, t: Tensor, second: bool):
     f1 = 1 - t * t
-    return f1, -2 * t * f1
+    return f1, (-2 * t * f1 if second else None)
 
 
-def _sigmoid(m: nn.Module, a: Tensor) -> tuple[Tensor, Tensor]:
-    s = torch.sigmoid(a)
+def _sigmoid(m: nn.Module, a: Tensor, s: Tensor, second: bool):
     f1 = s * (1 - s)
-    return f1, f1 * (1 - 2 * s)
+    return f1, (f1 * (1 - 2 * s) if second else None)
 
 
-def _relu(m: nn.Module, a: Tensor) -> tuple[Tensor, Tensor]:
-    return (a > 0).to(a.dtype), torch.zeros_like(a)
+def _relu(m: nn.Module, a: Tensor, y: Tensor, second: bool):
+    return (a > 0).to(a.dtype), (torch.zeros_like(a) if second else None)
 
 
-def _lecun_tanh(m: nn.Module, a: Tensor) -> tuple[Tensor, Tensor]:
+def _lecun_tanh(m: nn.Module, a: Tensor, y: Tensor, second: bool):
     A, S = 1.7159, 2.0 / 3.0
-    t = torch.tanh(S * a)
+    t = y / A
     f1 = A * S * (1 - t * t)
-    return f1, -2 * S * t * f1
+    return f1, (-2 * S * t * f1 if second else None)
 
 
 _REGISTRY: dict[type, Rule] = {}
@@ -270,11 +284,10 @@ def register(cls: type, rule: Rule) -> None:
     _REGISTRY[cls] = rule
 
 
-def register_elementwise(
-    cls: type, derivatives: Callable[[nn.Module, Tensor], tuple[Tensor, Tensor]] | None = None
-) -> None:
-    """Register an element-wise activation; ``derivatives(module, a) -> (f'(a), f''(a))`` or None
-    to obtain both by forward-mode automatic differentiation."""
+def register_elementwise(cls: type, derivatives: Derivatives | None = None) -> None:
+    """Register an element-wise activation with ``derivatives(module, a, f(a), second)`` returning
+    ``(f'(a), f''(a) or None)``, or None to obtain both by forward-mode automatic
+    differentiation."""
     register(cls, ElementwiseRule(derivatives))
 
 
