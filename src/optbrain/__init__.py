@@ -5,11 +5,23 @@ Public API::
     import optbrain as ob
     problem = ob.Problem(model, torch.nn.CrossEntropyLoss(), loader)
     h = ob.curvature.GGNDiagonal().diagonal(problem)       # dict: parameter name -> diagonal
+    ob.attach(model, ob.Mask.ones(model).with_pruned({"0.weight": [0, 5]}))
 """
 
-from . import curvature, errors, paramdict
+from . import curvature, errors, masking, paramdict
+from .masking import Mask, attach, detach
 from .problem import Problem
 
 __version__ = "0.1.0"
 
-__all__ = ["Problem", "curvature", "errors", "paramdict", "__version__"]
+__all__ = [
+    "Mask",
+    "Problem",
+    "__version__",
+    "attach",
+    "curvature",
+    "detach",
+    "errors",
+    "masking",
+    "paramdict",
+]
