@@ -25,6 +25,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -352,8 +353,13 @@ def bench_setting(model_kind: str, loss_kind: str, args) -> dict:
             "base_ms": paired.base_s * 1e3,
             "raw_base_s": paired.base,
             "raw_cand_s": paired.cand,
+            "contention": paired.contention,
+            "retried": paired.retried,
         }
-        log(f"    {paired.cand_s * 1e3:.1f} ms, {paired.ratio:.2f}x grad ({paired.rounds} rounds)")
+        log(
+            f"    {paired.cand_s * 1e3:.1f} ms, {paired.ratio:.2f}x grad ({paired.rounds} rounds, "
+            f"{paired.retried} retried)"
+        )
     load1 = os.getloadavg()[0]
 
     # correctness and normalisation cross-checks
@@ -442,9 +448,14 @@ def render(res: dict, hutchinson_samples: int) -> str:
                 f"| ↳ per probe (÷{hutchinson_samples}) | {r['ms'] / hutchinson_samples:.1f} | "
                 f"{r['ratio'] / hutchinson_samples:.2f} | | |"
             )
+    conts = [x for r in res["rows"].values() for x in r["contention"] if x is not None]
+    retried = sum(r["retried"] for r in res["rows"].values())
     c = res["checks"]
     lines += [
         "",
+        f"Rounds discarded for CPU contention: {retried}; run-queue wait / wall time of the kept "
+        f"rounds: median {statistics.median(conts) if conts else float('nan'):.3f}, max "
+        f"{max(conts) if conts else float('nan'):.3f} (threads summed; > 0.1 means contended).",
         f"Objective: optbrain E = {c['objective_optbrain']:.8f}, loss_fn(model(X), Y) = "
         f"{c['objective_loss_fn']:.8f} (|Δ| = "
         f"{abs(c['objective_optbrain'] - c['objective_loss_fn']):.1e}): same normalisation.",
@@ -475,7 +486,10 @@ def machine_facts(args) -> str:
         f"torch {torch.__version__} with {torch.get_num_threads()} threads, "
         f"backpack-for-pytorch {bp}. Repeats {args.repeats} (slow candidates, > {SLOW_S:g} s: "
         f"{args.slow_repeats}); ratios are medians of per-round ratios vs a gradient pass timed "
-        f"in the same round (median of 3 calls), order alternating. {MEMORY_METHOD}."
+        f"in the same round (median of 3 calls), order alternating; each round first waits until "
+        f"other processes use < 25% of the CPUs, and is redone (at most `repeats` times per "
+        f"estimator) when its threads waited for a CPU more than 10% of its wall time. "
+        f"{MEMORY_METHOD}."
     )
 
 
