@@ -72,7 +72,7 @@ def busy_others(window_s: float = 0.5) -> float | None:
     return (b[0] - a[0]) / (b[1] - a[1])
 
 
-def wait_quiet(threshold: float = 0.25, timeout_s: float = 60.0) -> float | None:
+def wait_quiet(threshold: float = 0.25, timeout_s: float = 30.0) -> float | None:
     """Sleep until other processes use less than ``threshold`` of the CPUs, at most
     ``timeout_s``; returns the last busy fraction seen."""
     deadline = time.monotonic() + timeout_s
@@ -164,7 +164,7 @@ def compare(
     A round whose run-queue wait exceeds ``max_contention`` × its wall time is discarded and
     run again, at most ``max_retries`` times in all (default: ``repeats``); after that rounds are
     kept whatever their contention (it is recorded). With ``quiet``, each round first waits (up
-    to a minute) until other processes use less than that fraction of the CPUs. ``collect`` runs
+    to 30 s) until other processes use less than that fraction of the CPUs. ``collect`` runs
     the garbage collector before each measurement (untimed).
     """
     if repeats < 1:

@@ -487,8 +487,9 @@ def machine_facts(args) -> str:
         f"backpack-for-pytorch {bp}. Repeats {args.repeats} (slow candidates, > {SLOW_S:g} s: "
         f"{args.slow_repeats}); ratios are medians of per-round ratios vs a gradient pass timed "
         f"in the same round (median of 3 calls), order alternating; each round first waits until "
-        f"other processes use < 25% of the CPUs, and is redone (at most `repeats` times per "
-        f"estimator) when its threads waited for a CPU more than 10% of its wall time. "
+        f"other processes use < 25% of the CPUs (waiting at most 30 s), and is redone (at most "
+        f"`repeats` times per estimator) when its threads waited for a CPU more than 10% of its "
+        f"wall time. "
         f"{MEMORY_METHOD}."
     )
 

@@ -26,7 +26,10 @@ that holds it, so all of its uses see the same mask.
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -35,7 +38,16 @@ from torch.nn.utils import parametrize
 from optbrain import paramdict
 from optbrain.errors import ShapeMismatchError
 
-__all__ = ["Mask", "apply_", "attach", "current_mask", "detach", "validate"]
+__all__ = [
+    "Mask",
+    "apply_",
+    "attach",
+    "current_mask",
+    "detach",
+    "load_pruned",
+    "save_pruned",
+    "validate",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -471,3 +483,38 @@ def _check_attachable(module: nn.Module, attr: str, name: str) -> None:
             f"parameter {name!r} already carries parametrizations "
             f"{[type(m).__name__ for m in chain]}; optbrain masks must be the only one"
         )
+
+
+def save_pruned(model: nn.Module, path) -> None:
+    """Save a pruned model (state dict and its attached mask) atomically with ``torch.save``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format": "optbrain-pruned-1",
+        "mask": current_mask(model).state_dict(),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+    }
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_pruned(model: nn.Module, path, map_location=None) -> Mask:
+    """Load what :func:`save_pruned` wrote into ``model`` (same architecture, no mask or any mask
+    attached): attaches the saved mask, loads the weights, returns the mask."""
+    try:
+        payload = torch.load(path, map_location=map_location or "cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - re-raised with the cause named
+        raise ValueError(f"cannot read pruned model {path}: {exc}") from exc
+    if not isinstance(payload, dict) or payload.get("format") != "optbrain-pruned-1":
+        raise ValueError(f"{path} is not an optbrain pruned-model file")
+    mask = Mask.from_state_dict(payload["mask"])
+    if len(mask):
+        attach(model, mask)
+    model.load_state_dict(payload["state_dict"])
+    return current_mask(model)

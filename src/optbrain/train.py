@@ -89,8 +89,10 @@ def train(
     too, training stops after ``patience`` epochs without improvement and the best weights are
     restored. ``best_epoch`` is the epoch of the lowest validation loss (the last epoch without a
     ``val_loader``). ``seed`` makes the run reproducible: it seeds a forked copy of the global CPU
-    RNG, which drives dropout and any loader without a generator of its own; the caller's RNG state
-    is unchanged. ``progress(done, total)`` is called after every epoch.
+    RNG, which drives dropout and any loader without a generator of its own, and re-seeds the
+    training loader's own ``generator`` if it has one (so shuffling does not depend on how often the
+    loader was used before — what makes resumed pruning runs identical); the caller's global RNG
+    state is unchanged. ``progress(done, total)`` is called after every epoch.
     """
     if epochs < 0:
         raise ValueError(f"epochs must be >= 0, got {epochs!r}")
@@ -106,6 +108,9 @@ def train(
     with rng:
         if seed is not None:
             torch.manual_seed(seed)
+            gen = getattr(train_loader, "generator", None)
+            if isinstance(gen, torch.Generator):
+                gen.manual_seed(seed)
         params = [p for p in model.parameters() if p.requires_grad]
         opt = _make_optimizer(params, optimizer, lr, momentum, weight_decay)
         return _run(model, train_loader, loss_fn, opt, epochs, val_loader, patience, progress)

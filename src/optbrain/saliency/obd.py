@@ -1,0 +1,54 @@
+"""Optimal Brain Damage saliency (LeCun, Denker & Solla 1989), optionally weight-decay aware."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from torch import Tensor
+
+from ..curvature import GGNDiagonal
+from ..curvature.base import DiagonalCurvature
+from ..paramdict import ParamDict
+from ..problem import Problem
+from .base import detached_params
+
+
+class OBD:
+    """s_k = ½ h_kk w_k², h from any diagonal curvature estimator (default: exact GGN diagonal).
+
+    With ``weight_decay=λ`` (a float, or a dict name → float for per-layer decay) the network is
+    assumed trained to a minimum of E + (λ/2)‖w‖² (PyTorch's ``weight_decay=λ``). There ∂E/∂w = −λw,
+    so deleting w_k raises the *unregularised* objective by s_k = (λ + ½ h_kk) w_k² — the NNSYSID
+    ``obdprune`` saliency and Pedersen, Hansen & Larsen's eq. 9 (PAPERS.md §4).
+    """
+
+    def __init__(
+        self,
+        curvature: DiagonalCurvature | None = None,
+        weight_decay: float | Mapping[str, float] = 0.0,
+    ):
+        self.curvature = curvature if curvature is not None else GGNDiagonal()
+        if isinstance(weight_decay, Mapping):
+            bad = {k: v for k, v in weight_decay.items() if v < 0}
+        else:
+            bad = {"weight_decay": weight_decay} if weight_decay < 0 else {}
+        if bad:
+            raise ValueError(f"weight decay must be >= 0, got {bad}")
+        self.weight_decay = weight_decay
+
+    def _decay(self, name: str) -> float:
+        if isinstance(self.weight_decay, Mapping):
+            return float(self.weight_decay.get(name, 0.0))
+        return float(self.weight_decay)
+
+    def __call__(self, problem: Problem) -> ParamDict:
+        h = self.curvature.diagonal(problem)
+        w = detached_params(problem)
+        out: dict[str, Tensor] = {}
+        for k, hk in h.items():
+            wk = w[k].to(hk.dtype)
+            out[k] = (0.5 * hk + self._decay(k)) * wk.square()
+        return out
+
+    def __repr__(self) -> str:
+        return f"OBD(curvature={self.curvature!r}, weight_decay={self.weight_decay!r})"

@@ -1,0 +1,135 @@
+"""Selectors: which kept entries to delete next, given saliencies and the current mask.
+
+``sparsity`` is a *total* target, never an increment (calls are idempotent; masks only shrink): a
+float in [0, 1) is the fraction of the mask's entries to have pruned, an int the number of pruned
+entries (as ``amount`` in ``torch.nn.utils.prune``). Ties are broken deterministically by position
+(mask name order, then flat index). Entries already pruned are never selected again.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+from .errors import OptbrainError
+from .masking import Mask
+
+
+class TargetExceededError(OptbrainError, ValueError):
+    """The mask already prunes more than the requested target (masks only shrink)."""
+
+
+def target_count(sparsity: float | int, total: int) -> int:
+    """Number of pruned entries a target means, with clear errors for bad values."""
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
+        raise TypeError(f"sparsity must be a float in [0, 1) or an int count, not {sparsity!r}")
+    if isinstance(sparsity, float):
+        if not (0.0 <= sparsity < 1.0) or math.isnan(sparsity):
+            raise ValueError(f"sparsity {sparsity} out of range: a fraction must be in [0, 1)")
+        return int(round(sparsity * total))
+    if not 0 <= sparsity <= total:
+        raise ValueError(f"sparsity {sparsity} out of range: the mask has {total} entries")
+    return int(sparsity)
+
+
+def _check(saliency: Mapping[str, Tensor], mask: Mask) -> None:
+    missing = [n for n in mask.names if n not in saliency]
+    if missing:
+        raise KeyError(f"no saliency for masked parameter(s) {missing}")
+    for n in mask.names:
+        if saliency[n].shape != mask[n].shape:
+            raise ValueError(
+                f"saliency of {n} has shape {tuple(saliency[n].shape)}, the mask "
+                f"{tuple(mask[n].shape)}"
+            )
+        if torch.isnan(saliency[n]).any():
+            raise ValueError(f"saliency of {n} contains NaN")
+
+
+def _smallest_kept(scores: Tensor, kept: Tensor, n: int) -> Tensor:
+    """Flat indices of the n smallest scores among kept entries (stable: ties by position)."""
+    s = torch.where(kept, scores.to(torch.float64), torch.inf)
+    order = torch.sort(s, stable=True).indices
+    return order[:n]
+
+
+class GlobalSelector:
+    """Delete the lowest-saliency entries over all masked parameters together."""
+
+    def __call__(self, saliency: Mapping[str, Tensor], mask: Mask, sparsity) -> Mask:
+        _check(saliency, mask)
+        names = list(mask.names)
+        kept = torch.cat([mask[n].reshape(-1).cpu() for n in names])
+        scores = torch.cat([saliency[n].detach().reshape(-1).cpu() for n in names])
+        target = target_count(sparsity, kept.numel())
+        already = int((~kept).sum())
+        if target < already:
+            raise TargetExceededError(
+                f"target of {target} pruned entries is below the {already} already pruned"
+            )
+        idx = _smallest_kept(scores, kept, target - already)
+        return mask.with_pruned(_split(idx, names, mask))
+
+    def __repr__(self) -> str:
+        return "GlobalSelector()"
+
+
+class LayerSelector:
+    """Delete the same fraction of every masked parameter, lowest saliency first within each."""
+
+    def __call__(self, saliency: Mapping[str, Tensor], mask: Mask, sparsity) -> Mask:
+        _check(saliency, mask)
+        total = mask.total()
+        frac = target_count(sparsity, total) / total if total else 0.0
+        prune: dict[str, Tensor] = {}
+        for n in mask.names:
+            kept = mask[n].reshape(-1).cpu()
+            target = int(round(frac * kept.numel()))
+            already = int((~kept).sum())
+            if target < already:
+                raise TargetExceededError(
+                    f"{n}: target of {target} pruned entries is below the {already} already pruned"
+                )
+            prune[n] = _smallest_kept(
+                saliency[n].detach().reshape(-1).cpu(), kept, target - already
+            )
+        return mask.with_pruned(prune)
+
+    def __repr__(self) -> str:
+        return "LayerSelector()"
+
+
+class ThresholdSelector:
+    """Delete every kept entry whose saliency is below ``threshold`` (``sparsity`` caps it)."""
+
+    def __init__(self, threshold: float):
+        self.threshold = float(threshold)
+
+    def __call__(self, saliency: Mapping[str, Tensor], mask: Mask, sparsity=None) -> Mask:
+        _check(saliency, mask)
+        names = list(mask.names)
+        kept = torch.cat([mask[n].reshape(-1).cpu() for n in names])
+        scores = torch.cat([saliency[n].detach().reshape(-1).cpu() for n in names])
+        below = int((kept & (scores.to(torch.float64) < self.threshold)).sum())
+        n = below
+        if sparsity is not None:
+            already = int((~kept).sum())
+            n = min(n, max(0, target_count(sparsity, kept.numel()) - already))
+        return mask.with_pruned(_split(_smallest_kept(scores, kept, n), names, mask))
+
+    def __repr__(self) -> str:
+        return f"ThresholdSelector({self.threshold!r})"
+
+
+def _split(flat_idx: Tensor, names: list[str], mask: Mask) -> dict[str, Tensor]:
+    out: dict[str, Tensor] = {}
+    start = 0
+    for n in names:
+        size = mask[n].numel()
+        sel = flat_idx[(flat_idx >= start) & (flat_idx < start + size)] - start
+        out[n] = sel
+        start += size
+    return out
