@@ -205,7 +205,9 @@ def test_obd_deviates_for_sets_when_inputs_are_correlated_and_dense_quadratic_ma
 def test_obd_formula_with_a_given_curvature_and_per_layer_decay():
     """s = (½h + λ_name) w² for an arbitrary diagonal estimator, λ per parameter name."""
     model = nn.Sequential(nn.Linear(3, 2), nn.Tanh(), nn.Linear(2, 1)).to(F64)
-    problem = Problem(model, nn.MSELoss(), (torch.randn(4, 3, dtype=F64), torch.randn(4, 1, dtype=F64)))
+    problem = Problem(
+        model, nn.MSELoss(), (torch.randn(4, 3, dtype=F64), torch.randn(4, 1, dtype=F64))
+    )
     h = {n: torch.rand_like(p) + 0.1 for n, p in model.named_parameters()}
 
     class Fixed:
@@ -252,24 +254,28 @@ def test_weight_decay_obd_equals_increase_of_unregularised_objective(curv):
         actual = actual_increase(model, loss_fn, batches, [(name, i)])
         assert float(s[name].view(-1)[i]) == pytest.approx(actual, rel=1e-9, abs=1e-13)
         if name == "weight":  # plain OBD misses the first-order term λ w_k² (> 0)
-            w = float(model.weight.view(-1)[i])
+            w = float(model.weight.detach().view(-1)[i])
             assert actual - float(plain[name].view(-1)[i]) == pytest.approx(LAM * w * w, rel=1e-8)
             assert LAM * w * w > 1e-4
 
 
+@pytest.fixture(scope="module")
+def ridge_case():
+    model, loss_fn, batches = quadratic(correlated=False, ridge=LAM)
+    s = OBD(ExactHessianDiagonal(dtype=F64), weight_decay={"weight": LAM})(
+        Problem(model, loss_fn, batches)
+    )
+    return model, loss_fn, batches, s
+
+
 @given(st.sets(st.integers(0, D * C - 1), min_size=2))
-def test_weight_decay_obd_is_additive_for_sets_when_h_is_diagonal(chosen):
-    model, loss_fn, batches = _RIDGE
-    s = _RIDGE_S
+def test_weight_decay_obd_is_additive_for_sets_when_h_is_diagonal(ridge_case, chosen):
+    model, loss_fn, batches, s = ridge_case
     entries = [("weight", i) for i in sorted(chosen)]
     predicted = sum(float(s["weight"].view(-1)[i]) for _, i in entries)
     assert predicted == pytest.approx(
         actual_increase(model, loss_fn, batches, entries), rel=1e-9, abs=1e-12
     )
-
-
-_RIDGE = quadratic(correlated=False, ridge=LAM)
-_RIDGE_S = OBD(ExactHessianDiagonal(dtype=F64), weight_decay=LAM)(Problem(*_RIDGE))
 
 
 # --------------------------------------------------------------------------- baselines
@@ -302,8 +308,8 @@ def test_random_is_seeded_reproducible_and_leaves_global_rng_alone():
     r = Random(seed=7)
     first, second = r(problem), r(problem)
     assert any(not torch.equal(first[n], second[n]) for n in first)  # new draw per round
-    again = Random(seed=7)
-    assert all(torch.equal(again(problem)[n], first[n]) for n in first)  # ... reproducibly
+    again = Random(seed=7)(problem)
+    assert all(torch.equal(again[n], first[n]) for n in first)  # ... reproducibly
     other = Random(seed=8)(problem)
     assert any(not torch.equal(other[n], a[n]) for n in a)
 
@@ -331,3 +337,14 @@ def test_snip_is_abs_w_times_gradient(loss, batches):
 def test_snip_rejects_bad_batches():
     with pytest.raises(ValueError, match="batches"):
         SNIP(0)
+
+
+def test_obd_weight_decay_refuses_nan_and_unknown_names():
+    from optbrain.saliency import OBD
+
+    with pytest.raises(ValueError, match=">= 0"):
+        OBD(weight_decay=float("nan"))
+    model = nn.Linear(2, 1)
+    problem = Problem(model, nn.MSELoss(), (torch.randn(4, 2), torch.randn(4, 1)))
+    with pytest.raises(KeyError, match="typo.weight"):
+        OBD(weight_decay={"typo.weight": 0.1})(problem)

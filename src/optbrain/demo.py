@@ -1,4 +1,4 @@
-"""``optbrain demo``: train a digits MLP, then compare every diagonal curvature estimator on it.
+"""``optbrain curvature``: train a digits MLP, then compare the diagonal curvature estimators on it.
 
 The demo trains the 64-300-100-10 tanh MLP on the scikit-learn digits, builds a
 :class:`~optbrain.problem.Problem` on the training split and runs each diagonal estimator of
@@ -21,7 +21,6 @@ import json
 import logging
 import math
 import statistics
-import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -35,6 +34,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from .paramdict import ParamDict
 from .problem import Problem
+from .report.progress import Bars
 
 log = logging.getLogger(__name__)
 
@@ -164,35 +164,7 @@ def default_estimators(seed: int = 0, hutchinson_samples: int = 500) -> list[Dem
 
 
 # ------------------------------------------------------------------------------ progress
-class _Bars:
-    """tqdm bars on stderr, one per stage; a no-op when disabled or tqdm is missing."""
-
-    def __init__(self, enabled: bool):
-        self._tqdm = None
-        if enabled:
-            try:
-                from tqdm.auto import tqdm
-            except ImportError:
-                log.warning("progress bars need tqdm (`pip install 'optbrain[cli]'`); none shown")
-            else:
-                self._tqdm = tqdm
-
-    @contextmanager
-    def stage(self, desc: str) -> Iterator[Progress | None]:
-        if self._tqdm is None:
-            yield None
-            return
-        bar = self._tqdm(desc=f"{desc:<22}", file=sys.stderr, leave=False, dynamic_ncols=True)
-
-        def update(done: int, total: int) -> None:
-            if bar.total != total:
-                bar.total = total
-            bar.update(done - bar.n)
-
-        try:
-            yield update
-        finally:
-            bar.close()
+_Bars = Bars  # the progress bars live in optbrain.report.progress
 
 
 @contextmanager
@@ -387,7 +359,7 @@ def _num(x: float | None, width: int, fmt: str) -> str:
 def format_table(result: DemoResult) -> str:
     """The fixed-width report of a :class:`DemoResult`."""
     lines = [
-        f"optbrain demo: {result.model}, {result.n_params:,} parameters,"
+        f"optbrain curvature: {result.model}, {result.n_params:,} parameters,"
         f" {result.n_train} train / {result.n_test} test digits",
         f"trained {result.epochs} epochs (Adam, lr 1e-3, batch 64) in {result.train_seconds:.1f} s:"
         f" accuracy train {100 * result.train_accuracy:.1f} %,"

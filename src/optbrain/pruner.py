@@ -37,7 +37,9 @@ class PruneInfo:
 class Pruner:
     """One pruning step: compute saliencies, select the next entries to delete, update weights.
 
-    ``pruner(problem, mask=None, sparsity=0.5)`` returns ``(new_mask, info)``. ``mask=None`` starts
+    ``pruner(problem, mask=None, sparsity=0.5)`` returns ``(new_mask, info)``; ``sparsity`` is the
+    total target (required by the global and per-layer selectors, an optional cap for the threshold
+    selector). ``mask=None`` starts
     from the mask attached to the model (or all weights kept: every parameter named ``weight``).
     The update is applied to the stored weights in place (zeroing for OBD); the mask is returned,
     not attached: ``optbrain.masking.attach(model, mask)`` does that (``iterative_prune`` does it
@@ -53,7 +55,7 @@ class Pruner:
         self,
         problem: Problem,
         mask: Mask | None = None,
-        sparsity: float | int = 0.5,
+        sparsity: float | int | None = None,
         *,
         scores: ParamDict | None = None,
     ) -> tuple[Mask, PruneInfo]:

@@ -63,7 +63,9 @@ class geometric:  # noqa: N801
 
     def __call__(self, r: int) -> float:
         s = 1.0 - (1.0 - self.rate) ** r
-        return min(s, self.final) if self.final is not None else s
+        # (1 − rate)^r underflows to 0 for large r: stay strictly below 1
+        cap = self.final if self.final is not None else math.nextafter(1.0, 0.0)
+        return min(s, cap)
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,10 @@ class cubic:  # noqa: N801
         _fraction("final", self.final)
         _fraction("initial", self.initial)
         _rounds(self.rounds)
+        if self.initial > self.final:
+            raise ValueError(
+                f"initial ({self.initial}) must not exceed final ({self.final}): masks only shrink"
+            )
 
     def __call__(self, r: int) -> float:
         t = min(r, self.rounds) / self.rounds

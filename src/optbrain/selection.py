@@ -9,6 +9,7 @@ entries (as ``amount`` in ``torch.nn.utils.prune``). Ties are broken determinist
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping
 
 import torch
@@ -22,10 +23,17 @@ class TargetExceededError(OptbrainError, ValueError):
     """The mask already prunes more than the requested target (masks only shrink)."""
 
 
-def target_count(sparsity: float | int, total: int) -> int:
-    """Number of pruned entries a target means, with clear errors for bad values."""
-    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
+def target_count(sparsity: float | int | None, total: int) -> int:
+    """Number of pruned entries a target means, with clear errors for bad values.
+
+    Python, NumPy and 0-d tensor numbers are accepted: integers are counts, reals fractions."""
+    if sparsity is None:
+        raise ValueError("this selector needs a sparsity target (a fraction in [0, 1) or a count)")
+    if isinstance(sparsity, torch.Tensor) and sparsity.numel() == 1 and not sparsity.is_complex():
+        sparsity = sparsity.item()
+    if isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Real):
         raise TypeError(f"sparsity must be a float in [0, 1) or an int count, not {sparsity!r}")
+    sparsity = int(sparsity) if isinstance(sparsity, numbers.Integral) else float(sparsity)
     if isinstance(sparsity, float):
         if not (0.0 <= sparsity < 1.0) or math.isnan(sparsity):
             raise ValueError(f"sparsity {sparsity} out of range: a fraction must be in [0, 1)")

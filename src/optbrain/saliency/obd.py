@@ -8,7 +8,7 @@ from torch import Tensor
 
 from ..curvature import GGNDiagonal
 from ..curvature.base import DiagonalCurvature
-from ..paramdict import ParamDict
+from ..paramdict import ParamDict, named_parameters
 from ..problem import Problem
 from .base import detached_params
 
@@ -29,11 +29,11 @@ class OBD:
     ):
         self.curvature = curvature if curvature is not None else GGNDiagonal()
         if isinstance(weight_decay, Mapping):
-            bad = {k: v for k, v in weight_decay.items() if v < 0}
+            bad = {k: v for k, v in weight_decay.items() if not v >= 0}
         else:
-            bad = {"weight_decay": weight_decay} if weight_decay < 0 else {}
+            bad = {"weight_decay": weight_decay} if not weight_decay >= 0 else {}
         if bad:
-            raise ValueError(f"weight decay must be >= 0, got {bad}")
+            raise ValueError(f"weight decay must be a number >= 0, got {bad}")
         self.weight_decay = weight_decay
 
     def _decay(self, name: str) -> float:
@@ -42,6 +42,11 @@ class OBD:
         return float(self.weight_decay)
 
     def __call__(self, problem: Problem) -> ParamDict:
+        if isinstance(self.weight_decay, Mapping):
+            known = set(named_parameters(problem.model, trainable_only=False))
+            unknown = [k for k in self.weight_decay if k not in known]
+            if unknown:
+                raise KeyError(f"weight_decay names unknown parameter(s) {unknown}")
         h = self.curvature.diagonal(problem)
         w = detached_params(problem)
         out: dict[str, Tensor] = {}
