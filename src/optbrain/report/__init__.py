@@ -164,10 +164,9 @@ def write_report(
     for name, h in histories.items():
         if h.stopped:
             lines += [f"{label(name) or 'The run'} stopped early: {h.stopped}.", ""]
-    sel = selection_lines(histories, metric, tolerance)
+    sel = selection_lines(histories, metric, tolerance, markdown=True)
     if sel:
-        lines += [sel[0][0].upper() + sel[0][1:], ""]
-        lines += ["- " + s.strip() for s in sel[1:]]
+        lines += [sel[0], "", *sel[1:]]
         lines += [
             "",
             "(A description of the run, not model selection: chosen on the reported metric, "
@@ -231,6 +230,11 @@ def load_run(run_dir: str | Path) -> Run:
         found[""] = run_dir / HISTORY
     for path in sorted(run_dir.glob(f"*/{HISTORY}")):
         found[path.parent.name] = path
+    if not found and (run_dir / "result.json").is_file():
+        raise NoHistoryError(
+            f"{run_dir} is an experiment run (it has result.json, no {HISTORY}); its report.md "
+            "is written by `optbrain reproduce` (or optbrain.experiments.Result.load(dir).save())"
+        )
     if not found:
         raise NoHistoryError(
             f"{run_dir} holds no pruning history (looked for {HISTORY} and */{HISTORY}); "

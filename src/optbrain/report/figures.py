@@ -74,6 +74,7 @@ def _metric_plot(histories: Mapping[str, History], metric: str, path: Path) -> P
         if accuracy:
             ax.axhline(base - 1.0, color="0.7", lw=0.8, ls=":", label="unpruned − 1 point")
     ax.set_xscale("log")
+    _param_ticks(ax, [x for h in histories.values() for x in h.column("remaining_params")])
     ax.invert_xaxis()  # pruning proceeds to the right
     ax.set_xlabel("remaining parameters (log scale)")
     text = key.replace("_", " ")
@@ -82,9 +83,36 @@ def _metric_plot(histories: Mapping[str, History], metric: str, path: Path) -> P
         ax.set_yscale("log")
     ax.set_title(f"{text} vs remaining parameters")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize="small")
+    _legend(ax)
     fig.savefig(path, dpi=120)
     return path
+
+
+def _legend(ax) -> None:
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize="small")
+
+
+def _compact(n: float) -> str:
+    if n >= 1e6:
+        return f"{n / 1e6:.3g}M"
+    if n >= 1e3:
+        return f"{n / 1e3:.3g}k"
+    return f"{n:.0f}"
+
+
+def _param_ticks(ax, values) -> None:
+    """Ticks at the rounds' parameter counts (thinned to at most 10), labelled 50.6k, 2.01k, ..."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+
+    ticks = sorted({float(v) for v in values if isinstance(v, (int, float)) and v > 0})
+    if not ticks:
+        return
+    step = max(1, math.ceil(len(ticks) / 10))
+    ticks = ticks[::-1][::step][::-1]  # keep the largest (the unpruned model)
+    ax.xaxis.set_major_locator(FixedLocator(ticks))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: _compact(v)))
 
 
 def _increase_plot(histories: Mapping[str, History], path: Path) -> Path:
@@ -120,7 +148,7 @@ def _increase_plot(histories: Mapping[str, History], path: Path) -> Path:
         ax.set_ylabel("actual increase of the objective")
         ax.set_title("objective increase per round: predicted vs actual")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize="small")
+        _legend(ax)
     ax = axes[-1]
     any_positive = False
     for i, (name, h) in enumerate(histories.items()):
@@ -145,7 +173,7 @@ def _increase_plot(histories: Mapping[str, History], path: Path) -> Path:
     ax.set_ylabel("objective increase caused by the deletion")
     ax.set_title("objective increase per round (before retraining)")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize="small")
+    _legend(ax)
     fig.savefig(path, dpi=120)
     return path
 

@@ -21,16 +21,19 @@ Progress = Callable[[int, int], None]
 
 class Stage:
     """One bar; call it as ``stage(done, total)`` (the ``progress`` callback protocol of optbrain)
-    and add a short status text with :meth:`note`."""
+    or ``stage(done, total, text)`` (the experiments' protocol), and add a short status text with
+    :meth:`note`."""
 
     def __init__(self, bar: Any):
         self._bar = bar
 
-    def __call__(self, done: int, total: int) -> None:
+    def __call__(self, done: int, total: int, text: str | None = None) -> None:
         bar = self._bar
         if bar.total != total:
             bar.total = total
             bar.refresh()
+        if text is not None:
+            bar.set_postfix_str(text, refresh=False)
         bar.update(done - bar.n)
 
     def note(self, text: str) -> None:

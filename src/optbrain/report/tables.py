@@ -356,12 +356,15 @@ def selection_lines(
     histories: Mapping[str, History],
     metric: str | None = None,
     tolerance: float = 0.01,
+    markdown: bool = False,
 ) -> list[str]:
-    """Lines naming, for each history, the largest compression within ``tolerance`` of the
-    unpruned ``metric`` (default :func:`primary_metric`); empty if there is no metric."""
-    metric = metric or primary_metric(histories)
+    """A heading line, then one line per history naming its largest compression within
+    ``tolerance`` of the unpruned ``metric`` (default: :func:`primary_metric` if an accuracy);
+    empty if there is none. ``markdown=True`` gives a sentence and a bullet list."""
     if metric is None:
-        return []
+        metric = primary_metric(histories)
+        if metric is None or "accuracy" not in metric:
+            return []  # a tolerance on a loss has no natural default
     pct = "accuracy" in metric
     sels = {n: largest_compression(h, metric, tolerance, n) for n, h in histories.items()}
     sels = {n: s for n, s in sels.items() if s is not None}
@@ -375,7 +378,8 @@ def selection_lines(
     bases = {round(s.baseline, 12) for s in sels.values()}
     base = next(iter(sels.values())).baseline
     base_text = f" ({_fmt(base, 'pct2' if pct else 'float')})" if len(bases) == 1 else ""
-    lines = [f"largest compression within {tol} of the unpruned {mname}{base_text}:"]
+    head = f"largest compression within {tol} of the unpruned {mname}{base_text}:"
+    lines = [head[0].upper() + head[1:] if markdown else head]
     width = max(len(label(n)) for n in sels)
     for n, s in sels.items():
         rec = s.record
@@ -386,5 +390,6 @@ def selection_lines(
             f"{rec.remaining_params:,} params left ({s.compression:.1f}x smaller), "
             f"{mname} {_fmt(s.value, 'pct2' if pct else 'float')}"
         )
-        lines.append(f"  {label(n):<{width}}  {what}")
+        name = label(n) or "run"
+        lines.append(f"- **{name}**: {what}" if markdown else f"  {name:<{width}}  {what}")
     return lines

@@ -1,0 +1,513 @@
+"""A user's own pruning task, as ``optbrain prune --task module:function`` loads it.
+
+The contract: a function without arguments that returns the model, the loss and the data, either
+as a tuple ::
+
+    def task():
+        return model, loss_fn, train_loader, test_loader      # test_loader may be None
+
+or as a dict with the keys ``model``, ``loss_fn``, ``train_loader`` and optionally
+``val_loader`` and ``test_loader``::
+
+    def task():
+        return {"model": model, "loss_fn": nn.CrossEntropyLoss(), "train_loader": train,
+                "val_loader": val, "test_loader": test}
+
+* ``model``: a trained :class:`torch.nn.Module` with at least one parameter named ``weight...``
+  (those are what is pruned);
+* ``loss_fn``: ``loss_fn(model(x), y)`` returns a scalar (``reduction="mean"`` or ``"sum"``);
+* loaders: re-iterable sources of ``(x, y)`` tensor batches, e.g. a ``DataLoader`` or a list of
+  batches; an ``(X, Y)`` pair of tensors is taken as one full batch. The training loader drives
+  the saliencies (curvature) and the retraining; validation and test loaders are evaluated every
+  round.
+
+``module:function`` is imported with the current directory on ``sys.path`` (as ``python -m``
+does); ``path/to/file.py:function`` imports that file (its folder goes on ``sys.path`` so that it
+can import its neighbours). :func:`load_task` resolves, calls and validates a task and raises
+:class:`TaskError`, naming what was wrong, for anything that does not fit; :func:`prune` runs the
+prune–retrain loop on it and writes a run directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import inspect
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .errors import OptbrainError
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "DEFAULT_OUT",
+    "METHODS",
+    "PruneResult",
+    "Task",
+    "TaskError",
+    "as_task",
+    "load_task",
+    "prune",
+    "resolve",
+]
+
+DEFAULT_OUT = Path("optbrain-runs") / "prune"
+METHODS = ("obd", "magnitude", "random", "snip")
+_KEYS = ("model", "loss_fn", "train_loader", "val_loader", "test_loader")
+_REQUIRED = ("model", "loss_fn", "train_loader")
+_EXPECTED = (
+    "expected a tuple (model, loss_fn, train_loader, test_loader) or a dict with keys "
+    "model, loss_fn, train_loader and optionally val_loader, test_loader"
+)
+
+
+class TaskError(OptbrainError, ValueError):
+    """A task cannot be found, imported or called, or returned something that does not fit."""
+
+
+@dataclass
+class Task:
+    """A validated task: what the user's function returned."""
+
+    model: nn.Module
+    loss_fn: Callable[[Tensor, Tensor], Tensor]
+    train_loader: Iterable
+    val_loader: Iterable | None = None
+    test_loader: Iterable | None = None
+    name: str = "task"
+
+    def loaders(self) -> dict[str, Iterable]:
+        """The evaluation loaders that are present: ``{"val": ..., "test": ...}``."""
+        out = {"val": self.val_loader, "test": self.test_loader}
+        return {k: v for k, v in out.items() if v is not None}
+
+
+# ------------------------------------------------------------------------------ resolving
+def _describe(value: Any) -> str:
+    if isinstance(value, (tuple, list)):
+        kinds = ", ".join(type(v).__name__ for v in value[:6])
+        more = ", ..." if len(value) > 6 else ""
+        return f"a {type(value).__name__} of {len(value)} items ({kinds}{more})"
+    if isinstance(value, Mapping):
+        return f"a dict with keys {sorted(map(str, value))}"
+    if value is None:
+        return "None"
+    return f"a {type(value).__module__}.{type(value).__qualname__}"
+
+
+def _is_file_spec(target: str) -> bool:
+    return target.endswith(".py") or "/" in target or os.sep in target
+
+
+def _ensure_on_path(folder: str) -> None:
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+
+
+def _import_module(spec: str, name: str):
+    cwd = os.getcwd()
+    _ensure_on_path(cwd)
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        if exc.name is not None and (name == exc.name or name.startswith(exc.name + ".")):
+            raise TaskError(
+                f"task {spec!r}: no module named {name!r} (looked in the current directory "
+                f"{cwd} and on sys.path); for a file write path/to/file.py:function"
+            ) from exc
+        raise TaskError(
+            f"task {spec!r}: importing module {name!r} failed: {type(exc).__name__}: {exc}"
+        ) from exc
+    except Exception as exc:
+        raise TaskError(
+            f"task {spec!r}: importing module {name!r} raised {type(exc).__name__}: {exc}"
+        ) from exc
+
+
+def _import_file(spec: str, target: str):
+    path = Path(target).expanduser()
+    if not path.is_file():
+        raise TaskError(f"task {spec!r}: no such file {str(path)!r}")
+    path = path.resolve()
+    digest = hashlib.sha1(str(path).encode()).hexdigest()[:10]
+    mod_name = f"_optbrain_task_{path.stem}_{digest}"
+    if mod_name in sys.modules:
+        return sys.modules[mod_name]
+    spec_obj = importlib.util.spec_from_file_location(mod_name, path)
+    if spec_obj is None or spec_obj.loader is None:
+        raise TaskError(f"task {spec!r}: {str(path)!r} cannot be imported as a Python module")
+    module = importlib.util.module_from_spec(spec_obj)
+    _ensure_on_path(str(path.parent))
+    sys.modules[mod_name] = module
+    try:
+        spec_obj.loader.exec_module(module)
+    except Exception as exc:
+        del sys.modules[mod_name]
+        raise TaskError(
+            f"task {spec!r}: importing {str(path)!r} raised {type(exc).__name__}: {exc}"
+        ) from exc
+    return module
+
+
+def resolve(spec: str) -> Callable[[], Any]:
+    """The function a ``module:function`` or ``path/to/file.py:function`` spec names."""
+    if not isinstance(spec, str):
+        raise TaskError(f"a task is given as a 'module:function' string, not {_describe(spec)}")
+    target, _, func = spec.rpartition(":")
+    if not target or not func or not all(p.isidentifier() for p in func.split(".")):
+        raise TaskError(
+            f"task {spec!r} must be 'module:function' or 'path/to/file.py:function' "
+            "(a function that returns model, loss_fn and data loaders)"
+        )
+    if _is_file_spec(target):
+        module = _import_file(spec, target)
+    else:
+        module = _import_module(spec, target)
+    obj: Any = module
+    for part in func.split("."):
+        if not hasattr(obj, part):
+            public = sorted(
+                n for n, v in vars(module).items() if callable(v) and not n.startswith("_")
+            )
+            raise TaskError(
+                f"task {spec!r}: {target!r} has no attribute {func!r}"
+                + (f"; its callables are {', '.join(public)}" if public else "")
+            )
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise TaskError(f"task {spec!r}: {func!r} is {_describe(obj)}, not a function")
+    return obj
+
+
+# ------------------------------------------------------------------------------ validation
+def _loader(name: str, role: str, value: Any) -> Iterable:
+    if isinstance(value, tuple) and len(value) == 2 and all(isinstance(t, Tensor) for t in value):
+        if value[0].shape[:1] != value[1].shape[:1]:
+            raise TaskError(
+                f"task {name} returned a {role} (X, Y) whose tensors have {value[0].shape[0]} and "
+                f"{value[1].shape[0]} rows"
+            )
+        return [value]  # one full batch
+    if isinstance(value, (str, bytes, Tensor, Mapping)) or not isinstance(value, Iterable):
+        raise TaskError(
+            f"task {name} returned {_describe(value)} as {role}; expected a DataLoader or another "
+            "re-iterable source of (input, target) tensor batches"
+        )
+    if iter(value) is value:
+        raise TaskError(
+            f"task {name} returned a one-shot iterator ({_describe(value)}) as {role}; pruning "
+            "reads the data many times: return a DataLoader or a list of batches"
+        )
+    try:
+        first = next(iter(value))
+    except StopIteration:
+        raise TaskError(f"task {name} returned an empty {role}") from None
+    except Exception as exc:
+        raise TaskError(
+            f"task {name}: reading the first batch of {role} raised {type(exc).__name__}: {exc}"
+        ) from exc
+    if not (
+        isinstance(first, (tuple, list))
+        and len(first) == 2
+        and all(isinstance(t, Tensor) for t in first)
+    ):
+        raise TaskError(
+            f"task {name}: {role} yields {_describe(first)}; expected (input, target) pairs of "
+            "tensors"
+        )
+    return value
+
+
+def as_task(value: Any, name: str = "task") -> Task:
+    """Validate what a task function returned (see the module docstring) and wrap it."""
+    if isinstance(value, Task):
+        return value
+    if isinstance(value, Mapping):
+        unknown = [k for k in value if k not in _KEYS]
+        missing = [k for k in _REQUIRED if value.get(k) is None]
+        if unknown or missing:
+            what = []
+            if missing:
+                what.append(f"missing {missing}")
+            if unknown:
+                what.append(f"unknown {unknown}")
+            raise TaskError(
+                f"task {name} returned a dict with {' and '.join(what)} keys; {_EXPECTED}"
+            )
+        parts = {k: value.get(k) for k in _KEYS}
+    elif isinstance(value, (tuple, list)) and len(value) == 4:
+        parts = dict(zip(("model", "loss_fn", "train_loader", "test_loader"), value))
+        parts["val_loader"] = None
+    else:
+        raise TaskError(f"task {name} returned {_describe(value)}; {_EXPECTED}")
+    model, loss_fn = parts["model"], parts["loss_fn"]
+    if not isinstance(model, nn.Module):
+        raise TaskError(
+            f"task {name} returned {_describe(model)} as the model; expected a torch.nn.Module"
+        )
+    if not callable(loss_fn):
+        raise TaskError(
+            f"task {name} returned {_describe(loss_fn)} as the loss; expected a callable "
+            "loss_fn(output, target) such as torch.nn.CrossEntropyLoss()"
+        )
+    from .masking import Mask
+
+    if len(Mask.ones(model)) == 0:
+        raise TaskError(
+            f"task {name}: the model has no trainable parameter named 'weight...' to prune"
+        )
+    loaders = {
+        k: _loader(name, k, parts[k]) if parts[k] is not None else None
+        for k in ("train_loader", "val_loader", "test_loader")
+    }
+    _check_loss(name, model, loss_fn, next(iter(loaders["train_loader"])))
+    return Task(model, loss_fn, name=name, **loaders)
+
+
+def _check_loss(name: str, model: nn.Module, loss_fn: Any, batch: tuple[Tensor, Tensor]) -> None:
+    """loss_fn(model(x), y) on the first training batch must be a finite scalar."""
+    from .problem import eval_mode
+
+    device = next(iter(model.parameters())).device
+    x, y = batch[0].to(device), batch[1].to(device)
+    try:
+        with torch.no_grad(), eval_mode(model):
+            loss = loss_fn(model(x), y)
+    except Exception as exc:
+        raise TaskError(
+            f"task {name}: loss_fn(model(x), y) on the first training batch raised "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
+    if not isinstance(loss, Tensor) or loss.dim() != 0:
+        shape = tuple(loss.shape) if isinstance(loss, Tensor) else _describe(loss)
+        raise TaskError(
+            f"task {name}: loss_fn(model(x), y) gave {shape}; expected a scalar tensor "
+            "(reduction 'mean' or 'sum')"
+        )
+    if not math.isfinite(float(loss)):
+        raise TaskError(f"task {name}: the loss on the first training batch is {float(loss)}")
+
+
+def load_task(spec: str) -> Task:
+    """Resolve ``spec`` (``module:function`` or ``path/to/file.py:function``), call the function
+    and validate what it returned; :class:`TaskError` names whatever does not fit."""
+    fn = resolve(spec)
+    try:
+        inspect.signature(fn).bind()
+    except TypeError as exc:
+        raise TaskError(
+            f"task {spec!r} takes no arguments, but its signature says: {exc}"
+        ) from None
+    except ValueError:  # pragma: no cover - no signature (some builtins): just call it
+        pass
+    try:
+        value = fn()
+    except Exception as exc:
+        raise TaskError(f"task {spec!r} raised {type(exc).__name__}: {exc}") from exc
+    return as_task(value, spec)
+
+
+# ------------------------------------------------------------------------------ pruning
+@dataclass
+class PruneResult:
+    """What :func:`prune` did and wrote; ``str(result)`` is the round table."""
+
+    history: Any  # optbrain.history.History
+    run_dir: Path
+    report: Path
+    model_path: Path
+    seconds: float
+    table: str = field(default="", repr=False)
+
+    def __str__(self) -> str:
+        return self.table
+
+
+def _pruner(method: str, seed: int):
+    from . import pruner as presets
+
+    if method == "obd":
+        return presets.obd()
+    if method == "magnitude":
+        return presets.magnitude()
+    if method == "random":
+        return presets.random(seed)
+    if method == "snip":
+        return presets.snip(batches=None)  # all of the training data, like OBD's curvature
+    raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+
+
+def make_schedule(name: str, sparsity: float, rounds: int):
+    """The schedule ``name`` reaching ``sparsity`` at round ``rounds``."""
+    from . import schedule as S
+
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
+        raise ValueError(f"sparsity must be a fraction in (0, 1), not {sparsity!r}")
+    if not 0.0 < sparsity < 1.0:
+        hint = f" (did you mean {sparsity / 100:g}?)" if 1.0 < sparsity < 100.0 else ""
+        raise ValueError(f"sparsity must be a fraction in (0, 1), not {sparsity!r}{hint}")
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise ValueError(f"rounds must be a positive int, not {rounds!r}")
+    if name == "geometric":
+        rate = 1.0 - (1.0 - sparsity) ** (1.0 / rounds)
+        return S.geometric(rate, final=sparsity)
+    if name == "one_shot":
+        return S.one_shot(sparsity)
+    if name in ("linear", "cubic"):
+        return S.SCHEDULES[name](sparsity, rounds)
+    raise ValueError(f"unknown schedule {name!r}; choose from {', '.join(S.SCHEDULES)}")
+
+
+def prune(
+    task: Task | str,
+    method: str = "obd",
+    sparsity: float = 0.9,
+    rounds: int = 5,
+    retrain_epochs: int = 1,
+    out_dir: str | Path = DEFAULT_OUT,
+    *,
+    schedule: str = "geometric",
+    lr: float = 1e-3,
+    optimizer: str = "adam",
+    seed: int = 0,
+    resume: bool = False,
+    progress: bool = False,
+) -> PruneResult:
+    """Prune a task's model to ``sparsity`` in ``rounds`` rounds with retraining; write a run dir.
+
+    ``task`` is a :class:`Task` or a spec for :func:`load_task`. Each round deletes the weights of
+    lowest saliency (``method``: ``obd`` with the exact Gauss–Newton diagonal of the training
+    loss, ``magnitude``, ``random``, ``snip``) up to the ``schedule``'s total for that round
+    (``geometric``: the same fraction of the remaining weights each round; ``linear``, ``cubic``,
+    ``one_shot``), then retrains ``retrain_epochs`` epochs on the training loader (``optimizer``
+    ``"adam"`` or ``"sgd"``, ``lr``; deleted weights stay zero). The model is pruned in place.
+
+    Writes under ``out_dir``: ``<method>/history.json``, ``<method>/checkpoint.pt`` (a run
+    interrupted and started again with ``resume=True`` and the same settings continues after the
+    last finished round; without ``resume`` an old checkpoint there is replaced),
+    ``<method>/model.pt`` (load with ``optbrain.masking.load_pruned(model, path)`` into a fresh
+    model of the same architecture), ``report.md``, its PNGs and ``run.json``.
+    """
+    from .loop import CHECKPOINT, HISTORY, iterative_prune
+    from .masking import save_pruned
+    from .problem import Problem
+    from .report import default_columns, write_report
+    from .report.progress import Bars
+    from .report.tables import history_table, label, selection_lines
+    from .train import evaluate, train
+
+    t_start = time.perf_counter()
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    if (
+        isinstance(retrain_epochs, bool)
+        or not isinstance(retrain_epochs, int)
+        or retrain_epochs < 0
+    ):
+        raise ValueError(f"retrain_epochs must be an int >= 0, not {retrain_epochs!r}")
+    sched = make_schedule(schedule, sparsity, rounds)
+    task = load_task(task) if isinstance(task, str) else as_task(task)
+    pruner = _pruner(method, seed)
+    run_dir = Path(out_dir)
+    folder = run_dir / method
+    if not resume:
+        for stale in (CHECKPOINT, HISTORY):
+            (folder / stale).unlink(missing_ok=True)
+    bars = Bars(progress)
+    model, loss_fn = task.model, task.loss_fn
+    splits = task.loaders() or {"train": task.train_loader}
+
+    def metrics(m: nn.Module) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for split, loader in splits.items():
+            for k, v in evaluate(m, loader, loss_fn).items():
+                out[f"{split}_{k}"] = v
+        return out
+
+    config = {
+        "task": task.name,
+        "method": method,
+        "predicts_objective": method == "obd",
+        "pruner": repr(pruner),
+        "schedule": repr(sched),
+        "sparsity": sparsity,
+        "rounds": rounds,
+        "retrain_epochs": retrain_epochs,
+        "optimizer": optimizer,
+        "lr": lr,
+        "seed": seed,
+    }
+    with bars.stage(f"pruning {label(method)}", total=rounds, leave=True) as stage:
+
+        def make_problem(m: nn.Module) -> Problem:
+            if stage is not None:
+                stage.note("saliencies")
+            return Problem(m, loss_fn, task.train_loader)
+
+        def retrain(m: nn.Module, r: int) -> None:
+            if stage is not None:
+                stage.note("retraining")
+            with bars.stage(f"retraining round {r}", total=retrain_epochs) as cb:
+                train(
+                    m,
+                    task.train_loader,
+                    loss_fn,
+                    epochs=retrain_epochs,
+                    lr=lr,
+                    optimizer=optimizer,
+                    seed=seed + 1000 * r,
+                    progress=cb,
+                )
+
+        history = iterative_prune(
+            model,
+            pruner,
+            sched,
+            rounds=rounds,
+            make_problem=make_problem,
+            retrain=retrain if retrain_epochs > 0 else None,
+            evaluate=metrics,
+            checkpoint_dir=folder,
+            config=config,
+            progress=stage,
+        )
+    model_path = folder / "model.pt"
+    save_pruned(model, model_path)
+    histories = {method: history}
+    columns = default_columns(histories)
+    seconds = time.perf_counter() - t_start
+    notes = [
+        f"`optbrain prune --task {task.name} --method {method}`: {rounds} rounds of the "
+        f"{schedule} schedule `{sched!r}` up to {100 * sparsity:g}% of the prunable weights "
+        f"(pruner `{pruner!r}`), each followed by {retrain_epochs} epoch"
+        f"{'' if retrain_epochs == 1 else 's'} of retraining ({optimizer}, lr {lr:g}).",
+        f"Load the pruned model with `optbrain.masking.load_pruned(model, "
+        f"{model_path.relative_to(run_dir).as_posix()!r})` where `model` is a fresh model of the "
+        "same architecture.",
+    ]
+    report = write_report(
+        run_dir, histories, title=f"optbrain prune: {task.name}", notes=notes, columns=columns
+    )
+    table = "\n".join(
+        [
+            f"optbrain prune: {task.name}, method {label(method)}, {schedule} schedule to "
+            f"{100 * sparsity:g}% in {rounds} rounds, {retrain_epochs} retraining epoch"
+            f"{'' if retrain_epochs == 1 else 's'} per round",
+            history_table(histories, columns),
+            *selection_lines(histories),
+            f"total time {seconds:.1f} s",
+        ]
+    )
+    return PruneResult(history, run_dir, report, model_path, seconds, table)
