@@ -10,22 +10,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import torch
 
 from optbrain import cli, demo, experiments, masking
 from optbrain.curvature.base import DiagonalEstimator
 from optbrain.history import History
 
 FIXTURE = Path(__file__).with_name("fixtures_task.py")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The demo's nets are too small to gain from threads, and threads crawl on a loaded machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:

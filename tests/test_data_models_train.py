@@ -16,15 +16,6 @@ from optbrain.models import LeCunTanh, digits_cnn, digits_mlp
 from optbrain.train import TrainResult, evaluate, train
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These nets are too small to gain from threads, and threads crawl on a loaded machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def digits() -> DigitsData:
     return load_digits_split()

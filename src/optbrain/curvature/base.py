@@ -78,6 +78,49 @@ class DiagonalEstimator:
         return f"{type(self).__name__}({args})"
 
 
+def seeded_generator(seed: int | None) -> torch.Generator:
+    """A CPU generator seeded with ``seed`` (fresh entropy when None); global RNG untouched."""
+    gen = torch.Generator()
+    if seed is not None:
+        gen.manual_seed(seed)
+    else:
+        gen.seed()
+    return gen
+
+
+class StructuredEstimator(DiagonalEstimator):
+    """An estimator with a structured path (``backprop.run`` in ``mode``) for chains of registry
+    layers and a generic ``torch.func`` path for any module; ``method`` picks one, ``"auto"`` the
+    structured path whenever it applies (:func:`structured_applies`)."""
+
+    mode: str = ""
+    methods: tuple[str, ...] = ("auto", "backprop", "func")
+
+    def __init__(self, method: str = "auto", **kwargs):
+        super().__init__(**kwargs)
+        if method not in self.methods:
+            raise ValueError(f"method must be one of {self.methods}, not {method!r}")
+        self.method = method
+
+    def _backprop_options(self) -> dict:
+        return {}
+
+    def _generic(self, work: Problem) -> ParamDict:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def diagonal(self, problem: Problem) -> ParamDict:
+        from . import backprop
+
+        work = in_dtype(problem, self.dtype)
+        name = type(self).__name__
+        if self.method == "backprop" or (self.method == "auto" and structured_applies(work, name)):
+            opts = self._backprop_options()
+            out = backprop.run(work, self.mode, estimator=name, tick=self.progress, **opts)
+        else:
+            out = self._generic(work)
+        return self._finish(problem, out)
+
+
 class _CastData:
     """Re-iterable view of a problem's batches with floating tensors cast to ``dtype``."""
 

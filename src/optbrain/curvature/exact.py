@@ -4,14 +4,11 @@ from __future__ import annotations
 
 from ..paramdict import ParamDict
 from ..problem import Problem
-from . import backprop, generic
-from .base import DiagonalEstimator, in_dtype, structured_applies
-from .ggn import check_method
-
-_METHODS = ("auto", "backprop", "hvp")
+from . import generic
+from .base import StructuredEstimator
 
 
-class ExactHessianDiagonal(DiagonalEstimator):
+class ExactHessianDiagonal(StructuredEstimator):
     """diag ∇²E, exact (may be negative away from a minimum).
 
     ``method="backprop"`` propagates the per-sample Hessian at each layer's output as signed
@@ -21,15 +18,8 @@ class ExactHessianDiagonal(DiagonalEstimator):
     module, but only for small models. ``"auto"`` picks the first when it applies.
     """
 
-    def __init__(self, method: str = "auto", **kwargs):
-        super().__init__(**kwargs)
-        self.method = check_method(method, _METHODS)
+    mode = "hessian"
+    methods = ("auto", "backprop", "hvp")
 
-    def diagonal(self, problem: Problem) -> ParamDict:
-        work = in_dtype(problem, self.dtype)
-        name = type(self).__name__
-        if self.method == "backprop" or (self.method == "auto" and structured_applies(work, name)):
-            out = backprop.run(work, "hessian", estimator=name, tick=self.progress)
-        else:
-            out = generic.hvp_diagonal(work, self.progress)
-        return self._finish(problem, out)
+    def _generic(self, work: Problem) -> ParamDict:
+        return generic.hvp_diagonal(work, self.progress)

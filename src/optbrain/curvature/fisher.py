@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import torch
-
 from ..paramdict import ParamDict
 from ..problem import Problem
-from . import backprop, generic, losses
-from .base import DiagonalEstimator, in_dtype, structured_applies
-from .ggn import check_method
-
-_METHODS = ("auto", "backprop", "func")
+from . import generic, losses
+from .base import StructuredEstimator, seeded_generator
 
 
-class EmpiricalFisherDiagonal(DiagonalEstimator):
+class EmpiricalFisherDiagonal(StructuredEstimator):
     """(1/N) Σ_n (∇ℓ_n)²: squared per-sample gradients at the observed targets.
 
     This is *not* a Hessian: it equals the GGN only in expectation over targets drawn from the
@@ -21,60 +16,43 @@ class EmpiricalFisherDiagonal(DiagonalEstimator):
     "Hessian" pruning elsewhere; optbrain names it for what it is.
     """
 
-    def __init__(self, method: str = "auto", **kwargs):
-        super().__init__(**kwargs)
-        self.method = check_method(method, _METHODS)
+    mode = "ef"
 
-    def diagonal(self, problem: Problem) -> ParamDict:
-        work = in_dtype(problem, self.dtype)
-        name = type(self).__name__
-        if self.method == "backprop" or (self.method == "auto" and structured_applies(work, name)):
-            out = backprop.run(work, "ef", estimator=name, tick=self.progress)
-        else:
-            out = generic.per_sample_squares(
-                work, lambda o, y: (losses.output_grads(work, o, y)[None], None), self.progress
-            )
-        return self._finish(problem, out)
+    def _generic(self, work: Problem) -> ParamDict:
+        return generic.per_sample_squares(
+            work, lambda o, y: (losses.output_grads(work, o, y)[None], None), self.progress
+        )
 
 
-class MCFisherDiagonal(DiagonalEstimator):
+class MCFisherDiagonal(StructuredEstimator):
     """Unbiased Monte-Carlo estimate of the GGN (= Fisher) diagonal.
 
     For each sample, ``samples`` targets are drawn from the model's own predictive distribution
     (cross-entropy: labels from softmax(f); other losses: Gaussian directions of the loss Hessian's
     square root) and their squared per-sample gradients averaged. Cost: ``samples`` backward
     columns instead of C for :class:`GGNDiagonal`. Seeded by ``seed`` without touching the global
-    RNG.
+    RNG (each call with the same seed draws the same samples).
     """
 
+    mode = "mc"
+
     def __init__(self, samples: int = 1, seed: int | None = None, method: str = "auto", **kwargs):
-        super().__init__(**kwargs)
+        super().__init__(method, **kwargs)
         if samples < 1:
             raise ValueError(f"samples must be >= 1, not {samples}")
         self.samples, self.seed = samples, seed
-        self.method = check_method(method, _METHODS)
+        self._gen = None
 
     def diagonal(self, problem: Problem) -> ParamDict:
-        work = in_dtype(problem, self.dtype)
-        gen = torch.Generator()
-        if self.seed is not None:
-            gen.manual_seed(self.seed)
-        else:
-            gen.seed()
-        name = type(self).__name__
-        if self.method == "backprop" or (self.method == "auto" and structured_applies(work, name)):
-            out = backprop.run(
-                work,
-                "mc",
-                estimator=name,
-                samples=self.samples,
-                generator=gen,
-                tick=self.progress,
-            )
-        else:
-            out = generic.per_sample_squares(
-                work,
-                lambda o, y: (losses.mc_factor(work, o, y, self.samples, gen), None),
-                self.progress,
-            )
-        return self._finish(problem, out)
+        self._gen = seeded_generator(self.seed)
+        return super().diagonal(problem)
+
+    def _backprop_options(self) -> dict:
+        return {"samples": self.samples, "generator": self._gen}
+
+    def _generic(self, work: Problem) -> ParamDict:
+        return generic.per_sample_squares(
+            work,
+            lambda o, y: (losses.mc_factor(work, o, y, self.samples, self._gen), None),
+            self.progress,
+        )

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import torch
-
 from ..paramdict import ParamDict
 from ..problem import Problem
 from . import generic
-from .base import DiagonalEstimator, in_dtype
+from .base import DiagonalEstimator, in_dtype, seeded_generator
 
 
 class HutchinsonDiagonal(DiagonalEstimator):
@@ -25,9 +23,5 @@ class HutchinsonDiagonal(DiagonalEstimator):
 
     def diagonal(self, problem: Problem) -> ParamDict:
         work = in_dtype(problem, self.dtype)
-        gen = torch.Generator()
-        if self.seed is not None:
-            gen.manual_seed(self.seed)
-        else:
-            gen.seed()
+        gen = seeded_generator(self.seed)
         return self._finish(problem, generic.hutchinson(work, self.samples, gen, self.progress))
