@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+from .jsonio import from_jsonable, to_jsonable, write_text
 
 
 @dataclass
@@ -35,26 +35,6 @@ class RoundRecord:
     seconds: float = 0.0
 
 
-def _clean(v: Any) -> Any:
-    if isinstance(v, float) and not math.isfinite(v):
-        return str(v)  # JSON has no NaN/inf; "nan"/"inf" round-trip through float()
-    if isinstance(v, dict):
-        return {k: _clean(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_clean(x) for x in v]
-    return v
-
-
-def _unclean(v: Any) -> Any:
-    if isinstance(v, str) and v in ("nan", "inf", "-inf"):
-        return float(v)
-    if isinstance(v, dict):
-        return {k: _unclean(x) for k, x in v.items()}
-    if isinstance(v, list):
-        return [_unclean(x) for x in v]
-    return v
-
-
 @dataclass
 class History:
     records: list[RoundRecord] = field(default_factory=list)
@@ -77,7 +57,7 @@ class History:
         return [getattr(r, name) for r in self.records]
 
     def to_dict(self) -> dict[str, Any]:
-        return _clean(
+        return to_jsonable(
             {
                 "records": [asdict(r) for r in self.records],
                 "config": self.config,
@@ -87,7 +67,7 @@ class History:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> History:
-        d = _unclean(d)
+        d = from_jsonable(d)
         names = {f.name for f in fields(RoundRecord)}
         try:
             recs = [RoundRecord(**{k: v for k, v in r.items() if k in names}) for r in d["records"]]
@@ -97,7 +77,7 @@ class History:
 
     def save(self, path: str | Path) -> None:
         """Write JSON atomically (a crash never leaves a half-written file)."""
-        atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=1))
+        write_text(path, json.dumps(self.to_dict(), indent=1))
 
     @classmethod
     def load(cls, path: str | Path) -> History:
@@ -106,15 +86,3 @@ class History:
         except json.JSONDecodeError as exc:
             raise ValueError(f"{path} is not valid JSON (corrupt history?): {exc}") from exc
         return cls.from_dict(data)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from .errors import OptbrainError
-from .history import History, RoundRecord, atomic_write_text
+from .history import History, RoundRecord
+from .jsonio import write_text
 from .masking import Mask, attach, current_mask
 from .problem import Problem
 from .pruner import Pruner, default_mask
@@ -180,7 +181,7 @@ def _checkpoint(ckdir: Path | None, model: nn.Module, pruner: Pruner, history: H
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    atomic_write_text(ckdir / HISTORY, json.dumps(history.to_dict(), indent=1))
+    write_text(ckdir / HISTORY, json.dumps(history.to_dict(), indent=1))
 
 
 def _resume(ckdir: Path, model: nn.Module, pruner: Pruner, cfg: dict[str, Any]) -> History:

@@ -3,8 +3,8 @@
 An experiment module defines
 
 * ``NAME`` (str) and ``SUMMARY`` (one line for ``optbrain list``);
-* ``Config``: a dataclass derived from :class:`Config`, whose defaults are the full setting and whose
-  :meth:`Config.quick` classmethod gives the CI-sized one;
+* ``Config``: a dataclass derived from :class:`Config`, whose defaults are the full setting and
+  whose :meth:`Config.quick` classmethod gives the CI-sized one;
 * ``run(config, out_dir, progress=None) -> Result``, which writes **only** under ``out_dir``:
   ``result.json`` (:meth:`Result.to_dict`), ``report.md`` (:meth:`Result.to_markdown`), PNG figures
   and JSON histories.
@@ -12,10 +12,10 @@ An experiment module defines
 ``progress(done, total, stage)`` (:data:`Progress`) is called after each unit of work with a short
 description of the stage just finished; experiments never print (they log through :mod:`logging`).
 
-Settings from the command line (``--set key=value``) go through :func:`apply_overrides`, which parses
-each string into the type of the dataclass field (``int``, ``float``, ``bool``, ``str``,
-``Literal[...]``, ``X | None``, ``tuple[X, ...]`` written ``1,2,3``) and rejects unknown keys and bad
-values with a :class:`ValueError` that names the key and the valid keys (or the expected type).
+Settings from the command line (``--set key=value``) go through :func:`apply_overrides`, which
+parses each string into the type of the dataclass field (``int``, ``float``, ``bool``, ``str``,
+``Literal[...]``, ``X | None``, ``tuple[X, ...]`` written ``1,2,3``) and rejects unknown keys and
+bad values with a :class:`ValueError` that names the key and the valid keys (or the expected type).
 """
 
 from __future__ import annotations
@@ -23,14 +23,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-import tempfile
 import types
 import typing
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+
+from ..jsonio import from_jsonable, to_jsonable, write_json, write_text
 
 __all__ = [
     "Claim",
@@ -75,7 +75,7 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able dict of the fields (tuples become lists)."""
-        return _jsonable(dataclasses.asdict(self))
+        return to_jsonable(dataclasses.asdict(self))
 
     @classmethod
     def from_dict(cls: type[C], d: Mapping[str, Any]) -> C:
@@ -169,7 +169,12 @@ def _coerce(value: Any, tp: Any) -> Any:
                 raise ValueError(f"expected {len(args)} values, got {len(items)}")
             return tuple(_coerce(v, a) for v, a in zip(items, args))
         inner = args[0] if args else Any
-        out = [_coerce(v, inner) for v in items]
+        out = []
+        for v in items:
+            try:
+                out.append(_coerce(v, inner))
+            except (TypeError, ValueError) as exc:
+                raise type(exc)(f"item {v!r}: {exc}") from None
         return tuple(out) if origin is not list else out
     if tp is bool:
         if isinstance(value, bool):
@@ -219,7 +224,7 @@ def _describe(tp: Any) -> str:
         return " or ".join("None" if a is type(None) else _describe(a) for a in args)
     if origin in (tuple, list):
         inner = args[0] if args else Any
-        return f"comma-separated {_describe(inner)} values"
+        return f"comma-separated values, each {_describe(inner)}"
     return getattr(tp, "__name__", str(tp))
 
 
@@ -279,11 +284,11 @@ class Result:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["claims"] = [c.to_dict() for c in self.claims]
-        return _jsonable(d)
+        return to_jsonable(d)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Result:
-        d = _unjsonable(dict(d))
+        d = from_jsonable(dict(d))
         try:
             return cls(
                 experiment=d["experiment"],
@@ -371,48 +376,6 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | N
     out = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     out += ["| " + " | ".join(cell(r.get(c)) for c in cols) + " |" for r in rows]
     return "\n".join(out)
-
-
-def _jsonable(v: Any) -> Any:
-    if isinstance(v, float) and not math.isfinite(v):
-        return str(v)  # "nan", "inf", "-inf": strict JSON has no such numbers
-    if isinstance(v, Mapping):
-        return {str(k): _jsonable(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    if isinstance(v, Path):
-        return str(v)
-    return v
-
-
-def _unjsonable(v: Any) -> Any:
-    if isinstance(v, str) and v in ("nan", "inf", "-inf"):
-        return float(v)
-    if isinstance(v, dict):
-        return {k: _unjsonable(x) for k, x in v.items()}
-    if isinstance(v, list):
-        return [_unjsonable(x) for x in v]
-    return v
-
-
-def write_text(path: str | Path, text: str) -> Path:
-    """Write atomically (a crash never leaves a half-written file); creates parent folders."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def write_json(path: str | Path, data: Any) -> Path:
-    """Strict JSON (non-finite floats as strings), written atomically."""
-    return write_text(path, json.dumps(_jsonable(data), indent=1) + "\n")
 
 
 def new_figure(width: float, height: float, **kwargs):

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import OptbrainError
-from ..history import History, atomic_write_text
+from ..history import History
+from ..jsonio import write_text
 from .tables import (
     DEFAULT_COLUMNS,
     history_table,
@@ -183,7 +184,7 @@ def write_report(
     if files:
         lines += ["## Files", "", *files, ""]
     path = run_dir / REPORT
-    atomic_write_text(path, "\n".join(lines))
+    write_text(path, "\n".join(lines))
     meta: dict[str, Any] = {
         "format": _META_FORMAT,
         "title": title,
@@ -193,7 +194,7 @@ def write_report(
         "metric": metric,
         "tolerance": tolerance,
     }
-    atomic_write_text(run_dir / RUN_META, json.dumps(meta, indent=1))
+    write_text(run_dir / RUN_META, json.dumps(meta, indent=1))
     return path
 
 

@@ -1,0 +1,97 @@
+"""Reproductions of published pruning experiments, one module per paper.
+
+Every experiment module has ``NAME``, ``SUMMARY``, a ``Config`` dataclass (defaults = full setting,
+``Config.quick()`` = CI setting) and ``run(config, out_dir, progress=None) -> Result`` (see
+:mod:`optbrain.experiments.base`). Modules are imported only when asked for, so listing the
+experiments costs nothing::
+
+    from optbrain import experiments
+    experiments.names()                                  # ["lecun1990", ...]
+    result = experiments.run("lecun1990", "out/", quick=True, overrides=["seeds=0,1"])
+    result.held, [c.name for c in result.claims]
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from .base import Claim, Config, Progress, Result, apply_overrides, parse_set_args
+
+__all__ = [
+    "REGISTRY",
+    "Claim",
+    "Config",
+    "ExperimentSpec",
+    "Progress",
+    "Result",
+    "apply_overrides",
+    "get",
+    "make_config",
+    "names",
+    "parse_set_args",
+    "run",
+]
+
+
+@dataclass(frozen=True)
+class ExperimentSpec:
+    """Where an experiment lives and what it reproduces (available without importing it)."""
+
+    name: str
+    module: str
+    summary: str
+
+
+REGISTRY: dict[str, ExperimentSpec] = {
+    spec.name: spec
+    for spec in (
+        ExperimentSpec(
+            "lecun1990",
+            "optbrain.experiments.lecun1990",
+            "Optimal Brain Damage (LeCun, Denker & Solla 1990), figures 1a, 1b, 2 on the 8x8 "
+            "digits with a shared-weight CNN and an MLP",
+        ),
+    )
+}
+
+
+def names() -> list[str]:
+    """The registered experiment names, sorted."""
+    return sorted(REGISTRY)
+
+
+def get(name: str) -> ModuleType:
+    """The experiment module ``name`` (imported now); ``KeyError`` lists the valid names."""
+    try:
+        spec = REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"unknown experiment {name!r}; choose from {', '.join(names())}") from None
+    return importlib.import_module(spec.module)
+
+
+def make_config(
+    name: str, quick: bool = False, overrides: Mapping[str, Any] | Iterable[str] | None = None
+) -> Config:
+    """The experiment's full (or ``quick``) config with ``overrides`` (``"key=value"`` strings or
+    a dict) applied; ``ValueError`` names a bad key or value."""
+    cls = get(name).Config
+    config = cls.quick() if quick else cls()
+    return apply_overrides(config, overrides or {})
+
+
+def run(
+    name: str,
+    out_dir: str | Path,
+    *,
+    quick: bool = False,
+    overrides: Mapping[str, Any] | Iterable[str] | None = None,
+    progress: Progress | None = None,
+) -> Result:
+    """Run experiment ``name`` into ``out_dir`` and return its :class:`Result`."""
+    config = make_config(name, quick, overrides)
+    return get(name).run(config, out_dir, progress=progress)

@@ -1,0 +1,57 @@
+"""Strict JSON with non-finite floats, and atomic file writes (shared by histories, checkpoints,
+experiment results and reports)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+
+def to_jsonable(v: Any) -> Any:
+    """Non-finite floats become "nan"/"inf"/"-inf" (strict JSON has no such numbers); paths
+    become strings; mapping keys become strings."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    if isinstance(v, Mapping):
+        return {str(k): to_jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [to_jsonable(x) for x in v]
+    if isinstance(v, Path):
+        return str(v)
+    return v
+
+
+def from_jsonable(v: Any) -> Any:
+    """Inverse of :func:`to_jsonable` for the non-finite floats."""
+    if isinstance(v, str) and v in ("nan", "inf", "-inf"):
+        return float(v)
+    if isinstance(v, dict):
+        return {k: from_jsonable(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [from_jsonable(x) for x in v]
+    return v
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """Write atomically (a crash never leaves a half-written file); creates parent folders."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json(path: str | Path, data: Any) -> Path:
+    """Strict JSON (non-finite floats as strings), written atomically."""
+    return write_text(path, json.dumps(to_jsonable(data), indent=1) + "\n")
