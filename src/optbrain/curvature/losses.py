@@ -49,6 +49,26 @@ def _is_plain_ce(problem: Problem, out: Tensor, y: Tensor) -> bool:
     )
 
 
+def _ce_factor(p: Tensor) -> Tensor:
+    """C − 1 columns R with R Rᵀ = diag(p) − ppᵀ for every sample (p: N × C probabilities).
+
+    S = diag(√p) − p√pᵀ is a square root with S√p = 0, so S·Q for an orthonormal basis Q of
+    √p^⊥ is one with a column fewer: the cross-entropy Hessian has rank C − 1. Q is the first C − 1
+    columns of the Householder reflection that maps √p to a multiple of e_C. Returns C−1 × N × C.
+    """
+    n, c = p.shape
+    sq = p.sqrt()
+    eye = torch.eye(c, dtype=p.dtype, device=p.device)
+    s = torch.diag_embed(sq) - p[:, :, None] * sq[:, None, :]  # N × C × C, columns = square root
+    if c == 1:
+        return s.permute(2, 0, 1)
+    u = sq.clone()
+    u[:, -1] += torch.where(sq[:, -1] >= 0, 1.0, -1.0)  # u = √p + sign(√p_C) e_C, never 0
+    h = eye - 2 * u[:, :, None] * u[:, None, :] / (u * u).sum(1)[:, None, None]
+    r = s @ h[:, :, : c - 1]  # N × C × (C−1)
+    return r.permute(2, 0, 1)
+
+
 def output_grads(problem: Problem, out: Tensor, y: Tensor) -> Tensor:
     """∂ℓ_n/∂f for every sample of the batch (N × …)."""
     out = out.detach().requires_grad_(True)
@@ -80,11 +100,7 @@ def hessian_factor(problem: Problem, out: Tensor, y: Tensor) -> Factor:
         s = eye[:, None, :].expand(d, n, d).reshape(d, *out.shape)
         return s, None
     if _is_plain_ce(problem, out, y):
-        p = torch.softmax(out.detach(), dim=1)  # N × C
-        eye = torch.eye(p.shape[1], dtype=p.dtype, device=p.device)
-        # column c for sample n: sqrt(p_nc) (e_c - p_n);  Σ_c = diag(p) - p pᵀ
-        s = p.T.sqrt()[:, :, None] * (eye[:, None, :] - p[None, :, :])
-        return s, None
+        return _ce_factor(torch.softmax(out.detach(), dim=1)), None
     h = _per_sample_hessians(problem, out, y)
     lam, u = torch.linalg.eigh(h)  # N × d, N × d × d (columns are eigenvectors)
     s = (u * lam.abs().sqrt()[:, None, :]).permute(2, 0, 1).reshape(-1, *out.shape)
