@@ -96,10 +96,8 @@ def run(
             done += x.shape[0]
             if tick is not None:
                 tick(done, n_total)
-    for name in acc:
+    for name in acc:  # finiteness is checked once, by DiagonalEstimator._finish
         acc[name] /= n_total
-        if not torch.isfinite(acc[name]).all():
-            raise NonFiniteLossError(f"{estimator}: curvature of {name} is NaN or infinite")
     return acc
 
 
@@ -126,10 +124,12 @@ def _sweep(problem, chain, xs, y, mode, first, acc, wanted, samples, generator) 
             if i == first:
                 break
             if isinstance(lk.rule, ElementwiseRule):
-                f1, f2 = lk.rule.derivatives(lk.module, x, xs[i + 1], g is not None)
-                d = f1.square() * d
-                if g is not None:
-                    d = d + f2 * g
+                y = xs[i + 1]
+                if g is None:
+                    d = lk.rule.scale2(lk.module, x, y, d)
+                else:
+                    f1, f2 = lk.rule.derivatives(lk.module, x, y, True)
+                    d = f1.square() * d + f2 * g
                     g = f1 * g
             else:
                 d = lk.rule.sq_vjp(lk.module, x, d)
@@ -154,14 +154,15 @@ def _sweep(problem, chain, xs, y, mode, first, acc, wanted, samples, generator) 
         if i == first:
             break
         if isinstance(lk.rule, ElementwiseRule):
-            f1, f2 = lk.rule.derivatives(lk.module, x, xs[i + 1], g is not None)
-            cols = cols * f1
+            y = xs[i + 1]
+            cols = lk.rule.scale(lk.module, x, y, cols)
             if diag is not None:
-                diag = f1.square() * diag
+                diag = lk.rule.scale2(lk.module, x, y, diag)
             if g is not None:
+                _, f2 = lk.rule.derivatives(lk.module, x, y, True)
                 r = f2 * g
                 diag = r if diag is None else diag + r
-                g = f1 * g
+                g = lk.rule.scale(lk.module, x, y, g)
             continue
         new_cols = lk.rule.vjp(lk.module, x, cols)
         if diag is not None:

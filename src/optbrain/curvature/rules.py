@@ -107,8 +107,30 @@ class ElementwiseRule(Rule):
         f1, f2 = jvp(first, (a,), (ones,))
         return f1, f2
 
+    def scale(self, m: nn.Module, a: Tensor, y: Tensor, t: Tensor) -> Tensor:
+        """f'(a) ⊙ t (t may carry leading column axes)."""
+        return t * self.derivatives(m, a, y, second=False)[0]
+
+    def scale2(self, m: nn.Module, a: Tensor, y: Tensor, t: Tensor) -> Tensor:
+        """f'(a)² ⊙ t: LeCun's propagation of a diagonal through the activation."""
+        return t * self.derivatives(m, a, y, second=False)[0].square()
+
     def vjp(self, m: nn.Module, x: Tensor, cols: Tensor) -> Tensor:
-        return cols * self.derivatives(m, x, second=False)[0]
+        return self.scale(m, x, m(x), cols)
+
+
+class _FusedBackwardRule(ElementwiseRule):
+    """tanh / sigmoid: f' from the output through PyTorch's fused backward kernels."""
+
+    def __init__(self, derivs: Derivatives, backward: Callable[[Tensor, Tensor], Tensor]):
+        super().__init__(derivs)
+        self._backward = backward
+
+    def scale(self, m: nn.Module, a: Tensor, y: Tensor, t: Tensor) -> Tensor:
+        return self._backward(t, y)
+
+    def scale2(self, m: nn.Module, a: Tensor, y: Tensor, t: Tensor) -> Tensor:
+        return self._backward(self._backward(t, y), y)
 
 
 class ReshapeRule(Rule):
@@ -300,8 +322,8 @@ for _c in (nn.MaxPool1d, nn.MaxPool2d):
     register(_c, MaxPoolRule())
 for _c in (nn.Flatten, nn.Unflatten, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d):
     register(_c, ReshapeRule())
-register_elementwise(nn.Tanh, _tanh)
-register_elementwise(nn.Sigmoid, _sigmoid)
+register(nn.Tanh, _FusedBackwardRule(_tanh, torch.ops.aten.tanh_backward))
+register(nn.Sigmoid, _FusedBackwardRule(_sigmoid, torch.ops.aten.sigmoid_backward))
 register_elementwise(nn.ReLU, _relu)
 for _c in (
     nn.LeakyReLU,
