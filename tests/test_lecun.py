@@ -19,7 +19,7 @@ from torch.func import hessian
 import cases
 import reference
 from cases import LOSSES, SEQUENTIAL, assert_diag_close, make_data, make_loss, oracle, setup
-from optbrain.curvature import LeCunDiagonal
+from optbrain.curvature import ExactHessianDiagonal, LeCunDiagonal
 from optbrain.errors import UnsupportedModuleError
 from optbrain.models import LeCunTanh
 from optbrain.problem import Problem
@@ -302,3 +302,30 @@ def test_unsupported_modules_are_refused_by_name(name):
     msg = str(info.value)
     assert any(t in msg for t in type_names), f"message does not name the module: {msg!r}"
     assert "GGNDiagonal" in msg, f"message does not point to a generic estimator: {msg!r}"
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel:UserWarning")
+@pytest.mark.parametrize(
+    "conv",
+    [
+        lambda: nn.Conv1d(2, 4, 2, padding="same"),  # asymmetric "same" padding
+        lambda: nn.Conv1d(2, 4, 3, stride=2, padding=2, dilation=2, groups=2),
+        lambda: nn.Conv2d(2, 4, (2, 3), padding="same", dilation=(2, 1)),
+        lambda: nn.Conv2d(2, 4, 3, stride=(2, 1), padding=(1, 0)),
+    ],
+)
+def test_lecun_equals_exact_hessian_for_one_conv_layer_under_mse(conv):
+    """One conv layer under MSE: the output Hessian is (2/d)·I, so the per-connection sum over a
+    shared kernel weight (LeCun's rule) is the exact diagonal (no cross-position terms)."""
+    torch.manual_seed(0)
+    layer = conv().double()
+    model = nn.Sequential(layer, nn.Flatten()).double()
+    shape = (6, 2, 7) if isinstance(layer, nn.Conv1d) else (6, 2, 5, 6)
+    x = torch.randn(*shape, dtype=torch.float64)
+    with torch.no_grad():
+        y = torch.randn_like(model(x))
+    problem = Problem(model, nn.MSELoss(), [(x[:4], y[:4]), (x[4:], y[4:])])
+    got = LeCunDiagonal(gauss_newton=False, dtype=torch.float64).diagonal(problem)
+    want = ExactHessianDiagonal(method="hvp", dtype=torch.float64).diagonal(problem)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-10, atol=1e-12)

@@ -223,18 +223,53 @@ class ConvRule(Rule):
     def column_cost(self, m: nn.Module, x: Tensor) -> int:
         return m.weight.numel()
 
+    def _pads(self, m: nn.Module) -> list[tuple[int, int]]:
+        if isinstance(m.padding, str):
+            out = []
+            for k, d in zip(m.kernel_size, m.dilation):
+                total = d * (k - 1) if m.padding == "same" else 0
+                out.append((total // 2, total - total // 2))
+            return out
+        return [(p, p) for p in m.padding]
+
+    def _backward(self, m: nn.Module, x: Tensor, w: Tensor, g: Tensor, want_input: bool):
+        """PyTorch's convolution backward: input- or weight-gradient for cotangent ``g``."""
+        pads = self._pads(m)
+        if any(a != b for a, b in pads):  # asymmetric "same" padding: pad explicitly
+            x = F.pad(x, [v for pair in reversed(pads) for v in pair])
+            pads = [(0, 0)] * len(pads)
+        gi, gw, _ = torch.ops.aten.convolution_backward(
+            g,
+            x,
+            w,
+            None,
+            list(m.stride),
+            [a for a, _ in pads],
+            list(m.dilation),
+            False,
+            [0] * len(pads),
+            m.groups,
+            [want_input, not want_input, False],
+        )
+        if want_input and gi.shape != x.shape:  # undo the explicit padding
+            p = self._pads(m)
+            idx = [slice(None), slice(None)] + [
+                slice(a, gi.shape[2 + i] - b) for i, (a, b) in enumerate(p)
+            ]
+            gi = gi[tuple(idx)]
+        return gi if want_input else gw
+
     def sq_vjp(self, m: nn.Module, x: Tensor, d: Tensor) -> Tensor:
+        """(J∘J)ᵀ·d: the input-gradient of the convolution with squared kernels."""
         self._check(m)
-        w2 = m.weight.square()
-        _, fn = vjp(lambda inp: m._conv_forward(inp, w2, None), x)
-        return fn(d)[0]
+        return self._backward(m, x, m.weight.square(), d, want_input=True)
 
     def diag_params(self, m: nn.Module, x: Tensor, d: Tensor) -> dict[str, Tensor]:
-        xu = self._unfold(m, x)
-        w = torch.einsum("ngop,ngip->goi", self._out(m, d, 1), xu.square())
-        out = {"weight": w.reshape(m.weight.shape)}
-        out["bias"] = d.reshape(d.shape[0], d.shape[1], -1).sum((0, 2))
-        return out
+        """Σ_{n,p} d·x²: the weight-gradient of the convolution for input x² and cotangent d
+        (zero padding stays zero when squared)."""
+        self._check(m)
+        w = self._backward(m, x.square(), m.weight, d, want_input=False)
+        return {"weight": w, "bias": d.reshape(d.shape[0], d.shape[1], -1).sum((0, 2))}
 
     def sq_grads(self, m: nn.Module, x: Tensor, cols: Tensor, sign: Tensor | None):
         xu = self._unfold(m, x)
@@ -262,8 +297,22 @@ class AvgPoolRule(Rule):
         return float(math.prod(ks))
 
     def sq_vjp(self, m: nn.Module, x: Tensor, d: Tensor) -> Tensor:
-        _, fn = vjp(m, x)  # every connection has coefficient 1/divisor; squared: 1/divisor²
-        return fn(d / self._divisor(m))[0]
+        # every connection has coefficient 1/divisor; squared: 1/divisor²
+        d = d / self._divisor(m)
+        if isinstance(m, nn.AvgPool2d):  # the pooling backward kernel, no forward pass
+            pair = nn.modules.utils._pair
+            return torch.ops.aten.avg_pool2d_backward(
+                d,
+                x,
+                pair(m.kernel_size),
+                pair(m.stride or m.kernel_size),
+                pair(m.padding),
+                m.ceil_mode,
+                m.count_include_pad,
+                m.divisor_override,
+            )
+        _, fn = vjp(m, x)
+        return fn(d)[0]
 
 
 class MaxPoolRule(Rule):
