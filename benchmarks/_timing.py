@@ -188,19 +188,18 @@ def compare(
                 got[1] = measure(candidate, cand_number)
         w1, t1 = runqueue_wait_s(), time.perf_counter()
         load = None if w0 is None or w1 is None else (w1 - w0) / (t1 - t0)
+        if max_contention is not None and load is not None and load > max_contention:
+            if retries_left > 0:  # decide nothing (warm-up, slowness) on a contended round
+                retries_left -= 1
+                out.retried += 1
+                continue
         first = not out.cand
-        slow = first and slow_s is not None and slow_repeats is not None and got[1] > slow_s
-        if slow:
+        if first and slow_s is not None and slow_repeats is not None and got[1] > slow_s:
             total = max(1, min(repeats, slow_repeats))
             warming = False
         elif first and warming:
             warming = False
             continue  # the warm-up round does not count
-        if max_contention is not None and load is not None and load > max_contention:
-            if retries_left > 0:
-                retries_left -= 1
-                out.retried += 1
-                continue
         out.base.append(got[0])
         out.cand.append(got[1])
         out.contention.append(load)

@@ -6,8 +6,8 @@ with cross-entropy and/or MSE (one-hot targets), this script reports for every e
 * its median time and its time as a ratio to one forward+backward pass of the same model over the
   same data (``zero_grad(); loss_fn(model(X), Y).backward()``), measured in the same process in
   interleaved rounds (see ``_timing.py``): the ratio is the median of per-round ratios;
-* its peak memory: the growth of the resident set (``ru_maxrss`` high-water mark minus the RSS just
-  before the call) during one call in a fresh subprocess, after a warm-up on a 64-sample subset;
+* its peak memory: the growth of the resident set during one call in a fresh subprocess, after a
+  warm-up on a 64-sample subset (kernel peak RSS, reset just before the call, minus the RSS then);
 * BackPACK's ``DiagGGNExact``, ``DiagGGNMC`` and ``DiagHessian`` on ``extend()``-ed copies of the
   same model and loss, side by side, where ``backpack-for-pytorch`` is installed;
 * a correctness cross-check (``GGNDiagonal`` vs ``DiagGGNExact``, ``ExactHessianDiagonal`` vs
@@ -333,6 +333,8 @@ def bench_setting(model_kind: str, loss_kind: str, args) -> dict:
     results: dict[str, dict[str, Tensor]] = {}
     base_all: list[float] = []
     for cand in candidates(args.hutchinson_samples):
+        if args.estimators and cand.key not in args.estimators:
+            continue
         cand.factory(model, loss_fn, x[:WARMUP_SAMPLES], t[:WARMUP_SAMPLES])()  # lazy init
         run = cand.factory(model, loss_fn, x, t)
         log(f"[{model_kind}/{loss_kind}] timing {cand.label} ...")
@@ -367,9 +369,9 @@ def bench_setting(model_kind: str, loss_kind: str, args) -> dict:
     with torch.no_grad():
         direct = float(loss_fn(model(x), t))
     checks = {"objective_optbrain": problem.objective(), "objective_loss_fn": direct}
-    if "bp_ggn_exact" in results:
+    if "ggn" in results and "bp_ggn_exact" in results:
         checks["ggn_vs_DiagGGNExact"] = max_rel_diff(results["ggn"], results["bp_ggn_exact"])
-    if "bp_hessian" in results:
+    if "hessian" in results and "bp_hessian" in results:
         checks["hessian_vs_DiagHessian"] = max_rel_diff(results["hessian"], results["bp_hessian"])
 
     memory: dict[str, dict] = {}
@@ -391,36 +393,24 @@ def bench_setting(model_kind: str, loss_kind: str, args) -> dict:
     }
 
 
+TARGETS = (
+    ("LeCunDiagonal() time / gradient pass", "lecun_gn", None, 1.0),
+    ("GGNDiagonal() time / BackPACK DiagGGNExact time", "ggn", "bp_ggn_exact", 0.5),
+    ("ExactHessianDiagonal() time / BackPACK DiagHessian time", "hessian", "bp_hessian", 1.0),
+)
+
+
 def targets(res: dict) -> list[tuple[str, str, float | None, float]]:
     """(description, verdict, value, limit) for the three targets of issue #2."""
     rows = res["rows"]
-    out = [("LeCunDiagonal() time / gradient pass", rows["lecun_gn"]["ratio"], 1.0)]
-    if "bp_ggn_exact" in rows:
-        out.append(
-            (
-                "GGNDiagonal() time / BackPACK DiagGGNExact time",
-                rows["ggn"]["ratio"] / rows["bp_ggn_exact"]["ratio"],
-                0.5,
-            )
-        )
-    else:
-        out.append(("GGNDiagonal() time / BackPACK DiagGGNExact time", None, 0.5))
-    if "bp_hessian" in rows:
-        out.append(
-            (
-                "ExactHessianDiagonal() time / BackPACK DiagHessian time",
-                rows["hessian"]["ratio"] / rows["bp_hessian"]["ratio"],
-                1.0,
-            )
-        )
-    else:
-        out.append(("ExactHessianDiagonal() time / BackPACK DiagHessian time", None, 1.0))
     verdicts = []
-    for desc, value, limit in out:
-        if value is None:
-            verdicts.append((desc, "n/a (BackPACK not installed)", None, limit))
-        else:
-            verdicts.append((desc, "MET" if value <= limit else "NOT MET", value, limit))
+    for desc, key, ref, limit in TARGETS:
+        if key not in rows or (ref is not None and ref not in rows):
+            why = "BackPACK not installed" if ref is not None and not HAVE_BACKPACK else "not run"
+            verdicts.append((desc, f"n/a ({why})", None, limit))
+            continue
+        value = rows[key]["ratio"] / (1.0 if ref is None else rows[ref]["ratio"])
+        verdicts.append((desc, "MET" if value <= limit else "NOT MET", value, limit))
     return verdicts
 
 
@@ -460,17 +450,45 @@ def render(res: dict, hutchinson_samples: int) -> str:
         f"{c['objective_loss_fn']:.8f} (|Δ| = "
         f"{abs(c['objective_optbrain'] - c['objective_loss_fn']):.1e}): same normalisation.",
     ]
-    if "ggn_vs_DiagGGNExact" in c:
+    pairs = [
+        ("GGNDiagonal vs DiagGGNExact", "ggn_vs_DiagGGNExact"),
+        ("ExactHessianDiagonal vs DiagHessian", "hessian_vs_DiagHessian"),
+    ]
+    shown = [f"{label} {c[key]:.1e}" for label, key in pairs if key in c]
+    if shown:
         lines.append(
-            f"Cross-check (max over tensors of max|Δ|/max|ref|): GGNDiagonal vs DiagGGNExact "
-            f"{c['ggn_vs_DiagGGNExact']:.1e}; ExactHessianDiagonal vs DiagHessian "
-            f"{c.get('hessian_vs_DiagHessian', float('nan')):.1e}."
+            "Cross-check against BackPACK (max over tensors of max|Δ|/max|ref|, float32): "
+            + "; ".join(shown)
+            + "."
         )
     lines.append("")
     for desc, verdict, value, limit in targets(res):
         shown = "—" if value is None else f"{value:.2f}"
         lines.append(f"- TARGET {desc} = {shown} (≤ {limit:g}): **{verdict}**")
     return "\n".join(lines)
+
+
+def source_fingerprint() -> str:
+    """Git commit (+ "dirty") and a hash of the curvature sources actually imported."""
+    import hashlib
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(
+            ["git", "-C", root, "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        head = "no git"
+    digest = hashlib.sha256()
+    folder = os.path.dirname(oc.__file__)
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".py"):
+            with open(os.path.join(folder, name), "rb") as f:
+                digest.update(name.encode() + f.read())
+    return f"git {head}, optbrain/curvature/*.py sha256 {digest.hexdigest()[:12]}"
 
 
 def machine_facts(args) -> str:
@@ -484,7 +502,8 @@ def machine_facts(args) -> str:
     return (
         f"Machine: {cpu}, nproc = {os.cpu_count()}, Python {platform.python_version()}, "
         f"torch {torch.__version__} with {torch.get_num_threads()} threads, "
-        f"backpack-for-pytorch {bp}. Repeats {args.repeats} (slow candidates, > {SLOW_S:g} s: "
+        f"backpack-for-pytorch {bp}; code: {source_fingerprint()}. "
+        f"Repeats {args.repeats} (slow candidates, > {SLOW_S:g} s: "
         f"{args.slow_repeats}); ratios are medians of per-round ratios vs a gradient pass timed "
         f"in the same round (median of 3 calls), order alternating; each round first waits until "
         f"other processes use < 25% of the CPUs (waiting at most 30 s), and is redone (at most "
@@ -513,10 +532,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--n-samples", type=int, default=None, help="use the first N digits only")
     p.add_argument("--hutchinson-samples", type=int, default=10, help="probe vectors (default 10)")
+    p.add_argument(
+        "--estimators",
+        default=None,
+        help="comma-separated subset of: " + ", ".join(c.key for c in candidates(10)),
+    )
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     p.add_argument("--json", metavar="OUT", default=None, help="also write the results as JSON")
     p.add_argument("--only", default=None, help="internal: measure peak memory of one candidate")
     args = p.parse_args(argv)
+    args.estimators = set(args.estimators.split(",")) if args.estimators else None
     if args.quick:
         args.repeats = args.repeats or 2
         args.slow_repeats = args.slow_repeats or 1
