@@ -266,6 +266,7 @@ def measure_memory_here(key: str, model_kind: str, loss_kind: str, args) -> dict
         return {"key": key, "error": "no /proc/self/status"}
     return {
         "key": key,
+        "code": source_fingerprint(),
         "peak_mb": max(after_hwm - before, 0) / 1024,
         "exact": reset or after_hwm > before_hwm,
         "rss_before_mb": before / 1024,
@@ -301,9 +302,10 @@ def fmt_mem(m: dict | None) -> str:
         return "—"
     if "error" in m:
         return "error"
+    mark = " (†)" if m.get("changed") else ""
     if not m["exact"]:
-        return f"<= {m['peak_mb']:.1f}"
-    return f"{m['peak_mb']:.1f}"
+        return f"<= {m['peak_mb']:.1f}{mark}"
+    return f"{m['peak_mb']:.1f}{mark}"
 
 
 # ----------------------------------------------------------------------------- cross-checks
@@ -376,9 +378,13 @@ def bench_setting(model_kind: str, loss_kind: str, args) -> dict:
 
     memory: dict[str, dict] = {}
     if not args.no_memory:
+        code = source_fingerprint()
         for key in ["grad", *rows]:
             log(f"[{model_kind}/{loss_kind}] peak memory of {key} (subprocess) ...")
             memory[key] = measure_memory(key, model_kind, loss_kind, args)
+            if memory[key].get("code", code) != code:
+                memory[key]["changed"] = True  # the sources changed since the timings
+                log("    warning: optbrain's curvature sources changed since the timings")
     return {
         "model": model_kind,
         "model_label": MODELS[model_kind][0],
@@ -441,6 +447,8 @@ def render(res: dict, hutchinson_samples: int) -> str:
     conts = [x for r in res["rows"].values() for x in r["contention"] if x is not None]
     retried = sum(r["retried"] for r in res["rows"].values())
     c = res["checks"]
+    if any(m.get("changed") for m in mem.values()):
+        lines += ["", "(†) measured after optbrain's curvature sources changed: not comparable."]
     lines += [
         "",
         f"Rounds discarded for CPU contention: {retried}; run-queue wait / wall time of the kept "
