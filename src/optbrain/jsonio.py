@@ -1,5 +1,5 @@
 """Strict JSON with non-finite floats, and atomic file writes (shared by histories, checkpoints,
-experiment results and reports)."""
+pruned models, experiment results and reports)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -37,19 +37,25 @@ def from_jsonable(v: Any) -> Any:
     return v
 
 
-def write_text(path: str | Path, text: str) -> Path:
-    """Write atomically (a crash never leaves a half-written file); creates parent folders."""
+def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
+    """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it over ``path``:
+    a crash never leaves a half-written file. Creates parent folders."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        write(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """Write text atomically (see :func:`atomic_write`)."""
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def write_json(path: str | Path, data: Any) -> Path:

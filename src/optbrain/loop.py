@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,8 +15,8 @@ from torch import nn
 
 from .errors import OptbrainError
 from .history import History, RoundRecord
-from .jsonio import write_text
-from .masking import Mask, attach, current_mask
+from .jsonio import atomic_write, write_text
+from .masking import Mask, attach, pruned_state, restore_pruned
 from .problem import Problem
 from .pruner import Pruner, default_mask
 from .schedule import Schedule
@@ -27,7 +25,7 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
 HISTORY = "history.json"
-_FORMAT = "optbrain-checkpoint-1"
+_FORMAT = "optbrain-checkpoint-2"
 
 
 class CheckpointError(OptbrainError, ValueError):
@@ -165,22 +163,13 @@ def iterative_prune(
 def _checkpoint(ckdir: Path | None, model: nn.Module, pruner: Pruner, history: History) -> None:
     if ckdir is None:
         return
-    ckdir.mkdir(parents=True, exist_ok=True)
     payload = {
         "format": _FORMAT,
         "history": history.to_dict(),
-        "mask": current_mask(model).state_dict(),
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "model": pruned_state(model),
         "pruner": pruner.state_dict(),
     }
-    fd, tmp = tempfile.mkstemp(dir=ckdir, prefix=f".{CHECKPOINT}.")
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, ckdir / CHECKPOINT)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(ckdir / CHECKPOINT, lambda tmp: torch.save(payload, tmp))
     write_text(ckdir / HISTORY, json.dumps(history.to_dict(), indent=1))
 
 
@@ -191,7 +180,7 @@ def _resume(ckdir: Path, model: nn.Module, pruner: Pruner, cfg: dict[str, Any]) 
         if not isinstance(payload, dict) or payload.get("format") != _FORMAT:
             raise ValueError("unknown format")
         history = History.from_dict(payload["history"])
-        mask = Mask.from_state_dict(payload["mask"])
+        Mask.from_state_dict(payload["model"]["mask"])  # validates the stored mask
     except Exception as exc:  # noqa: BLE001 - named and re-raised
         raise CheckpointError(f"corrupt checkpoint {path}: {exc}") from exc
     if history.config != cfg:
@@ -205,9 +194,7 @@ def _resume(ckdir: Path, model: nn.Module, pruner: Pruner, cfg: dict[str, Any]) 
             "use another directory or delete it"
         )
     try:
-        if len(mask):
-            attach(model, mask)
-        model.load_state_dict(payload["state_dict"])
+        restore_pruned(model, payload["model"])
         pruner.load_state_dict(payload.get("pruner", {}))
     except (RuntimeError, KeyError, ValueError) as exc:
         raise CheckpointError(f"checkpoint {path} does not fit this model: {exc}") from exc

@@ -26,10 +26,7 @@ that holds it, so all of its uses see the same mask.
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from collections.abc import Iterator, Mapping, Sequence
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -37,6 +34,7 @@ from torch.nn.utils import parametrize
 
 from optbrain import paramdict
 from optbrain.errors import ShapeMismatchError
+from optbrain.jsonio import atomic_write
 
 __all__ = [
     "Mask",
@@ -45,6 +43,8 @@ __all__ = [
     "current_mask",
     "detach",
     "load_pruned",
+    "pruned_state",
+    "restore_pruned",
     "save_pruned",
     "validate",
 ]
@@ -485,23 +485,32 @@ def _check_attachable(module: nn.Module, attr: str, name: str) -> None:
         )
 
 
-def save_pruned(model: nn.Module, path) -> None:
-    """Save a pruned model (state dict and its attached mask) atomically with ``torch.save``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {
-        "format": "optbrain-pruned-1",
+_PRUNED_FORMAT = "optbrain-pruned-1"
+
+
+def pruned_state(model: nn.Module) -> dict:
+    """The model's weights and attached mask as plain tensors (what :func:`save_pruned` stores and
+    the prune–retrain loop checkpoints)."""
+    return {
+        "format": _PRUNED_FORMAT,
         "mask": current_mask(model).state_dict(),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
     }
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+
+def restore_pruned(model: nn.Module, state: Mapping) -> Mask:
+    """Inverse of :func:`pruned_state` on a model of the same architecture (with no mask or any
+    mask attached): attaches the saved mask, loads the weights, returns the mask now attached."""
+    mask = Mask.from_state_dict(state["mask"])
+    if len(mask):
+        attach(model, mask)
+    model.load_state_dict(state["state_dict"])
+    return current_mask(model)
+
+
+def save_pruned(model: nn.Module, path) -> None:
+    """Save a pruned model (state dict and its attached mask) atomically with ``torch.save``."""
+    atomic_write(path, lambda tmp: torch.save(pruned_state(model), tmp))
 
 
 def load_pruned(model: nn.Module, path, map_location=None) -> Mask:
@@ -511,10 +520,6 @@ def load_pruned(model: nn.Module, path, map_location=None) -> Mask:
         payload = torch.load(path, map_location=map_location or "cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - re-raised with the cause named
         raise ValueError(f"cannot read pruned model {path}: {exc}") from exc
-    if not isinstance(payload, dict) or payload.get("format") != "optbrain-pruned-1":
+    if not isinstance(payload, dict) or payload.get("format") != _PRUNED_FORMAT:
         raise ValueError(f"{path} is not an optbrain pruned-model file")
-    mask = Mask.from_state_dict(payload["mask"])
-    if len(mask):
-        attach(model, mask)
-    model.load_state_dict(payload["state_dict"])
-    return current_mask(model)
+    return restore_pruned(model, payload)

@@ -62,12 +62,14 @@ def run(
     samples: int = 1,
     generator: torch.Generator | None = None,
     tick: Callable[[int, int], None] | None = None,
+    chain: list[Link] | None = None,
 ) -> ParamDict:
-    """Accumulate the parameter diagonal of ``mode`` over the problem's data (see module doc)."""
+    """Accumulate the parameter diagonal of ``mode`` over the problem's data (see module doc);
+    ``chain`` may pass the model's chain when the caller has already built it."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}")
     model = problem.model
-    chain = build_chain(model, estimator)
+    chain = chain if chain is not None else build_chain(model, estimator)
     wanted = problem.parameters()
     first = next(
         (i for i, lk in enumerate(chain) if any(n in wanted for n, _, _ in lk.params.values())),

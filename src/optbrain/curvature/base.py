@@ -29,6 +29,7 @@ import torch
 from ..errors import NonFiniteLossError, UnsupportedModuleError
 from ..paramdict import ParamDict
 from ..problem import Problem
+from .chain import build_chain, shared_parameters
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +92,7 @@ def seeded_generator(seed: int | None) -> torch.Generator:
 class StructuredEstimator(DiagonalEstimator):
     """An estimator with a structured path (``backprop.run`` in ``mode``) for chains of registry
     layers and a generic ``torch.func`` path for any module; ``method`` picks one, ``"auto"`` the
-    structured path whenever it applies (:func:`structured_applies`)."""
+    structured path whenever it applies (:func:`structured_chain`)."""
 
     mode: str = ""
     methods: tuple[str, ...] = ("auto", "backprop", "func")
@@ -113,9 +114,16 @@ class StructuredEstimator(DiagonalEstimator):
 
         work = in_dtype(problem, self.dtype)
         name = type(self).__name__
-        if self.method == "backprop" or (self.method == "auto" and structured_applies(work, name)):
+        chain = None
+        if self.method == "backprop":
+            chain = build_chain(work.model, name)
+        elif self.method == "auto":
+            chain = structured_chain(work, name)
+        if chain is not None:
             opts = self._backprop_options()
-            out = backprop.run(work, self.mode, estimator=name, tick=self.progress, **opts)
+            out = backprop.run(
+                work, self.mode, estimator=name, tick=self.progress, chain=chain, **opts
+            )
         else:
             out = self._generic(work)
         return self._finish(problem, out)
@@ -146,14 +154,13 @@ def in_dtype(problem: Problem, dtype: torch.dtype | None) -> Problem:
     return cast
 
 
-def structured_applies(problem: Problem, estimator: str) -> bool:
-    """True when the structured back-propagation handles the model exactly (chain of registry
-    layers, no parameter used twice); otherwise the generic ``torch.func`` path is needed."""
-    from .chain import build_chain, shared_parameters
-
+def structured_chain(problem: Problem, estimator: str) -> list | None:
+    """The model's chain of registry layers when the structured back-propagation handles it
+    exactly (every layer registered, no parameter used twice); None when the generic
+    ``torch.func`` path is needed."""
     try:
         chain = build_chain(problem.model, estimator)
     except UnsupportedModuleError as exc:
         log.debug("%s falls back to torch.func: %s", estimator, exc)
-        return False
-    return not shared_parameters(chain)
+        return None
+    return None if shared_parameters(chain) else chain
