@@ -534,3 +534,14 @@ def test_detach_restores_parameter_order_when_weight_and_bias_are_masked():
     assert list(model.state_dict()) == keys
     assert list(paramdict.named_parameters(model)) == names
     assert model[2].bias[1] == 0 and model[0].weight[0, 0] == 0
+
+
+def test_detach_on_a_deep_copy_leaves_the_original_masked():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    mask = Mask.ones(model).with_pruned({"0.weight": [0, 5]})
+    masking.attach(model, mask)
+    twin = copy.deepcopy(model)
+    masking.detach(twin, bake=True)
+    assert masking.current_mask(model) == mask  # the original keeps its mask and weight property
+    assert model[0].weight.shape == (4, 3) and not model[0].weight.reshape(-1)[[0, 5]].any()
+    assert not masking.current_mask(twin)

@@ -21,3 +21,24 @@ class NonFiniteLossError(OptbrainError, FloatingPointError):
 
 class EmptyDataError(OptbrainError, ValueError):
     """The data of a problem yielded no samples."""
+
+
+class SingularCurvatureError(OptbrainError, ArithmeticError):
+    """A curvature matrix could not be inverted, even with the documented damping fallback."""
+
+
+class CurvatureTooLargeError(OptbrainError, ValueError):
+    """A dense curvature matrix over this many coordinates would not fit the configured limit."""
+
+
+class TargetUnreachableError(OptbrainError, ValueError):
+    """A pruner has no candidate left to delete before reaching the requested target."""
+
+
+class CalibrationError(OptbrainError, ValueError):
+    """Calibration data cannot determine a layer: no input reached it, its inputs are all zero or
+    not finite, or its calibration Hessian cannot be factorised."""
+
+
+class EmptyLayerError(OptbrainError, ValueError):
+    """A request would remove every input of the network or every unit/channel of a layer."""

@@ -338,6 +338,8 @@ def detach(model: nn.Module, *, bake: bool = True) -> Mask:
                     f"optbrain mask ({[type(m).__name__ for m in chain]}); remove them first"
                 )
             sites.append((module, attr))
+    for module in {id(m): m for m, _ in sites}.values():
+        _own_class(module)
     for module, attr in sites:
         parametrize.remove_parametrizations(module, attr, leave_parametrized=bake)
     for module, order in orders:
@@ -347,6 +349,19 @@ def detach(model: nn.Module, *, bake: bool = True) -> Mask:
         own.clear()
         own.update(items)
     return removed
+
+
+def _own_class(module: nn.Module) -> None:
+    """Give a parametrized module a class object of its own before its parametrizations go.
+
+    ``torch.nn.utils.parametrize`` keeps a parametrized tensor's property on a generated class,
+    which ``copy.deepcopy`` shares between a copy and its original; removing the parametrization
+    from one would delete the other's property too. A private sibling class with the same body
+    makes :func:`detach` touch only ``module``.
+    """
+    cls = type(module)
+    body = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
+    module.__class__ = type(cls.__name__, cls.__bases__, body)
 
 
 def apply_(model: nn.Module, mask: Mask | Mapping[str, Tensor]) -> None:

@@ -158,4 +158,58 @@ def snip(batches: int | None = 1, scope: str = "global") -> Pruner:
     return Pruner(SNIP(batches), _selector(scope))
 
 
-PRESETS = {"obd": obd, "magnitude": magnitude, "random": random, "snip": snip}
+def ocd(
+    curvature: DiagonalCurvature | str | None = None,
+    kinds: tuple[str, ...] = ("input",),
+    method: str = "sum",
+    scope: str = "global",
+):
+    """Optimal Cell Damage: remove whole cells (default: input variables) of lowest saliency.
+
+    ``method="sum"``: a cell's saliency is the sum of the OBD saliencies of its fan-out weights
+    (Cibas et al.); ``"gate"``: ½ sᵀGs (or ½ sᵀHs with ``curvature="hessian"``) for its fan-out
+    weights s. ``sparsity`` counts cells (fraction or number); ``scope="layer"`` removes the same
+    fraction of every layer's cells. See :mod:`optbrain.cell_pruner`.
+    """
+    from .cell_pruner import CellPruner
+    from .saliency.ocd import OCD
+
+    return CellPruner(OCD(curvature, kinds, method), scope=scope)
+
+
+def obs(inverse=None, weight_decay: float = 0.0, ghost_rule: bool = False):
+    """Optimal Brain Surgeon: delete one weight at a time by L_q = w_q²/(2[H⁻¹]_qq), move all other
+    weights (biases included) by the OBS update, re-rank. See :class:`optbrain.surgeon.OBSPruner`.
+    """
+    from .surgeon import OBSPruner
+
+    return OBSPruner(inverse, weight_decay=weight_decay, ghost_rule=ghost_rule)
+
+
+def unit_obs(inverse=None):
+    """Unit-OBS: delete whole inputs / hidden units (all their outgoing weights) by group OBS.
+    ``sparsity`` counts weights; ``pruner(problem, units=k)`` removes k cells."""
+    from .surgeon import OBSPruner
+
+    return OBSPruner(inverse, groups="unit")
+
+
+def layerwise_obs(**kwargs):
+    """Layer-wise OBS (OBC's exact greedy solver for small layers, SparseGPT's blocked solver for
+    large ones) on calibration inputs; ``kwargs`` go to :class:`optbrain.layerwise.LayerwiseOBS`
+    (``method``, ``nm``, ``damping``, ``blocksize``, ``sequential``, ...)."""
+    from .layerwise import LayerwiseOBS
+
+    return LayerwiseOBS(**kwargs)
+
+
+PRESETS = {
+    "obd": obd,
+    "magnitude": magnitude,
+    "random": random,
+    "snip": snip,
+    "ocd": ocd,
+    "obs": obs,
+    "unit_obs": unit_obs,
+    "layerwise_obs": layerwise_obs,
+}

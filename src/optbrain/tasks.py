@@ -64,7 +64,7 @@ __all__ = [
 ]
 
 DEFAULT_OUT = Path("optbrain-runs") / "prune"
-METHODS = ("obd", "magnitude", "random", "snip")
+METHODS = ("obd", "magnitude", "random", "snip", "ocd", "obs", "layerwise_obs")
 _KEYS = ("model", "loss_fn", "train_loader", "val_loader", "test_loader")
 _REQUIRED = ("model", "loss_fn", "train_loader")
 _EXPECTED = (
@@ -346,6 +346,12 @@ def _pruner(method: str, seed: int):
         return presets.random(seed)
     if method == "snip":
         return presets.snip(batches=None)  # all of the training data, like OBD's curvature
+    if method == "ocd":
+        return presets.ocd()  # whole input variables; sparsity = fraction of the inputs
+    if method == "obs":
+        return presets.obs()  # sequential OBS with weight compensation (dense inverse: small nets)
+    if method == "layerwise_obs":
+        return presets.layerwise_obs()  # per-layer reconstruction on the training inputs
     raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
 
 
@@ -389,10 +395,13 @@ def prune(
 
     ``task`` is a :class:`Task` or a spec for :func:`load_task`. Each round deletes the weights of
     lowest saliency (``method``: ``obd`` with the exact Gauss–Newton diagonal of the training
-    loss, ``magnitude``, ``random``, ``snip``) up to the ``schedule``'s total for that round
-    (``geometric``: the same fraction of the remaining weights each round; ``linear``, ``cubic``,
-    ``one_shot``), then retrains ``retrain_epochs`` epochs on the training loader (``optimizer``
-    ``"adam"`` or ``"sgd"``, ``lr``; deleted weights stay zero). The model is pruned in place.
+    loss, ``magnitude``, ``random``, ``snip``; ``obs`` deletes one weight at a time and moves the
+    others to compensate (a dense inverse curvature: small nets); ``ocd`` removes whole input
+    variables instead, and ``sparsity`` is then the fraction of the inputs) up to the
+    ``schedule``'s total for that round (``geometric``: the same fraction of the remaining
+    weights each round; ``linear``, ``cubic``, ``one_shot``), then retrains ``retrain_epochs``
+    epochs on the training loader (``optimizer`` ``"adam"`` or ``"sgd"``, ``lr``; deleted weights
+    stay zero). The model is pruned in place.
 
     Writes under ``out_dir``: ``<method>/history.json``, ``<method>/checkpoint.pt`` (a run
     interrupted and started again with ``resume=True`` and the same settings continues after the
@@ -439,7 +448,7 @@ def prune(
     config = {
         "task": task.name,
         "method": method,
-        "predicts_objective": method == "obd",
+        "predicts_objective": method in ("obd", "ocd", "obs"),
         "pruner": repr(pruner),
         "schedule": repr(sched),
         "sparsity": sparsity,

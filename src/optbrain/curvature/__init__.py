@@ -8,7 +8,15 @@ from .exact import ExactHessianDiagonal
 from .fisher import EmpiricalFisherDiagonal, MCFisherDiagonal
 from .ggn import GGNDiagonal
 from .hutchinson import HutchinsonDiagonal
+from .layerwise import LayerHessian, LayerwiseHessian, calibration_hessians
 from .lecun import LeCunDiagonal
+from .outer_product import (
+    AutoInverse,
+    DirectInverse,
+    InverseCurvature,
+    InverseHessian,
+    RecursiveInverse,
+)
 from .rules import register, register_elementwise
 
 ESTIMATORS = {
@@ -21,15 +29,23 @@ ESTIMATORS = {
 }
 
 __all__ = [
+    "AutoInverse",
     "DiagonalCurvature",
+    "DirectInverse",
     "DiagonalEstimator",
     "EmpiricalFisherDiagonal",
     "ESTIMATORS",
     "ExactHessianDiagonal",
     "GGNDiagonal",
     "HutchinsonDiagonal",
+    "InverseCurvature",
+    "InverseHessian",
+    "LayerHessian",
+    "LayerwiseHessian",
     "LeCunDiagonal",
     "MCFisherDiagonal",
+    "RecursiveInverse",
+    "calibration_hessians",
     "register",
     "register_elementwise",
 ]

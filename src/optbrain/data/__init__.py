@@ -1,5 +1,22 @@
 """Built-in data sets used by the experiments and the demo."""
 
 from .digits import DigitsData, load_digits_split, loaders
+from .gaussian_mixture import MixtureData, load_gaussian_mixture
+from .monk import MonkData, load_monk
+from .waveform import WaveformData, load_waveform_split, make_waveform
+from .xor import xor_data, xor_solved
 
-__all__ = ["DigitsData", "load_digits_split", "loaders"]
+__all__ = [
+    "DigitsData",
+    "MixtureData",
+    "MonkData",
+    "WaveformData",
+    "load_digits_split",
+    "load_gaussian_mixture",
+    "load_monk",
+    "load_waveform_split",
+    "loaders",
+    "make_waveform",
+    "xor_data",
+    "xor_solved",
+]

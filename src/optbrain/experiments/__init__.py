@@ -56,6 +56,39 @@ REGISTRY: dict[str, ExperimentSpec] = {
             "Optimal Brain Damage (LeCun, Denker & Solla 1990), figures 1a, 1b, 2 on the 8x8 "
             "digits with a shared-weight CNN and an MLP",
         ),
+        ExperimentSpec(
+            "cibas1994-waveform",
+            "optbrain.experiments.cibas1994_waveform",
+            "Optimal Cell Damage variable selection (Cibas et al. 1994/96) on Breiman's waveform "
+            "data with 19 pure-noise inputs, against permutation importance and mutual information",
+        ),
+        ExperimentSpec(
+            "digits-ocd",
+            "optbrain.experiments.digits_ocd",
+            "Optimal Cell Damage on the 8x8 digits: which pixels OCD keeps (saliency image) and "
+            "accuracy against pixels kept, against fan-out magnitude and random orders",
+        ),
+        ExperimentSpec(
+            "hassibi1993-xor",
+            "optbrain.experiments.hassibi1993_xor",
+            "Optimal Brain Surgeon (Hassibi & Stork 1993) on XOR: one weight of a trained 2-2-1 "
+            "net deleted by magnitude, OBD and OBS over many initialisations; Hessian "
+            "off-diagonal mass",
+        ),
+        ExperimentSpec(
+            "hassibi1993-monk",
+            "optbrain.experiments.hassibi1993_monk",
+            "Optimal Brain Surgeon and Unit-OBS (Hassibi & Stork 1993; Stahlberger & Riedmiller "
+            "1997) on MONK-1/2/3: weights left at unchanged train/test accuracy, OBS vs OBD vs "
+            "magnitude",
+        ),
+        ExperimentSpec(
+            "hassibi1994-mixture",
+            "optbrain.experiments.hassibi1994_mixture",
+            "OBS extensions (Hassibi, Stork, Wolff & Watanabe 1994): test error against weights "
+            "removed on the 5-d Gaussian mixture, OBS (no retraining) vs OBD with 60 retraining "
+            "epochs per step",
+        ),
     )
 }
 

@@ -2,6 +2,8 @@
 
 from .base import Saliency
 from .obd import OBD
+from .obs import OBS
+from .ocd import OCD, CellSaliencies
 from .simple import SNIP, Magnitude, Random
 
-__all__ = ["OBD", "SNIP", "Magnitude", "Random", "Saliency"]
+__all__ = ["CellSaliencies", "OBD", "OBS", "OCD", "SNIP", "Magnitude", "Random", "Saliency"]
