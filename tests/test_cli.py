@@ -53,7 +53,7 @@ def test_version_via_main(capsys):
         ["reproduce"],
         ["prune"],
         ["prune", "--task", "m:f", "--sparsity", "90"],
-        ["prune", "--task", "m:f", "--method", "obs"],
+        ["prune", "--task", "m:f", "--method", "nope"],
         ["prune", "--task", "m:f", "--lr", "0"],
         ["report"],
     ],
