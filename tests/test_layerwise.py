@@ -15,7 +15,12 @@ from torch.func import hessian
 
 from optbrain import masking
 from optbrain.curvature.layerwise import LayerwiseHessian, calibration_hessians
-from optbrain.errors import CalibrationError, ShapeMismatchError, UnsupportedModuleError
+from optbrain.errors import (
+    CalibrationError,
+    ShapeMismatchError,
+    TargetUnreachableError,
+    UnsupportedModuleError,
+)
 from optbrain.layerwise import (
     LayerwiseOBS,
     blocked_obs,
@@ -121,6 +126,26 @@ def test_greedy_rows_equals_naive_loop():
         )
         torch.testing.assert_close(sol.weight[i], w, rtol=1e-8, atol=1e-10)
         assert int((~sol.kept[i]).sum()) == c
+
+
+def test_greedy_rows_never_picks_a_deleted_column_when_scores_overflow():
+    # float32 weights of 1e20: every w²/[H⁻¹]_jj is +inf; each step must still delete a new column
+    k = 5
+    W = torch.full((2, k), 1e20, dtype=torch.float32)
+    sol = greedy_rows(W, torch.eye(k), torch.tensor([k, 3]))
+    assert sorted(sol.order[0].tolist()) == list(range(k))
+    assert sorted(sol.order[1, :3].tolist()) == [0, 1, 2] and sol.order[1, 3:].tolist() == [-1] * 2
+    assert int((~sol.kept[0]).sum()) == k and int((~sol.kept[1]).sum()) == 3
+    assert torch.all(sol.weight[~sol.kept] == 0)
+
+
+def test_greedy_rows_raises_when_fewer_deletions_are_possible_than_asked():
+    W, _, H = layer_problem(r=2, k=8, seed=4)
+    Hinv = torch.linalg.inv(H)
+    with pytest.raises(TargetUnreachableError, match="row 1.*9 deletions.*8"):
+        greedy_rows(W, Hinv, torch.tensor([2, 9]))
+    with pytest.raises(TargetUnreachableError, match="row 0.*3 deletions.*2"):
+        greedy_rows(W, Hinv, torch.tensor([3, 2]), nm=(1, 4))  # 1 of every 4: at most 2
 
 
 def test_global_counts_minimise_the_summed_losses():
@@ -425,6 +450,64 @@ def test_pruner_nm_on_conv_net_and_scores():
     expect = model[3].weight.detach().square() / (2 * Hinv.diagonal())
     torch.testing.assert_close(s["3.weight"], expect, rtol=1e-8, atol=1e-12)
     assert s["0.weight"].shape == model[0].weight.shape
+
+
+def two_layer_problem(bias=0.0):
+    """Linear(5→2) → ReLU → Linear(2→5): two layers of 10 weights each."""
+    model = nn.Sequential(nn.Linear(5, 2), nn.ReLU(), nn.Linear(2, 5)).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen(11), dtype=F64))
+        model[0].bias.fill_(bias)
+    X = correlated(40, 5, 12)
+    return Problem(model, nn.MSELoss(), (X, torch.zeros(40, 5, dtype=F64)))
+
+
+@pytest.mark.parametrize("method", ["exact", "blocked"])
+def test_pruner_honours_integer_counts_exactly(method):
+    for count in (1, 7, 13, 20):
+        problem = two_layer_problem(bias=1.0)
+        mask, info = LayerwiseOBS(method=method, blocksize=1)(problem, sparsity=count)
+        assert mask.pruned() == count and info.newly_pruned == count
+        per_layer = sorted(int((~mask[n]).sum()) for n in mask.names)
+        assert per_layer == sorted([count // 2, count - count // 2])  # split by size
+
+
+@pytest.mark.parametrize("method", ["exact", "blocked"])
+def test_pruner_reaches_a_global_target_from_an_uneven_mask(method):
+    problem = two_layer_problem(bias=1.0)
+    model = problem.model
+    start = Mask.ones(model, ["0.weight", "2.weight"])
+    start = start.with_pruned({"0.weight": torch.arange(8)})  # 8 of 10, layer 2 untouched
+    with torch.no_grad():
+        model[0].weight.mul_(start["0.weight"])
+    mask, info = LayerwiseOBS(method=method)(problem, start, sparsity=0.5)  # 10 in all: reachable
+    assert mask.is_subset_of(start) and mask.pruned() == 10
+    assert int((~mask["0.weight"]).sum()) == 8 and int((~mask["2.weight"]).sum()) == 2
+    assert torch.all(model[2].weight[~mask["2.weight"]] == 0)
+    with pytest.raises(TargetExceededError, match="7 pruned entries.*8 already pruned"):
+        LayerwiseOBS(method=method)(problem, start, sparsity=7)
+
+
+def test_pruner_restores_the_weights_when_a_layer_fails():
+    problem = two_layer_problem(bias=-100.0)  # layer '2' sees only zeros after the ReLU
+    model = problem.model
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(CalibrationError, match="'2'.*all zero"):
+        LayerwiseOBS()(problem, sparsity=0.5)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+    def interrupt(done, total):  # a KeyboardInterrupt after the first layer is written
+        if done == 1:
+            raise KeyboardInterrupt
+
+    problem = two_layer_problem(bias=1.0)
+    before = copy.deepcopy(problem.model.state_dict())
+    with pytest.raises(KeyboardInterrupt):
+        LayerwiseOBS(progress=interrupt)(problem, sparsity=0.5)
+    for k, v in problem.model.state_dict().items():
+        assert torch.equal(v, before[k]), k
 
 
 def test_iterative_prune_short_run_and_preset():

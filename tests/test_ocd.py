@@ -374,7 +374,30 @@ def test_layer_scope_removes_the_same_fraction_of_every_layer():
     assert by_layer["0"] == sorted(torch.argsort(first)[:3].tolist())
     assert by_layer["2"] == sorted(torch.argsort(second)[:2].tolist())
     assert "scope='layer'" in repr(pruner)
-    with pytest.raises(TargetExceededError, match="layer '0'"):
+    with pytest.raises(TargetExceededError, match="target of 2 removed cells.*5 already"):
         pruner(problem, mask, sparsity=0.2)
     with pytest.raises(ValueError, match="scope"):
         ocd(scope="unit")
+
+
+def test_layer_scope_counts_add_up_to_the_target():
+    layers = [nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 3), nn.Tanh()]
+    model = _init(nn.Sequential(*layers, nn.Linear(3, 3)).to(F64), 6)
+    _, loss_fn, data = mlp("ce")
+    problem = Problem(model, loss_fn, data)
+    pruner = ocd(kinds=("unit",), scope="layer")
+    sal = pruner.cell_scores(problem).values
+    mask, info = pruner(problem, sparsity=4)  # three layers of 3 units: 1 + 2 + 1, not 1 + 1 + 1
+    assert info.cells_removed == 4 and len(info.removed) == 4
+    by_layer = {"0": [], "2": [], "4": []}
+    for _kind, layer, index in info.removed:
+        by_layer[layer].append(index)
+    for i, (layer, want) in enumerate(zip(by_layer, (1, 2, 1))):
+        lowest = torch.argsort(sal[3 * i : 3 * i + 3], stable=True)[:want]
+        assert by_layer[layer] == sorted(lowest.tolist())
+    # a total reachable from an uneven start: layer '0' already lost 2 of its 3 units
+    start = Mask.ones(model)
+    start = start.with_pruned({"2.weight": torch.tensor([0, 1, 3, 4, 6, 7])})  # columns 0, 1
+    attach(model, start)
+    mask, info = pruner(Problem(model, loss_fn, data), start, sparsity=5)
+    assert info.cells_removed == 5 and all(layer != "0" for _k, layer, _i in info.removed)

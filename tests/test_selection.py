@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import random
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from optbrain.selection import (
     LayerSelector,
     TargetExceededError,
     ThresholdSelector,
+    split_target,
     target_count,
 )
 
@@ -198,11 +200,25 @@ def test_layer_selector_prunes_the_same_fraction_of_every_parameter(s, seed):
         size = math.prod(shape)
         pruned = int((~new[n]).sum())
         assert abs(pruned - s * size) <= 1.0, (n, pruned, s * size)
-        # the exact rule: the global count's fraction, rounded per parameter
-        assert pruned == round(round(s * TOTAL) / TOTAL * size)
+    # the exact rule: the global count, split by size with cumulative rounding, adds up exactly
+    assert new.pruned() == target_count(s, TOTAL)
+    assert [int((~new[n]).sum()) for n in SHAPES] == split_target(
+        [0] * len(SHAPES), [math.prod(v) for v in SHAPES.values()], target_count(s, TOTAL)
+    )
+    for n in SHAPES:
         k, v = new[n].reshape(-1), sal[n].reshape(-1)
         if k.any() and (~k).any():  # lowest within the parameter
             assert float(v[~k].max()) < float(v[k].min())
+
+
+def test_layer_selector_follows_a_global_step_that_over_pruned_one_parameter():
+    sal = scores(0)
+    first = full_mask().with_pruned({"b.weight": [0, 1, 2, 3]})  # 4 of 5: more than its share
+    new = LayerSelector()(sal, first, 12)
+    assert new.is_subset_of(first) and new.pruned() == 12
+    assert int((~new["b.weight"]).sum()) == 4  # keeps its deletions, the others make up the rest
+    with pytest.raises(TargetExceededError, match="below the 4 already"):
+        LayerSelector()(sal, first, 3)
 
 
 @given(st.integers(0, TOTAL), seeds)
@@ -211,6 +227,7 @@ def test_layer_selector_int_target(n, seed):
     for name, shape in SHAPES.items():
         size = math.prod(shape)
         assert abs(int((~new[name]).sum()) - n / TOTAL * size) <= 1.0
+    assert new.pruned() == n
 
 
 def test_layer_selector_ignores_other_parameters_saliency_scale():
@@ -290,3 +307,24 @@ def test_numpy_and_tensor_numbers_are_accepted_as_targets():
     assert target_count(torch.tensor(0.25), 100) == 25
     with pytest.raises(ValueError, match="needs a sparsity"):
         target_count(None, 100)
+
+
+def test_split_target_adds_up_exactly_within_bounds():
+    assert split_target([0, 0], [10, 10], 7) == [4, 3] and split_target([0, 0], [10, 10], 1) == [
+        0,
+        1,
+    ]
+    assert split_target([0, 0, 0], [3, 3, 3], 4) == [1, 2, 1]
+    assert split_target([8, 0], [10, 10], 10) == [8, 2]  # the forced part takes more than its share
+    rng = random.Random(0)
+    for _ in range(300):
+        sizes = [rng.randint(0, 12) for _ in range(rng.randint(1, 5))]
+        forced = [rng.randint(0, s) for s in sizes]
+        for target in range(sum(forced), sum(sizes) + 1):
+            q = split_target(forced, sizes, target)
+            assert sum(q) == target
+            assert all(f <= x <= s for f, x, s in zip(forced, q, sizes))
+    with pytest.raises(TargetExceededError, match="below the 3 already"):
+        split_target([3, 0], [5, 5], 2)
+    with pytest.raises(ValueError, match="exceeds the 10"):
+        split_target([0, 0], [5, 5], 11)

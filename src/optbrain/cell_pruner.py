@@ -22,7 +22,7 @@ from .paramdict import ParamDict
 from .problem import Problem
 from .pruner import PruneInfo, default_mask
 from .saliency.ocd import OCD, CellSaliencies, describe
-from .selection import TargetExceededError, target_count
+from .selection import TargetExceededError, split_target, target_count
 from .update import ZeroUpdate
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,9 @@ class CellPruner:
 
     ``scope="global"`` ranks all cells together (saliencies are objective increases, comparable
     across layers); ``"layer"`` removes the same fraction of every layer's cells (the inputs form
-    one group), lowest saliency first within each.
+    one group), lowest saliency first within each: the total target is split over the layers in
+    proportion to their cell counts with the counts adding up to it exactly, a layer that already
+    lost more than its share keeping those and the others removing fewer.
     """
 
     def __init__(self, saliency: OCD, update=None, scope: str = "global"):
@@ -92,10 +94,16 @@ class CellPruner:
         if self.scope == "global":
             chosen = choose(found, sal.values, removed, target)
         else:
-            frac = target / len(found)
+            if target < already:
+                raise TargetExceededError(
+                    f"target of {target} removed cells is below the {already} already removed"
+                )
+            parts = list(groups(found).values())
+            wants = split_target(
+                [sum(removed[i] for i in g) for g in parts], [len(g) for g in parts], target
+            )
             chosen = []
-            for group in groups(found).values():
-                want = int(round(frac * len(group)))
+            for group, want in zip(parts, wants):
                 chosen += choose(
                     [found[i] for i in group],
                     sal.values[group],

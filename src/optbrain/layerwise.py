@@ -34,12 +34,17 @@ from torch import Tensor, nn
 
 from .curvature.base import Progress
 from .curvature.layerwise import LayerHessian, calibration_hessians, supported_layers
-from .errors import CalibrationError, ShapeMismatchError, UnsupportedModuleError
+from .errors import (
+    CalibrationError,
+    ShapeMismatchError,
+    TargetUnreachableError,
+    UnsupportedModuleError,
+)
 from .masking import Mask, current_mask
 from .paramdict import ParamDict, named_parameters
 from .problem import Problem
 from .pruner import PruneInfo
-from .selection import TargetExceededError, target_count
+from .selection import TargetExceededError, split_target, target_count
 
 log = logging.getLogger(__name__)
 
@@ -143,23 +148,6 @@ def reconstruction_error(delta: Tensor, H: Tensor) -> float:
     return float(0.5 * ((d @ H.to(torch.float64)) * d).sum())
 
 
-def _quotas(forced: Sequence[int], sizes: Sequence[int], target: int) -> list[int]:
-    """Split ``target`` deletions over parts of ``sizes`` entries proportionally, each part
-    getting at least its ``forced`` (already deleted) entries and the total exactly ``target``."""
-    forced_l, sizes_l = [int(v) for v in forced], [int(v) for v in sizes]
-    total = sum(sizes_l)
-    after = sum(forced_l)
-    out, done, cum = [], 0, 0
-    for f, s in zip(forced_l, sizes_l):
-        after -= f
-        cum += s
-        want = round(target * cum / total) - done
-        q = min(max(want, f), target - done - after, s)
-        out.append(q)
-        done += q
-    return out
-
-
 # ---------------------------------------------------------------------------- exact (OBC)
 def greedy_rows(
     W: Tensor,
@@ -175,6 +163,7 @@ def greedy_rows(
     (beyond those already deleted). Rows run in parallel in chunks."""
     rows, k = W.shape
     kept = torch.ones_like(W, dtype=torch.bool) if kept is None else kept
+    _check_counts(counts, kept, nm)
     W = W.clone()
     trace = torch.full((rows, k), math.inf, dtype=W.dtype, device=W.device)
     order = torch.full((rows, k), -1, dtype=torch.long, device=W.device)
@@ -186,6 +175,24 @@ def greedy_rows(
             W[sl].clone(), Hinv, counts[sl], kept[sl], nm
         )
     return Solution(W, _kept_from(order, kept), losses, 0.0, trace, order)
+
+
+def _check_counts(counts: Tensor, kept: Tensor, nm: NM | None) -> None:
+    """Raise if a row asks for more deletions than it has entries (or than N:M allows)."""
+    rows, k = kept.shape
+    if nm is None:
+        possible = torch.full((rows,), k, device=kept.device)
+    else:
+        _check_nm_columns(nm, k, "the weight")
+        possible = (~kept).reshape(rows, -1, nm[1]).sum(2).clamp_min(nm[0]).sum(1)
+    bad = (counts.to(possible.device) > possible).nonzero()
+    if len(bad):
+        r = int(bad[0])
+        rule = f" with at most {nm[0]} of every {nm[1]} columns deleted" if nm else ""
+        raise TargetUnreachableError(
+            f"row {r} asks for {int(counts[r])} deletions, but only {int(possible[r])} are "
+            f"possible{rule}"
+        )
 
 
 def _kept_from(order: Tensor, kept: Tensor) -> Tensor:
@@ -209,14 +216,17 @@ def _greedy_chunk(
     losses = torch.zeros_like(W)
     idx = torch.arange(R, device=dev)
     tiny = torch.finfo(W.dtype).tiny
+    big = torch.finfo(W.dtype).max
     deleted_per_group = torch.zeros(R, k // nm[1], dtype=torch.long, device=dev) if nm else None
     for t in range(int(counts.max()) if R else 0):
         active = counts > t
         d = H.diagonal(dim1=1, dim2=2).clamp_min(tiny)
-        score = torch.where(remaining, W.square() / d, math.inf)
+        allowed = remaining.clone()
         if deleted_per_group is not None:
-            open_ = (deleted_per_group < nm[0]).repeat_interleave(nm[1], dim=1)
-            score = torch.where(open_, score, math.inf)
+            allowed &= (deleted_per_group < nm[0]).repeat_interleave(nm[1], dim=1)
+        allowed |= forced & remaining
+        # an overflowing score (inf) still ranks before every entry that may not be deleted
+        score = torch.where(allowed, (W.square() / d).clamp_max(big), math.inf)
         score = torch.where(forced & remaining, -math.inf, score)
         j = score.argmin(1)
         dj, wj = d[idx, j], W[idx, j]
@@ -334,7 +344,7 @@ def blocked_obs(
             )
         sizes = [rows * (min(s + bs, k) - s) for s in starts]
         per_block = [int(forced[:, s : s + bs].sum()) for s in starts]
-        quota = _quotas(per_block, sizes, target)
+        quota = split_target(per_block, sizes, target)
     out_kept = kept.clone()
     losses = torch.zeros_like(W)
     for b, i1 in enumerate(starts):
@@ -374,14 +384,18 @@ def blocked_obs(
 class LayerwiseOBS:
     """Layer-wise OBS pruner (OBC / SparseGPT) with the interface of :class:`~optbrain.Pruner`.
 
-    ``pruner(problem, mask=None, sparsity=0.5)`` prunes every Linear/Conv1d/Conv2d weight named in
-    the mask to the same fraction ``sparsity`` (a total target: a float fraction of the mask's
-    entries or an int count, as everywhere in optbrain), using the inputs of ``problem.data`` as
-    calibration data (labels are not used). Each layer's weights are replaced in place by the
-    solver's reconstruction (deleted entries exactly 0; biases untouched) and the new mask is
-    returned, not attached. With ``sequential=True`` (default, as OBC/SparseGPT) layers are
-    pruned in module order and each layer's H is computed on the outputs of the layers already
-    pruned; ``False`` computes every H from the unpruned model in one pass.
+    ``pruner(problem, mask=None, sparsity=0.5)`` prunes the Linear/Conv1d/Conv2d weights named in
+    the mask to the total target ``sparsity`` (a float fraction of the mask's entries or an int
+    count, honoured exactly, as everywhere in optbrain), using the inputs of ``problem.data`` as
+    calibration data (labels are not used). The target is split over the layers in proportion to
+    their sizes (:func:`split_target`; a layer that already has more entries pruned than its share
+    keeps them and the others take fewer), so every layer gets about the same sparsity. Each
+    layer's weights are replaced in place by the solver's reconstruction (deleted entries exactly
+    0; biases untouched) and the new mask is returned, not attached. If anything fails (or is
+    interrupted) the weights are restored before the error propagates. With ``sequential=True``
+    (default, as OBC/SparseGPT) layers are pruned in module order and each layer's H is computed
+    on the outputs of the layers already pruned; ``False`` computes every H from the unpruned
+    model in one pass.
 
     ``method``: ``"exact"`` (OBC), ``"blocked"`` (SparseGPT) or ``"auto"`` (exact when rows·k³ ≤
     ``exact_limit``). ``nm=(N, M)`` deletes N of every M consecutive inputs of each row
@@ -442,6 +456,31 @@ class LayerwiseOBS:
         params = named_parameters(model, trainable_only=False)
         for name, path in layers.items():  # before any weight changes
             _check_nm_columns(self.nm, params[name][0].numel(), f"layer {path!r}")
+        snapshot = {name: params[name].detach().clone() for name in layers}
+        try:
+            new, errors, biggest = self._prune_layers(problem, mask, layers, targets, params)
+        except BaseException:  # never leave the model half-pruned
+            with torch.no_grad():
+                for name, saved in snapshot.items():
+                    params[name].copy_(saved)
+            raise
+        out = Mask({n: new.get(n, mask[n]) for n in mask.names})
+        self.last_errors = errors
+        info = PruneInfo(
+            sparsity=out.sparsity(),
+            pruned=out.pruned(),
+            newly_pruned=out.pruned() - mask.pruned(),
+            total=out.total(),
+            predicted_increase=float(sum(errors.values())),
+            max_deleted_saliency=biggest,
+            per_parameter={k: (int(out[k].sum()), out[k].numel()) for k in out.names},
+        )
+        return out, info
+
+    def _prune_layers(
+        self, problem: Problem, mask: Mask, layers: dict[str, str], targets: dict, params: dict
+    ) -> tuple[dict[str, Tensor], dict[str, float], float]:
+        """Solve and write each layer in turn; (new kept masks, errors, largest step loss)."""
         hessians = {} if self.sequential else self._hessians(problem, list(layers.values()))
         new: dict[str, Tensor] = {}
         errors: dict[str, float] = {}
@@ -462,18 +501,7 @@ class LayerwiseOBS:
             self.last_layers[name] = info
             if self.progress is not None:
                 self.progress(i + 1, len(layers))
-        out = Mask({n: new.get(n, mask[n]) for n in mask.names})
-        self.last_errors = errors
-        info = PruneInfo(
-            sparsity=out.sparsity(),
-            pruned=out.pruned(),
-            newly_pruned=out.pruned() - mask.pruned(),
-            total=out.total(),
-            predicted_increase=float(sum(errors.values())),
-            max_deleted_saliency=biggest,
-            per_parameter={k: (int(out[k].sum()), out[k].numel()) for k in out.names},
-        )
-        return out, info
+        return new, errors, biggest
 
     def scores(self, problem: Problem, mask: Mask | None = None) -> ParamDict:
         """Per-entry OBS saliency w_j²/(2[(H + λI)⁻¹]_jj) of each masked layer at the current
@@ -536,7 +564,8 @@ class LayerwiseOBS:
         return {w: p for w, p in by_weight.items() if w in mask.names}
 
     def _targets(self, mask: Mask, sparsity) -> dict[str, int | None]:
-        """Deleted entries wanted per layer (None with N:M)."""
+        """Deleted entries wanted per layer (None with N:M): the total target split over the
+        layers in proportion to their sizes, each layer at least at its already-pruned count."""
         total = mask.total()
         if self.nm is not None:
             if sparsity is not None and target_count(sparsity, total) != round(
@@ -547,17 +576,11 @@ class LayerwiseOBS:
                     f"sparsity=None or that value, not {sparsity!r}"
                 )
             return {n: None for n in mask.names}
-        frac = target_count(sparsity, total) / total if total else 0.0
-        out: dict[str, int | None] = {}
-        for n in mask.names:
-            m = mask[n]
-            t, already = int(round(frac * m.numel())), int((~m).sum())
-            if t < already:
-                raise TargetExceededError(
-                    f"{n}: target of {t} pruned entries is below the {already} already pruned"
-                )
-            out[n] = t
-        return out
+        names = list(mask.names)
+        forced = [int((~mask[n]).sum()) for n in names]
+        sizes = [mask[n].numel() for n in names]
+        quota = split_target(forced, sizes, target_count(sparsity, total))
+        return dict(zip(names, quota))
 
     def _choose(self, rows: int, k: int) -> str:
         if self.method != "auto":
@@ -574,7 +597,7 @@ class LayerwiseOBS:
         method = self._choose(rows, k)
         quota: list[int | None] = [None] * G
         if target is not None:
-            quota = list(_quotas((~K).sum((1, 2)).tolist(), [rows * k] * G, target))
+            quota = list(split_target((~K).sum((1, 2)).tolist(), [rows * k] * G, target))
         outs, lams, error = [], [], 0.0
         for g in range(G):
             common = dict(kept=K[g], nm=self.nm, damping=self.damping, dead=h.dead[g])

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -85,25 +85,52 @@ class GlobalSelector:
         return "GlobalSelector()"
 
 
+def split_target(forced: Sequence[int], sizes: Sequence[int], target: int) -> list[int]:
+    """Split ``target`` deletions over parts of ``sizes`` entries in proportion to their sizes
+    (cumulative rounding), each part getting at least its ``forced`` (already deleted) entries and
+    at most its size; the parts add up to exactly ``target``.
+
+    Raises :class:`TargetExceededError` if ``target`` is below the forced
+    total and ``ValueError`` if it is above the total size."""
+    forced_l, sizes_l = [int(v) for v in forced], [int(v) for v in sizes]
+    total = sum(sizes_l)
+    if target < sum(forced_l):
+        raise TargetExceededError(
+            f"target of {target} pruned entries is below the {sum(forced_l)} already pruned"
+        )
+    if target > total:
+        raise ValueError(f"target of {target} pruned entries exceeds the {total} entries")
+    if total == 0:
+        return [0] * len(sizes_l)
+    after = sum(forced_l)
+    out, done, cum = [], 0, 0
+    for f, s in zip(forced_l, sizes_l):
+        after -= f
+        cum += s
+        want = round(target * cum / total) - done
+        q = min(max(want, f), target - done - after, s)
+        out.append(q)
+        done += q
+    return out
+
+
 class LayerSelector:
-    """Delete the same fraction of every masked parameter, lowest saliency first within each."""
+    """Delete the same fraction of every masked parameter, lowest saliency first within each.
+
+    The total target is split over the parameters by size (:func:`split_target`), so the counts add
+    up to it exactly; a parameter that already has more entries pruned than its share keeps them and
+    the others make up the rest (after a global step, say)."""
 
     def __call__(self, saliency: Mapping[str, Tensor], mask: Mask, sparsity) -> Mask:
         _check(saliency, mask)
-        total = mask.total()
-        frac = target_count(sparsity, total) / total if total else 0.0
+        kept = {n: mask[n].reshape(-1).cpu() for n in mask.names}
+        forced = [int((~k).sum()) for k in kept.values()]
+        quota = split_target(
+            forced, [k.numel() for k in kept.values()], target_count(sparsity, mask.total())
+        )
         prune: dict[str, Tensor] = {}
-        for n in mask.names:
-            kept = mask[n].reshape(-1).cpu()
-            target = int(round(frac * kept.numel()))
-            already = int((~kept).sum())
-            if target < already:
-                raise TargetExceededError(
-                    f"{n}: target of {target} pruned entries is below the {already} already pruned"
-                )
-            prune[n] = _smallest_kept(
-                saliency[n].detach().reshape(-1).cpu(), kept, target - already
-            )
+        for (n, k), q, f in zip(kept.items(), quota, forced):
+            prune[n] = _smallest_kept(saliency[n].detach().reshape(-1).cpu(), k, q - f)
         return mask.with_pruned(prune)
 
     def __repr__(self) -> str:
