@@ -230,3 +230,66 @@ def test_float32_model_is_inverted_in_float64_and_progress_is_reported():
     assert rel_err(inv.matrix, expected) < 1e-4
     assert calls == [(5, 8), (8, 8)]
     assert all(p.dtype == torch.float32 for p in model32.parameters())  # model left alone
+
+
+def test_coordinates_row_accepts_any_integer_and_checks_mask_shapes():
+    import numpy as np
+
+    from optbrain.curvature.outer_product import Coordinates
+    from optbrain.errors import ShapeMismatchError
+
+    params = {"w": torch.zeros(2, 3), "b": torch.zeros(3)}
+    coords = Coordinates(
+        params, Mask({"w": torch.tensor([[1, 0, 1], [1, 1, 1]], dtype=torch.bool)})
+    )
+    assert coords.row("w", 2) == coords.row("w", (0, 2)) == 1
+    assert coords.row("w", np.int64(2)) == coords.row("w", torch.tensor(2)) == 1
+    assert coords.row("w", (np.int64(1), torch.tensor(0))) == 2
+    assert coords.row("b", torch.tensor(1)) == 6
+    with pytest.raises(TypeError):
+        coords.row("w", (0, 1.5))
+    with pytest.raises(ValueError, match="pruned"):
+        coords.row("w", 1)
+    with pytest.raises(ShapeMismatchError, match="w"):
+        Coordinates(params, Mask({"w": torch.ones(3, 2, dtype=torch.bool)}))
+
+
+class QuarticLoss(torch.nn.Module):
+    """mean((f − y)² − 0.3 (f − y)⁴): its Hessian 2 − 3.6 r² is negative for |r| > 0.75."""
+
+    reduction = "mean"
+
+    def forward(self, out, y):
+        r = out - y
+        return (r.square() - 0.3 * r.pow(4)).mean()
+
+
+def test_indefinite_loss_hessian_direct_and_recursive_agree_on_its_positive_part(caplog):
+    """Both estimators use G₊ = (1/N) Σ Jᵀ Λ₊ J, Λ₊ the non-negative part of the loss Hessian."""
+    g = torch.Generator().manual_seed(4)
+    model = torch.nn.Linear(3, 2).to(D)
+    x = torch.randn(12, 3, generator=g, dtype=D)
+    y = 1.5 * torch.randn(12, 2, generator=g, dtype=D)
+    batches = [(x[:5], y[:5]), (x[5:], y[5:])]
+    from optbrain.problem import Problem
+
+    problem = Problem(model, QuarticLoss(), batches)
+    j = reference.per_sample_jacobians(model, batches)
+    h = reference.per_sample_output_hessians(model, QuarticLoss(), batches)
+    lam, u = torch.linalg.eigh(h)
+    assert (lam < 0).any() and (lam > 0).any()
+    h_pos = u @ torch.diag_embed(lam.clamp(min=0)) @ u.transpose(1, 2)
+    g_pos = torch.einsum("nci,ncd,ndj->ij", j, h_pos, j) / j.shape[0]
+    alpha = 1e-3
+    expected = torch.linalg.inv(g_pos + alpha * eye(g_pos.shape[0]))
+    with caplog.at_level(logging.WARNING, logger="optbrain.curvature.outer_product"):
+        direct = DirectInverse("ggn", damping=alpha).inverse(problem)
+        recursive = RecursiveInverse(alpha).inverse(problem)
+    dropped = int((lam < 0).sum())
+    for inv in (direct, recursive):
+        assert rel_err(inv.matrix, expected) < 1e-10
+        assert inv.info["negative_rows_dropped"] == dropped
+    assert direct.info["fallbacks"] == []
+    assert "indefinite" in caplog.text
+    mat, _ = DirectInverse("ggn").matrix(problem)
+    assert rel_err(mat, g_pos) < 1e-12

@@ -87,9 +87,20 @@ def test_group_obs_predicts_the_actual_increase():
             p.add_(dw[k])
     assert (flat(params)[[1, 4, 9]] == 0).all()
     assert problem.objective() - before == pytest.approx(loss, rel=1e-8)
-    # the group costs at least as much as any of its members alone
-    single = [inv.obs_step(params, q)[0] for q in (2, 3)]
-    assert loss > 0 and all(s >= 0 for s in single)
+
+
+def test_group_costs_at_least_as_much_as_each_member_and_less_than_their_sum():
+    """A constrained minimum over more constraints is higher: ΔE(Q) >= ΔE({q}) for q in Q, with
+    equality only when the others cost nothing; on correlated inputs ΔE(Q) != Σ ΔE({q})."""
+    model, problem = least_squares()
+    inv = exact_inverse().inverse(problem)
+    params = dict(model.named_parameters())
+    group = [1, 4, 9]
+    loss, _ = inv.obs_step(params, group)
+    single = [inv.obs_step(params, q)[0] for q in group]
+    assert min(single) > 0
+    assert loss >= max(single) * (1 + 1e-9)
+    assert loss != pytest.approx(sum(single), rel=1e-3)
 
 
 def test_pruner_predicted_increase_is_exact_and_deleted_weights_are_zero():
@@ -113,6 +124,26 @@ def test_pruner_predicted_increase_is_exact_and_deleted_weights_are_zero():
     assert m == mask
     assert total == pytest.approx(info.predicted_increase, rel=1e-8)
     torch.testing.assert_close(model2.weight, model.weight)
+
+
+def test_refresh_recomputes_the_inverse_away_from_a_quadratic():
+    """On a tanh net, refresh=2 equals separate calls of 2 deletions each (each call computes a
+    fresh H⁻¹ at the current weights) and differs from one inverse for all 6 deletions."""
+    model, problem = teacher_mlp()
+    mask, info = OBSPruner(refresh=2)(problem, sparsity=6)
+    model2, problem2 = teacher_mlp()
+    m, total = None, 0.0
+    for k in (2, 4, 6):
+        m, step = OBSPruner()(problem2, m, sparsity=k)
+        total += step.predicted_increase
+    assert mask == m
+    for a, b in zip(model.parameters(), model2.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    assert info.predicted_increase == pytest.approx(total, rel=1e-9)
+    model3, problem3 = teacher_mlp()
+    _, once = OBSPruner()(problem3, sparsity=6)
+    assert once.predicted_increase != pytest.approx(total, rel=1e-6)
+    assert not torch.allclose(model3[0].weight, model[0].weight, rtol=1e-6, atol=1e-9)
 
 
 def test_refresh_gives_the_same_result_on_a_quadratic():
@@ -215,6 +246,7 @@ def teacher_mlp():
         model[0].weight[:, 2] = 0.02 * torch.randn(3, generator=g, dtype=D)
         model[0].bias.copy_(0.1 * torch.randn(3, generator=g, dtype=D))
         model[2].weight.copy_(torch.tensor([[1.5, -2.0, 1.0]], dtype=D))
+        model[2].bias.zero_()  # (not from the global RNG: the data must not depend on it)
         y = model(x) + 0.05 * torch.randn(120, 1, generator=g, dtype=D)
         h = torch.cat([model[1](model[0](x)), torch.ones(120, 1, dtype=D)], 1)
         sol = torch.linalg.lstsq(h, y).solution
@@ -357,3 +389,152 @@ def test_unit_obs_on_a_cnn_removes_whole_channels():
     assert info.newly_pruned == 3 * 9 + 9  # fan-out columns and the 3×3 kernel
     for k in mask.names:
         assert (dict(s.model.named_parameters())[k][~mask[k]] == 0).all()
+
+
+# ------------------------------------------------------------------------- review fixes
+def test_restricted_params_with_unit_mode_and_ghost_rule():
+    """Cells' fan-ins name biases that a restricted Problem.params leaves out: held fixed."""
+    model, problem = teacher_mlp()
+    restricted = Problem(model, problem.loss_fn, problem.data, params=["0.weight", "2.weight"])
+    biases = [model[0].bias.detach().clone(), model[2].bias.detach().clone()]
+    mask, info = presets.unit_obs(exact_inverse())(restricted, units=1)
+    assert mask["0.weight"].all(0).tolist() == [True, True, False, True]
+    assert info.newly_pruned == 3
+    assert torch.equal(model[0].bias, biases[0]) and torch.equal(model[2].bias, biases[1])
+
+    model, problem = teacher_mlp()
+    restricted = Problem(model, problem.loss_fn, problem.data, params=["0.weight", "2.weight"])
+    mask = Mask.ones(model).with_pruned({"0.weight": [1, 2, 3]})  # unit 0 keeps input 0 only
+    with torch.no_grad():
+        model[0].weight[0, 0] = 1e-6
+        model[0].weight.view(-1)[[1, 2, 3]] = 0
+        model[0].bias[0] = 0  # unit 0 outputs ~0: removing it is cheap without the output bias
+    ghost, info = OBSPruner(ghost_rule=True)(restricted, mask, sparsity=4)
+    assert not ghost["0.weight"][0, 0] and not ghost["2.weight"][0, 0]  # unit 0 gone entirely
+    assert info.newly_pruned == 2 and model[2].weight[0, 0] == 0
+    s = OBSPruner(ghost_rule=True).scores(restricted, ghost)
+    assert set(s) == {"0.weight", "2.weight"} and torch.isfinite(s["0.weight"]).all()
+
+
+def deep_net(seed=7):
+    """2-2-2-1 tanh net on random data (least-squares output layer)."""
+    g = torch.Generator().manual_seed(seed)
+    model = nn.Sequential(
+        nn.Linear(2, 2), nn.Tanh(), nn.Linear(2, 2), nn.Tanh(), nn.Linear(2, 1)
+    ).to(D)
+    x = torch.randn(60, 2, generator=g, dtype=D)
+    with torch.no_grad():
+        for m in model[::2]:
+            m.weight.copy_(torch.randn(m.weight.shape, generator=g, dtype=D))
+        y = model(x) + 0.05 * torch.randn(60, 1, generator=g, dtype=D)
+    return model, Problem(model, nn.MSELoss(), (x, y))
+
+
+def ghosts(model, mask):
+    """Hidden units with an alive fan-in weight and no alive fan-out weight."""
+    layers = [n for n in ("0.weight", "2.weight", "4.weight")]
+    out = []
+    for a, b in zip(layers, layers[1:]):
+        for j in range(mask[a].shape[0]):
+            if mask[a][j].any() and not mask[b][:, j].any():
+                out.append((a, j))
+    return out
+
+
+def test_ghost_rule_protection_wins_over_a_ghost_group_of_the_next_layer():
+    """W2[0,0] is the last fan-out of layer-1 unit 0 and the last fan-in of layer-2 unit 0: deleting
+    it (alone or with layer-2 unit 0's fan-out) would leave layer-1 unit 0 a ghost."""
+    model, problem = deep_net()
+    mask = Mask.ones(model).with_pruned({"2.weight": [1, 2]})  # W2[0,1] and W2[1,0]
+    with torch.no_grad():
+        model[2].weight.view(-1)[[1, 2]] = 0
+    pr = OBSPruner(exact_inverse(), ghost_rule=True)
+    s = pr.scores(problem, mask)
+    assert s["2.weight"][0, 0] == torch.inf
+    assert s["2.weight"][1, 1] == torch.inf  # also last fan-out and last fan-in
+    for k in range(3, 8):
+        model, problem = deep_net()
+        with torch.no_grad():
+            model[2].weight.view(-1)[[1, 2]] = 0
+        new, _ = pr(problem, mask, sparsity=k)
+        assert ghosts(model, new) == [], k
+
+
+def test_ghost_rule_lets_a_unit_without_fan_in_lose_its_last_output():
+    """A hidden unit whose fan-in is fully pruned on entry computes a constant: its last output
+    weight is not protected (else it could block the target forever)."""
+    model, problem = teacher_mlp()
+    mask = Mask.ones(model).with_pruned({"0.weight": [0, 1, 2, 3]})  # unit 0 has no input left
+    with torch.no_grad():
+        model[0].weight[0] = 0
+        model[2].weight[0, 0] = 1e-8  # the cheapest deletion
+    s = OBSPruner(exact_inverse(), ghost_rule=True).scores(problem, mask)
+    assert torch.isfinite(s["2.weight"][0, 0])
+    assert torch.isinf(s["2.weight"][0, 1:]).all()  # units 1, 2 still have inputs: protected
+    new, info = OBSPruner(exact_inverse(), ghost_rule=True)(problem, mask, sparsity=5)
+    assert not new["2.weight"][0, 0] and info.newly_pruned == 1
+
+
+def test_ghost_rule_ignores_batchnorm_weights_in_the_mask():
+    """BatchNorm weights in the default mask are not input connections of a unit."""
+    g = torch.Generator().manual_seed(11)
+    model = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2), nn.Tanh(), nn.Linear(2, 1)).to(D)
+    x = torch.randn(50, 3, generator=g, dtype=D)
+    with torch.no_grad():
+        model[0].weight.copy_(torch.randn(2, 3, generator=g, dtype=D))
+        model[1].running_var.fill_(2.0)
+        y = model.eval()(x) + 0.05 * torch.randn(50, 1, generator=g, dtype=D)
+        model[0].weight.view(-1)[[0, 1]] = 0
+        model[0].weight[0, 2] = 1e-6  # unit 0's last input: a ghost trigger
+    problem = Problem(model, nn.MSELoss(), (x, y))
+    mask = Mask.ones(model).with_pruned({"0.weight": [0, 1]})
+    assert "1.weight" in mask.names
+    new, info = OBSPruner(RecursiveInverse(1e-4), ghost_rule=True)(problem, mask, sparsity=3)
+    assert not new["0.weight"][0, 2] and not new["3.weight"][0, 0]
+    assert info.newly_pruned == 2
+
+
+def test_weight_decay_with_a_damping_fallback_is_refused():
+    """ζ_q assumes H = R + λI exactly; a fallback to more damping would make it silently wrong."""
+    from optbrain.errors import SingularCurvatureError
+
+    s = cases.setup("mlp_tanh", "mse_mean")  # random weights: the exact Hessian is indefinite
+    lam = 1e-6
+    inv = DirectInverse("hessian", damping=lam).inverse(s.problem())
+    assert inv.info["fallbacks"] and inv.info["damping"] > lam
+    with pytest.raises(SingularCurvatureError, match="weight_decay"):
+        OBS(DirectInverse("hessian", damping=lam), weight_decay=lam)(s.problem())
+    weights = [p.detach().clone() for p in s.model.parameters()]
+    with pytest.raises(SingularCurvatureError, match="weight_decay"):
+        OBSPruner(DirectInverse("hessian", damping=lam), weight_decay=lam)(s.problem(), sparsity=3)
+    assert all(torch.equal(a, b) for a, b in zip(weights, s.model.parameters()))
+
+
+def test_weight_decay_of_a_sum_reduced_loss_is_divided_by_the_number_of_samples():
+    """Trained full-batch on Σ_n ℓ_n with PyTorch's weight_decay=λ, the net sits at a minimum of
+    E + (λ/(2N))‖θ‖² (E the library's per-sample mean): weight_decay=λ/N is exact, λ is not."""
+    n, n_out, lam = 40, 2, 2.0
+    # least_squares: minimum of mean-MSE + (d/2)‖θ‖²; mean-MSE = E_sum / n_out
+    model, mean_problem = least_squares(n=n, n_out=n_out, decay=lam / (n * n_out))
+    sum_loss = nn.MSELoss(reduction="sum")
+    x = torch.cat([b[0] for b in mean_problem.data])
+    y = torch.cat([b[1] for b in mean_problem.data])
+    model.zero_grad()
+    sum_loss(model(x), y).backward()  # PyTorch's stationarity: ∇Σℓ + λθ = 0
+    for p in model.parameters():
+        torch.testing.assert_close(
+            p.grad + lam * p.detach(), torch.zeros_like(p), atol=1e-10, rtol=0
+        )
+    model.zero_grad()
+
+    def predicted_and_actual(decay):
+        m, _ = least_squares(n=n, n_out=n_out, decay=lam / (n * n_out))
+        problem = Problem(m, sum_loss, mean_problem.data)
+        before = problem.objective()
+        _, info = OBSPruner(weight_decay=decay)(problem, sparsity=3)
+        return info.predicted_increase, problem.objective() - before
+
+    pred, actual = predicted_and_actual(lam / n)
+    assert pred == pytest.approx(actual, rel=1e-6)
+    pred, actual = predicted_and_actual(lam)
+    assert pred != pytest.approx(actual, rel=0.1)

@@ -259,6 +259,26 @@ def test_weight_decay_obd_equals_increase_of_unregularised_objective(curv):
             assert LAM * w * w > 1e-4
 
 
+def test_weight_decay_of_a_sum_reduced_loss_is_divided_by_the_number_of_samples():
+    """Trained full-batch on Σ_n ℓ_n (``reduction="sum"``) with PyTorch's weight_decay=λ, the net
+    sits at a minimum of E + (λ/(2N))‖W‖² (E the per-sample mean): OBD's weight_decay is λ/N."""
+    lam = 3.0
+    model, loss_fn, batches = quadratic(correlated=False, ridge=lam / N, reduction="sum")
+    x, y = reference.concat(batches)
+    model.zero_grad()
+    loss_fn(model(x), y).backward()  # PyTorch's stationarity: ∇Σℓ + λW = 0, ∇_b Σℓ = 0
+    torch.testing.assert_close(model.weight.grad, -lam * model.weight.detach(), atol=1e-10, rtol=0)
+    torch.testing.assert_close(model.bias.grad, torch.zeros_like(model.bias), atol=1e-10, rtol=0)
+    model.zero_grad()
+    problem = Problem(model, loss_fn, batches)
+    right = OBD(GGNDiagonal(dtype=F64), weight_decay={"weight": lam / N})(problem)
+    wrong = OBD(GGNDiagonal(dtype=F64), weight_decay={"weight": lam})(problem)
+    for i in range(D * C):
+        actual = actual_increase(model, loss_fn, batches, [("weight", i)])
+        assert float(right["weight"].view(-1)[i]) == pytest.approx(actual, rel=1e-9, abs=1e-13)
+        assert float(wrong["weight"].view(-1)[i]) != pytest.approx(actual, rel=0.1)
+
+
 @pytest.fixture(scope="module")
 def ridge_case():
     model, loss_fn, batches = quadratic(correlated=False, ridge=LAM)

@@ -19,10 +19,11 @@ from torch import Tensor
 
 from .errors import TargetUnreachableError
 from .masking import Mask
-from .paramdict import ParamDict
+from .paramdict import ParamDict, named_parameters
 from .problem import Problem
 from .pruner import PruneInfo, default_mask
 from .saliency.obs import (
+    check_regularizer,
     check_weight_decay,
     group_saliency,
     group_step,
@@ -41,6 +42,7 @@ class _Session:
 
     def __init__(self, pruner: OBSPruner, problem: Problem, params, mask: Mask, cells):
         self.inv = pruner.inverse.inverse(problem, mask)
+        check_regularizer(self.inv, pruner.weight_decay)
         self.coords = self.inv.coords
         self.theta = self.inv.gather(params)
         dev = self.theta.device
@@ -51,15 +53,33 @@ class _Session:
         self.fan_in = [self._slab_rows(c.fan_in) for c in cells]
         self.fan_out = [self._slab_rows(c.fan_out) for c in cells]
         self.hidden = torch.tensor([c.kind != "input" for c in cells], dtype=torch.bool)
+        # the ghost rule's input connections: the producing layer's weight row (fan_in[0]), not
+        # the bias or a following BatchNorm's parameters
+        self.in_weights = [self._slab_rows(c.fan_in[:1]) for c in cells]
+        model_params = named_parameters(problem.model, trainable_only=False)
+        self.fixed_in = [self._fixed_live(c.fan_in[:1], model_params) for c in cells]
+
+    def _fixed_live(self, slabs, model_params) -> bool:
+        """Whether a slab outside the problem's parameters (held fixed) has a nonzero entry."""
+        return any(
+            bool((model_params[s.name].detach()[s.index()] != 0).any())
+            for s in slabs
+            if s.name not in self.coords.rows and s.name in model_params
+        )
 
     def _slab_rows(self, slabs) -> Tensor:
+        """Rows of the alive coordinates in ``slabs`` (parameters outside the problem skipped)."""
         parts = []
         for s in slabs:
+            if s.name not in self.coords.rows:
+                continue  # not a coordinate (a restricted Problem.params): held fixed
             shape = self.coords.shapes[s.name]
             flat = torch.arange(int(torch.tensor(shape).prod()), device=self.theta.device)
             rows = self.coords.rows[s.name].to(flat.device)[flat.reshape(shape)[s.index()]]
             parts.append(rows.reshape(-1))
-        rows = torch.cat(parts) if parts else torch.empty(0, dtype=torch.long)
+        if not parts:
+            return torch.empty(0, dtype=torch.long, device=self.theta.device)
+        rows = torch.cat(parts)
         return rows[rows >= 0]
 
     def alive(self, rows: Tensor) -> Tensor:
@@ -115,11 +135,19 @@ class OBSPruner:
     output, are then zeroed and pruned as well (no ΔE). ``sparsity`` still counts weights (stop at
     the first step reaching it); ``units=k`` removes k cells instead.
 
-    ``weight_decay=λ``: saliencies are the change of the unregularised E for a network trained with
-    the penalty (λ/2)‖w‖² (:mod:`optbrain.saliency.obs`). ``ghost_rule=True`` applies NNSYSID's
-    nuisance-parameter rule: deleting the last masked fan-in weight of a hidden unit deletes its
-    alive fan-out weights in the same group-OBS step (the candidate is ranked by that group's ΔE),
-    and the last alive fan-out weight of a hidden unit is never deleted alone.
+    ``weight_decay=λ``: saliencies are the change of the unregularised E for a network at a
+    minimum of E + (λ/2)‖w‖², E the per-sample *mean* objective (:mod:`optbrain.saliency.obs`):
+    PyTorch's ``weight_decay=λ`` for a ``reduction="mean"`` loss, λ/b for ``reduction="sum"``
+    with batches of b samples. If the inverse had to fall back to more damping than λ,
+    :class:`~optbrain.errors.SingularCurvatureError` is raised.
+
+    ``ghost_rule=True`` applies NNSYSID's nuisance-parameter rule to the input weights of hidden
+    units (their layer's weight row; biases and BatchNorm parameters do not count): deleting the
+    last live input weight of a hidden unit deletes its alive output weights in the same
+    group-OBS step (the candidate is ranked by that group's ΔE), and the last alive output weight
+    of a hidden unit that still has a live input weight is never deleted alone. When one weight
+    is both (nets with >= 2 hidden layers) the protection wins. Parameters outside a restricted
+    ``Problem(params=...)`` are held fixed; their nonzero input weights count as live.
     """
 
     def __init__(
@@ -250,25 +278,44 @@ class OBSPruner:
         return cells(problem.model, kinds)
 
     def _weight_candidates(self, s: _Session) -> tuple[Tensor, dict[int, Tensor]]:
-        """Saliency per row (+inf: not a candidate) and the ghost groups keyed by trigger row."""
+        """Saliency per row (+inf: not a candidate) and the ghost groups keyed by trigger row.
+
+        Ghost rule, for each hidden unit with live input weights (alive coordinates of its
+        layer's weight row, or nonzero entries of it outside the problem): its last alive output
+        weight is protected (+inf). A unit whose only live input weight q is prunable gets the
+        candidate q ranked by ΔE of deleting q with its alive outputs. Protection wins: when q is
+        also another unit's protected last output (nets with >= 2 hidden layers), q stays +inf,
+        so no unit is ever left with live inputs and no output, whatever the loop order."""
         sal = obs_saliencies(s.inv, s.theta, self.weight_decay)
         sal = torch.where(s.prunable, sal, torch.inf)
         groups: dict[int, Tensor] = {}
         if not self.ghost_rule:
             return sal, groups
-        for fin, fout, hidden in zip(s.fan_in, s.fan_out, s.hidden):
+        protected: set[int] = set()
+        triggers: list[tuple[int, Tensor]] = []
+        for i, hidden in enumerate(s.hidden.tolist()):
             if not hidden:
                 continue
-            out_alive = s.alive(fout)
-            if out_alive.numel() == 1:  # the last output weight is never deleted alone
-                sal[out_alive] = torch.inf
-            in_alive = s.alive(fin)
-            in_alive = in_alive[s.prunable[in_alive]]
-            if in_alive.numel() == 1 and out_alive.numel() and bool(s.prunable[out_alive].all()):
-                q = int(in_alive[0])
-                group = torch.cat([in_alive, out_alive])
-                groups[q] = group
-                sal[q] = group_saliency(s.inv, s.theta, group, self.weight_decay)
+            out_alive = s.alive(s.fan_out[i])
+            in_alive = s.alive(s.in_weights[i])
+            live_in = in_alive.numel() + int(s.fixed_in[i])
+            if live_in and out_alive.numel() == 1:  # never deleted alone: it would make a ghost
+                protected.add(int(out_alive[0]))
+            if (
+                live_in == 1
+                and in_alive.numel() == 1
+                and bool(s.prunable[in_alive].all())
+                and out_alive.numel()
+                and bool(s.prunable[out_alive].all())
+            ):
+                triggers.append((int(in_alive[0]), torch.cat([in_alive, out_alive])))
+        if protected:
+            sal[torch.tensor(sorted(protected), device=sal.device)] = torch.inf
+        for q, group in triggers:
+            if q in protected:
+                continue
+            groups[q] = group
+            sal[q] = group_saliency(s.inv, s.theta, group, self.weight_decay)
         return sal, groups
 
     def _unit_candidates(self, s: _Session) -> tuple[list[int], list[Tensor], list[float]]:

@@ -17,9 +17,11 @@ compensate, but never deletes them.
   paper to many outputs. ``chunk`` rows are folded in per Woodbury block (the same result as the
   row-by-row recursion, ``chunk=1`` is that recursion literally).
 * :class:`DirectInverse`: the dense GGN (or the exact Hessian, small nets) plus ``damping``·I,
-  inverted by Cholesky. A matrix that is not positive definite (an exact Hessian away from a
-  minimum, a singular GGN without damping) is retried with more damping and every attempt is
-  recorded in ``info["fallbacks"]``.
+  inverted by Cholesky. For a loss whose per-sample Hessian is indefinite (some user losses), both
+  GGN estimators use the same G₊: the negative eigen-columns of the loss Hessian are left out
+  (counted in ``info["negative_rows_dropped"]``), so G₊ is positive semi-definite. A matrix that
+  is not positive definite (an exact Hessian away from a minimum, a singular GGN without damping)
+  is retried with more damping and every attempt is recorded in ``info["fallbacks"]``.
 * :class:`AutoInverse`: the direct GGN inverse when it is cheaper (more rows than p/2), else the
   recursion; both give (G + αI)⁻¹.
 
@@ -33,6 +35,7 @@ time for p alive coordinates, N samples and K loss-Hessian columns per sample.
 from __future__ import annotations
 
 import logging
+import operator
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Protocol, runtime_checkable
 
@@ -42,6 +45,7 @@ from torch import Tensor
 from ..errors import (
     CurvatureTooLargeError,
     NonFiniteLossError,
+    ShapeMismatchError,
     SingularCurvatureError,
 )
 from ..masking import Mask
@@ -75,6 +79,16 @@ class Coordinates:
                 raise KeyError(
                     f"the mask names parameter(s) {unknown} that the problem does not include "
                     f"(it has {list(params)})"
+                )
+            bad = {
+                n: (tuple(mask[n].shape), tuple(params[n].shape))
+                for n in mask.names
+                if tuple(mask[n].shape) != tuple(params[n].shape)
+            }
+            if bad:
+                raise ShapeMismatchError(
+                    "mask shape differs from the parameter's shape (mask, parameter): "
+                    + ", ".join(f"{n}: {m} vs {p}" for n, (m, p) in bad.items())
                 )
         self.names = tuple(params)
         self.shapes = {n: tuple(p.shape) for n, p in params.items()}
@@ -114,14 +128,22 @@ class Coordinates:
         return out
 
     def row(self, name: str, index: int | Sequence[int]) -> int:
-        """Row of entry ``index`` (a flat int or a multi-index tuple) of parameter ``name``."""
+        """Row of entry ``index`` of parameter ``name``: a flat integer (Python, NumPy or a 0-d
+        integer tensor) or a multi-index sequence of such integers."""
         if name not in self.rows:
             raise KeyError(f"no parameter {name!r}; the inverse covers {list(self.names)}")
         shape = self.shapes[name]
-        if isinstance(index, int):
-            flat = index
-        else:
-            idx = tuple(int(i) for i in index)
+        try:
+            flat = operator.index(index)
+        except TypeError:
+            flat = None
+        if flat is None:
+            try:
+                idx = tuple(operator.index(i) for i in index)
+            except TypeError as exc:
+                raise TypeError(
+                    f"index must be an integer or a sequence of integers, not {index!r}"
+                ) from exc
             if len(idx) != len(shape):
                 raise IndexError(f"index {idx} does not fit {name} of shape {shape}")
             flat = 0
@@ -340,12 +362,37 @@ def _rows(
                 progress(done, total)
 
 
+def _positive_rows(
+    problem: Problem, coords: Coordinates, progress: Progress | None, tally: dict[str, int]
+) -> Iterator[Tensor]:
+    """The rows of :func:`_rows` whose sign is +: Σ v vᵀ over them is N·G₊, the Gauss–Newton
+    matrix of the loss Hessian's non-negative part (all rows for MSE and cross-entropy). Counts
+    the rows kept and dropped in ``tally`` ("rows", "dropped")."""
+    for rows, sign in _rows(problem, coords, progress):
+        if sign is not None:
+            tally["dropped"] += int((sign < 0).sum())
+            rows = rows[sign > 0]
+        tally["rows"] += rows.shape[0]
+        yield rows
+
+
+def _warn_indefinite(tally: dict[str, int]) -> None:
+    if tally["dropped"]:
+        log.warning(
+            "the loss Hessian is indefinite: the Gauss-Newton matrix uses only its %d "
+            "non-negative columns and leaves out %d negative ones",
+            tally["rows"],
+            tally["dropped"],
+        )
+
+
 class RecursiveInverse(_InverseEstimator):
     """(G + αI)⁻¹ by Hassibi & Stork's one-pass recursion (see the module doc).
 
     ``alpha`` > 0 is the initial H₀ = αI (default 10⁻⁶, as NNSYSID); ``chunk`` rows are folded in
     per Woodbury block (1 = the literal rank-one recursion; larger is faster, same result). A loss
-    whose Hessian is indefinite (some user losses) contributes only its non-negative part here.
+    whose Hessian is indefinite (some user losses) contributes only its non-negative part, as in
+    :class:`DirectInverse` (``info["negative_rows_dropped"]``, and a warning).
     """
 
     def __init__(self, alpha: float = 1e-6, *, chunk: int = 32, **kwargs):
@@ -367,33 +414,23 @@ class RecursiveInverse(_InverseEstimator):
         p, n = coords.size, work.n_samples
         dev = work.device
         hinv = torch.eye(p, dtype=torch.float64, device=dev) / self.alpha
-        count = dropped = 0
-        for rows, sign in _rows(work, coords, self.progress):
-            if sign is not None:
-                dropped += int((sign < 0).sum())
-                rows = rows[sign > 0]
+        tally = {"rows": 0, "dropped": 0}
+        for rows in _positive_rows(work, coords, self.progress, tally):
             for j in range(0, rows.shape[0], self.chunk):
                 v = rows[j : j + self.chunk]
                 hv = hinv @ v.T  # p × b
                 inner = v @ hv
                 inner.diagonal().add_(n)
                 hinv.addmm_(hv, torch.linalg.solve(inner, hv.T), alpha=-1)
-                count += v.shape[0]
-        _warn_rank(count, p, self.alpha)
-        if dropped:
-            log.warning(
-                "the loss Hessian is indefinite: the recursion used only its %d positive "
-                "columns and left out %d negative ones",
-                count,
-                dropped,
-            )
+        _warn_rank(tally["rows"], p, self.alpha)
+        _warn_indefinite(tally)
         hinv = 0.5 * (hinv + hinv.T)
         info = {
             "method": "recursive",
             "alpha": self.alpha,
             "damping": 0.0,
-            "rows": count,
-            "negative_rows_dropped": dropped,
+            "rows": tally["rows"],
+            "negative_rows_dropped": tally["dropped"],
             "fallbacks": [],
         }
         return hinv, info
@@ -402,6 +439,11 @@ class RecursiveInverse(_InverseEstimator):
 class DirectInverse(_InverseEstimator):
     """(C + damping·I)⁻¹ for C the dense GGN (``curvature="ggn"``) or the exact Hessian of E
     (``"hessian"``, by ``torch.func``; small nets), by Cholesky.
+
+    The GGN is that of the loss Hessian's non-negative part, as in :class:`RecursiveInverse`: for
+    a loss whose per-sample Hessian is indefinite the negative eigen-columns are left out
+    (``info["negative_rows_dropped"]``, and a warning), so ``AutoInverse`` gives the same matrix
+    whichever path it takes. The exact Hessian is used as it is.
 
     When C + damping·I is not positive definite, the damping is raised — first by 10⁻⁸ × the mean
     |diagonal|, then ×10 per attempt, up to 10¹¹ × — every attempt is appended to
@@ -433,27 +475,28 @@ class DirectInverse(_InverseEstimator):
     def _curvature(self, work: Problem, coords: Coordinates) -> Tensor:
         return self._curvature_rows(work, coords)[0]
 
-    def _curvature_rows(self, work: Problem, coords: Coordinates) -> tuple[Tensor, int | None]:
+    def _curvature_rows(self, work: Problem, coords: Coordinates) -> tuple[Tensor, dict]:
+        """(C, {"rows", "dropped"}: GGN rows used and negative loss-Hessian rows left out)."""
         if self.curvature == "hessian":
-            return _exact_hessian(work, coords), None
+            return _exact_hessian(work, coords), {"rows": None, "dropped": 0}
         mat = torch.zeros(coords.size, coords.size, dtype=torch.float64, device=work.device)
-        count = 0
-        for rows, sign in _rows(work, coords, self.progress):
-            weighted = rows if sign is None else rows * sign.to(rows)[:, None]
-            mat.addmm_(weighted.T, rows)
-            count += rows.shape[0]
-        _warn_rank(count, coords.size, self.damping)
-        return mat / work.n_samples, count
+        tally = {"rows": 0, "dropped": 0}
+        for rows in _positive_rows(work, coords, self.progress, tally):
+            mat.addmm_(rows.T, rows)
+        _warn_rank(tally["rows"], coords.size, self.damping)
+        _warn_indefinite(tally)
+        return mat / work.n_samples, tally
 
     def _compute(self, work: Problem, coords: Coordinates) -> tuple[Tensor, dict]:
-        mat, count = self._curvature_rows(work, coords)
+        mat, tally = self._curvature_rows(work, coords)
         inv, damping, fallbacks = damped_inverse(mat, self.damping)
         info = {
             "method": f"direct_{self.curvature}",
             "alpha": 0.0,
             "damping": damping,
             "requested_damping": self.damping,
-            "rows": count,
+            "rows": tally["rows"],
+            "negative_rows_dropped": tally["dropped"],
             "fallbacks": fallbacks,
         }
         return inv, info

@@ -17,9 +17,15 @@ class OBD:
     """s_k = ½ h_kk w_k², h from any diagonal curvature estimator (default: exact GGN diagonal).
 
     With ``weight_decay=λ`` (a float, or a dict name → float for per-layer decay) the network is
-    assumed trained to a minimum of E + (λ/2)‖w‖² (PyTorch's ``weight_decay=λ``). There ∂E/∂w = −λw,
-    so deleting w_k raises the *unregularised* objective by s_k = (λ + ½ h_kk) w_k² — the NNSYSID
-    ``obdprune`` saliency and Pedersen, Hansen & Larsen's eq. 9 (PAPERS.md §4).
+    assumed trained to a minimum of E + (λ/2)‖w‖². There ∂E/∂w = −λw, so deleting w_k raises the
+    *unregularised* objective by s_k = (λ + ½ h_kk) w_k² — the NNSYSID ``obdprune`` saliency and
+    Pedersen, Hansen & Larsen's eq. 9 (PAPERS.md §4).
+
+    λ is relative to E, the per-sample *mean* objective of :class:`~optbrain.problem.Problem`,
+    whatever the loss's reduction: PyTorch's ``weight_decay=λ`` for a ``reduction="mean"`` loss,
+    but λ/b for a ``reduction="sum"`` loss trained on batches of b samples (full batch: λ/N),
+    since Σ_batch ℓ + (λ/2)‖w‖² = b·(E_batch + (λ/(2b))‖w‖²). Not converted automatically: the
+    training batch size is not known here.
     """
 
     def __init__(

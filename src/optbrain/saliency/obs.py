@@ -3,13 +3,20 @@
 Without weight decay the saliency of coordinate q is L_q = w_q² / (2 [H⁻¹]_qq): the increase of E
 after deleting w_q *and* moving every other alive coordinate by δw = −(w_q/[H⁻¹]_qq) H⁻¹ e_q, in
 the quadratic model around a minimum. With weight decay λ (the network trained to a minimum of
-E + (λ/2)‖w‖², PyTorch's ``weight_decay=λ`` on every parameter) the inverse is that of
-H = R + λI (R the Gauss–Newton matrix of E) and the saliency is the change of the *unregularised*
-E (NNSYSID ``obsprune``, PAPERS.md §4): with γ_q = w_q/[H⁻¹]_qq,
+E + (λ/2)‖w‖², every parameter decayed) the inverse is that of H = R + λI (R the Gauss–Newton
+matrix of E) and the saliency is the change of the *unregularised* E (NNSYSID ``obsprune``,
+PAPERS.md §4): with γ_q = w_q/[H⁻¹]_qq,
 
     ζ_q = γ_q [H⁻¹(λw)]_q + ½ γ_q² [H⁻¹ R H⁻¹]_qq,   H⁻¹ R H⁻¹ = H⁻¹ − λ H⁻²,
 
 which reduces to OBD's (λ + ½h)w² when H is diagonal.
+
+λ is relative to E, the per-sample *mean* objective of :class:`~optbrain.problem.Problem`,
+whatever the loss's reduction. For a loss with ``reduction="mean"`` that is PyTorch's
+``weight_decay=λ`` (any batch size). For ``reduction="sum"`` training minimises
+Σ_batch ℓ + (λ/2)‖w‖² = b·(E_batch + (λ/(2b))‖w‖²) with b samples per batch: pass λ/b (full
+batch: λ/N). The scale is not converted automatically because the training batch size is not
+known here.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import torch
 from torch import Tensor
 
 from ..curvature.outer_product import AutoInverse, InverseHessian
+from ..errors import SingularCurvatureError
 from ..masking import Mask, current_mask
 from ..paramdict import ParamDict
 from ..problem import Problem
@@ -50,6 +58,23 @@ def resolve_inverse(inverse, weight_decay: float):
                 "leave inverse=None"
             )
     return inverse
+
+
+def check_regularizer(inv: InverseHessian, weight_decay: float) -> None:
+    """ζ_q needs the inverse of R + λ·I exactly: raise when the estimator had to add more (a
+    :func:`~optbrain.curvature.outer_product.damped_inverse` fallback), rather than return a
+    silently wrong saliency. Inverses whose ``info`` records neither "alpha" nor "damping" are
+    trusted (their ``regularizer`` was checked by :func:`resolve_inverse`)."""
+    if weight_decay == 0 or not ({"alpha", "damping"} & set(inv.info)):
+        return
+    added = float(inv.info.get("alpha", 0.0)) + float(inv.info.get("damping", 0.0))
+    if not math.isclose(added, weight_decay, rel_tol=1e-9, abs_tol=0.0):
+        raise SingularCurvatureError(
+            f"weight_decay={weight_decay} needs the inverse of R + {weight_decay}·I, but that "
+            f"matrix is not positive definite and the inverse fell back to R + {added:.3g}·I "
+            f"(info['fallbacks']): the network is not at a minimum of E + "
+            f"({weight_decay}/2)·‖w‖². Train it further, or use weight_decay=0"
+        )
 
 
 def obs_saliencies(inv: InverseHessian, theta: Tensor, weight_decay: float = 0.0) -> Tensor:
@@ -104,7 +129,9 @@ class OBS:
     weight update; :class:`~optbrain.surgeon.OBSPruner` (``optbrain.pruner.obs()``) applies the
     update and re-ranks after every deletion. The inverse covers the problem's parameters; entries
     pruned by the mask attached to the model are left out (saliency 0). ``inverse`` defaults to
-    ``AutoInverse(alpha=1e-6)`` (``alpha=weight_decay`` when it is > 0).
+    ``AutoInverse(alpha=1e-6)`` (``alpha=weight_decay`` when it is > 0). ``weight_decay`` is
+    relative to the mean objective E: λ/b for a ``reduction="sum"`` loss trained with PyTorch's
+    ``weight_decay=λ`` on batches of b samples (see the module doc).
     """
 
     def __init__(self, inverse=None, weight_decay: float = 0.0):
@@ -116,6 +143,7 @@ class OBS:
         attached = current_mask(problem.model)
         mask = Mask({n: attached[n] for n in attached.names if n in params})
         inv = self.inverse.inverse(problem, mask)
+        check_regularizer(inv, self.weight_decay)
         theta = inv.gather(params)
         s = obs_saliencies(inv, theta, self.weight_decay)
         out = inv.scatter(torch.where(inv.alive, s, torch.zeros_like(s)))
