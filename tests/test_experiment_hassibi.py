@@ -23,10 +23,10 @@ from optbrain.experiments.hassibi_common import (
     fit,
     live_topology,
     make_pruner,
-    mean_sd,
     mse_problem,
     sigmoid_net,
 )
+from optbrain.experiments.stats import mean_sd
 
 pytest.importorskip("matplotlib")
 

@@ -12,6 +12,7 @@ from optbrain import cli, experiments
 from optbrain.experiments import Result, apply_overrides
 from optbrain.experiments import cibas1994_waveform as W
 from optbrain.experiments import digits_ocd as D
+from optbrain.experiments import input_selection as S
 
 pytest.importorskip("matplotlib")
 pytest.importorskip("sklearn")
@@ -122,7 +123,7 @@ def _tiny(seed=0, n=60, d=5):
         torch.manual_seed(seed)
         for p in model.parameters():
             nn.init.normal_(p, std=0.7)
-    return model, W.Split(x[:n], y[:n], x[n : 2 * n], y[n : 2 * n], x[2 * n :], y[2 * n :])
+    return model, S.Split(x[:n], y[:n], x[n : 2 * n], y[n : 2 * n], x[2 * n :], y[2 * n :])
 
 
 def test_ocd_input_scores_are_sums_of_fan_out_obd_saliencies():
@@ -131,25 +132,25 @@ def test_ocd_input_scores_are_sums_of_fan_out_obd_saliencies():
 
     model, split = _tiny()
     model = model.double()
-    split = W.Split(*(t.double() if t.is_floating_point() else t for t in vars(split).values()))
-    s = W.input_scores("ocd", model, split)
+    split = S.Split(*(t.double() if t.is_floating_point() else t for t in vars(split).values()))
+    s = S.input_scores("ocd", model, split)
     problem = Problem(model, nn.CrossEntropyLoss(), [(split.x_train, split.y_train)])
     h = GGNDiagonal().diagonal(problem)["0.weight"]
     expected = (0.5 * h * model[0].weight.detach() ** 2).sum(0)
     torch.testing.assert_close(s, expected.double(), rtol=1e-12, atol=0)
     assert s[3] == 0 and (s[[0, 1, 2, 4]] > 0).all()
-    mag = W.input_scores("magnitude", model, split)
+    mag = S.input_scores("magnitude", model, split)
     torch.testing.assert_close(mag, 0.5 * model[0].weight.detach().square().sum(0))
 
 
 def test_remove_inputs_keeps_them_removed_through_retraining():
     model, split = _tiny()
-    W.remove_inputs(model, [1])
-    W.remove_inputs(model, [4])  # a second call keeps the first removal
-    W.fit(model, split, epochs=5, patience=2, lr=1e-2, batch_size=16, seed=0)
+    S.remove_inputs(model, [1])
+    S.remove_inputs(model, [4])  # a second call keeps the first removal
+    S.fit(model, split, epochs=5, patience=2, lr=1e-2, batch_size=16, seed=0)
     w = model[0].weight.detach()
     assert (w[:, [1, 4]] == 0).all() and (w[:, [0, 2]] != 0).all()
-    assert W.input_scores("ocd", model, split)[[1, 4]].abs().max() == 0
+    assert S.input_scores("ocd", model, split)[[1, 4]].abs().max() == 0
 
 
 def test_iterative_removal_removes_lowest_first_and_chooses_by_validation():
@@ -160,13 +161,13 @@ def test_iterative_removal_removes_lowest_first_and_chooses_by_validation():
         seen.append(r)
         return torch.tensor([5.0, 4.0, 3.0, 0.0, 1.0])  # removal order 3, 4, 2, 1
 
-    rows = W.iterative_removal(
+    rows = S.iterative_removal(
         model,
         split,
         score,
         step=2,
         min_inputs=1,
-        retrain=lambda m, r: W.fit(m, split, epochs=3, patience=2, lr=1e-2, batch_size=16, seed=r),
+        retrain=lambda m, r: S.fit(m, split, epochs=3, patience=2, lr=1e-2, batch_size=16, seed=r),
     )
     assert [r["kept"] for r in rows] == [5, 3, 1]
     assert [r["removed"] for r in rows] == [[], [3, 4], [2, 1]]
@@ -178,13 +179,13 @@ def test_iterative_removal_removes_lowest_first_and_chooses_by_validation():
         {"kept": 3, "val_accuracy": 0.845},
         {"kept": 2, "val_accuracy": 0.70},
     ]
-    assert W.chosen_round(rows, 0.01)["kept"] == 3
-    assert W.chosen_round(rows, 0.0)["kept"] == 4
+    assert S.chosen_round(rows, 0.01)["kept"] == 3
+    assert S.chosen_round(rows, 0.0)["kept"] == 4
 
 
 def test_auc_ranks_and_ranking_stats():
     s = torch.tensor([3.0, 1.0, 2.0, 2.0])
-    assert W.ranks(s).tolist() == [3, 0, 1, 2]
+    assert S.ranks(s).tolist() == [3, 0, 1, 2]
     assert W.auc(s, [0], [1, 2]) == 1.0 and W.auc(s, [2], [3]) == 0.5
     perfect = torch.cat([torch.arange(21, dtype=torch.float64) + 100, torch.zeros(19)])
     perfect[[0, 20]] = 50.0

@@ -11,6 +11,8 @@ An experiment module defines
 
 ``progress(done, total, stage)`` (:data:`Progress`) is called after each unit of work with a short
 description of the stage just finished; experiments never print (they log through :mod:`logging`).
+A :class:`Session` does that bookkeeping for ``run``: it validates the config, makes ``out_dir``,
+counts and logs the units of work, lists the files written and finally saves the result.
 
 Settings from the command line (``--set key=value``) go through :func:`apply_overrides`, which
 parses each string into the type of the dataclass field (``int``, ``float``, ``bool``, ``str``,
@@ -22,7 +24,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
+import time
 import types
 import typing
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -37,10 +41,10 @@ __all__ = [
     "Config",
     "Progress",
     "Result",
+    "Session",
     "apply_overrides",
     "markdown_table",
     "parse_set_args",
-    "new_figure",
     "write_json",
     "write_text",
 ]
@@ -72,6 +76,12 @@ class Config:
     def validate(self) -> None:
         """Raise ``ValueError`` (naming the field) for values the types allow but the experiment
         does not. Called by :func:`apply_overrides` and by ``run``."""
+
+    def need(self, ok: bool, key: str, what: str) -> None:
+        """For :meth:`validate`: raise ``ValueError`` naming setting ``key``, its value and
+        ``what`` is wrong with it, unless ``ok``."""
+        if not ok:
+            raise ValueError(f"setting {key!r} = {getattr(self, key)!r}: {what}")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able dict of the fields (tuples become lists)."""
@@ -378,13 +388,65 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | N
     return "\n".join(out)
 
 
-def new_figure(width: float, height: float, **kwargs):
-    """A :class:`matplotlib.figure.Figure` (no pyplot: no global state, no backend change);
-    matplotlib is imported on first use. Save it with ``fig.savefig(path, dpi=...)``."""
-    try:
-        from matplotlib.figure import Figure
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "experiment figures need matplotlib; install it with `pip install 'optbrain[plot]'`"
-        ) from exc
-    return Figure(figsize=(width, height), layout="constrained", **kwargs)
+# --------------------------------------------------------------------------- one run
+class Session:
+    """The bookkeeping of one ``run``: validates ``config``, makes ``out_dir``, starts the clock.
+
+    :meth:`tick` counts one of ``total`` units of work done (logged on ``log``, passed to
+    ``progress``); :meth:`write_json` and :meth:`path` list the files written; :meth:`finish`
+    lists the figures, ticks the last unit (``"figures"``), times and saves the result.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        out_dir: str | Path,
+        total: int,
+        progress: Progress | None = None,
+        log: logging.Logger | None = None,
+    ):
+        config.validate()
+        self.config = config
+        self.out = Path(out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.total = total
+        self.done = 0
+        self.progress = progress
+        self.log = log if log is not None else logging.getLogger(__name__)
+        self.files: list[str] = []
+        self.start = time.perf_counter()
+
+    def tick(self, stage: str) -> None:
+        """One more unit of work done; ``stage`` says which."""
+        self.done += 1
+        elapsed = time.perf_counter() - self.start
+        self.log.info("%s (%d/%d, %.0f s)", stage, self.done, self.total, elapsed)
+        if self.progress is not None:
+            self.progress(self.done, self.total, stage)
+
+    def path(self, rel: str) -> Path:
+        """``out_dir / rel`` with its folder made; ``rel`` is listed among the files written."""
+        path = self.out / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.files.append(rel)
+        return path
+
+    def write_json(self, rel: str, data: Any) -> None:
+        """Write ``data`` as JSON to ``out_dir / rel`` and list it."""
+        write_json(self.path(rel), data)
+
+    def result(self, experiment: str, title: str) -> Result:
+        """An empty :class:`Result` of this run, to be filled by the analysis."""
+        return Result(
+            experiment=experiment, config=self.config.to_dict(), title=title, out_dir=str(self.out)
+        )
+
+    def finish(self, result: Result, figures: Sequence[str]) -> Result:
+        """Give ``result`` its files (those written, then ``figures``) and figures, tick
+        ``"figures"``, set its run time, save ``result.json`` and ``report.md``; returns it."""
+        result.figures = list(figures)
+        result.files = [*self.files, *result.figures]
+        self.tick("figures")
+        result.seconds = time.perf_counter() - self.start
+        result.save(self.out)
+        return result

@@ -19,16 +19,13 @@ the validation split. Then
 * **context**: the accuracy of the Bayes rule on each test set (the class likelihoods integrate
   over the mixing weight u numerically), ≈ 86 %.
 
-The helpers of the removal loop (:func:`input_scores`, :func:`remove_inputs`,
-:func:`iterative_removal`) are shared with :mod:`optbrain.experiments.digits_ocd`.
+The scores and the removal loop are those of :mod:`optbrain.experiments.input_selection`, shared
+with :mod:`optbrain.experiments.digits_ocd`.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
-import math
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +35,18 @@ import torch
 from torch import Tensor, nn
 
 from . import base
-from .base import Claim, Progress, Result
+from .base import Claim, Progress, Result, Session
+from .figures import FigureFiles, band, new_figure
+from .input_selection import (
+    Split,
+    chosen_round,
+    input_scores,
+    ranks,
+    removal_curve,
+    removal_path,
+    train_net,
+)
+from .stats import fmt, mean_sd, seeds_tag
 
 log = logging.getLogger(__name__)
 
@@ -123,10 +131,7 @@ class Config(base.Config):
         )
 
     def validate(self) -> None:
-        def need(ok: bool, key: str, what: str) -> None:
-            if not ok:
-                raise ValueError(f"setting {key!r} = {getattr(self, key)!r}: {what}")
-
+        need = self.need
         need(len(self.seeds) > 0, "seeds", "give at least one seed")
         need(len(set(self.seeds)) == len(self.seeds), "seeds", "seeds must be distinct")
         for key in ("n_train", "n_val", "n_test"):
@@ -153,245 +158,7 @@ class Config(base.Config):
         need(20 <= self.figure_dpi <= 300, "figure_dpi", "must be in [20, 300]")
 
 
-# =========================================================================== shared helpers
-@dataclass
-class Split:
-    """Train / validation / test tensors (``x`` float32 N×d, ``y`` int64)."""
-
-    x_train: Tensor
-    y_train: Tensor
-    x_val: Tensor
-    y_val: Tensor
-    x_test: Tensor
-    y_test: Tensor
-
-
-def mean_std(xs: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation of the finite values (NaN, NaN if none)."""
-    xs = [float(x) for x in xs if math.isfinite(x)]
-    if not xs:
-        return math.nan, math.nan
-    m = sum(xs) / len(xs)
-    if len(xs) < 2:
-        return m, 0.0
-    return m, math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
-
-
-def fit(
-    model: nn.Module,
-    split: Split,
-    *,
-    epochs: int,
-    patience: int,
-    lr: float,
-    batch_size: int,
-    seed: int,
-) -> int:
-    """Train with Adam and early stopping on the validation loss (best weights restored); returns
-    the number of epochs run."""
-    from torch.utils.data import DataLoader, TensorDataset
-
-    from ..train import train
-
-    loader = DataLoader(
-        TensorDataset(split.x_train, split.y_train),
-        batch_size=batch_size,
-        shuffle=True,
-        generator=torch.Generator().manual_seed(seed),
-    )
-    res = train(
-        model,
-        loader,
-        nn.CrossEntropyLoss(),
-        epochs=epochs,
-        lr=lr,
-        val_loader=[(split.x_val, split.y_val)],
-        patience=patience,
-        seed=seed,
-    )
-    return res.epochs_run
-
-
-@torch.no_grad()
-def accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
-    from ..problem import eval_mode
-
-    with eval_mode(model):
-        return float((model(x).argmax(1) == y).to(torch.float64).mean())
-
-
-@torch.no_grad()
-def log_loss(model: nn.Module, x: Tensor, y: Tensor) -> float:
-    from ..problem import eval_mode
-
-    with eval_mode(model):
-        return float(nn.functional.cross_entropy(model(x).to(torch.float64), y))
-
-
-def _curvature(name: str):
-    from ..curvature import (
-        EmpiricalFisherDiagonal,
-        ExactHessianDiagonal,
-        GGNDiagonal,
-        LeCunDiagonal,
-    )
-
-    return {
-        "ggn": GGNDiagonal,
-        "hessian": ExactHessianDiagonal,
-        "lecun": lambda: LeCunDiagonal(gauss_newton=True),
-        "empirical_fisher": EmpiricalFisherDiagonal,
-    }[name]()
-
-
-def input_scores(
-    method: str,
-    model: nn.Module,
-    split: Split,
-    *,
-    curvature: str = "ggn",
-    seed: int = 0,
-    repeats: int = 10,
-) -> Tensor:
-    """A float64 score per input of ``model``'s first layer; higher = more important.
-
-    ``"ocd"``: Σ over the input's fan-out weights of ½ h w² on the training data
-    (:class:`~optbrain.saliency.OCD`, ``method="sum"``); ``"magnitude"``: Σ ½ w² over the fan-out;
-    ``"permutation"``: scikit-learn's permutation importance on the validation data (mean drop of
-    the log-likelihood over ``repeats`` shuffles); ``"mutual_info"``: scikit-learn's
-    ``mutual_info_classif`` on the training data; ``"random"``: uniform draws from ``seed``.
-    """
-    from ..cells import cell_sums, cells
-    from ..problem import Problem
-    from ..saliency import OCD, Magnitude
-
-    if method == "ocd":
-        problem = Problem(model, nn.CrossEntropyLoss(), [(split.x_train, split.y_train)])
-        sal = OCD(_curvature(curvature), kinds=("input",), method="sum")(problem)
-        return sal.values.to(torch.float64)
-    if method == "magnitude":
-        problem = Problem(model, nn.CrossEntropyLoss(), [(split.x_train, split.y_train)])
-        found = cells(model, ("input",))
-        return cell_sums(Magnitude()(problem), found, "fan_out").to(torch.float64).cpu()
-    if method == "permutation":
-        return _permutation_importance(model, split.x_val, split.y_val, seed, repeats)
-    if method == "mutual_info":
-        from sklearn.feature_selection import mutual_info_classif
-
-        mi = mutual_info_classif(
-            split.x_train.double().numpy(), split.y_train.numpy(), random_state=seed
-        )
-        return torch.as_tensor(mi, dtype=torch.float64)
-    if method == "random":
-        n = len(cells(model, ("input",)))
-        return torch.rand(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    raise ValueError(f"unknown input ranking {method!r}")
-
-
-class _TorchClassifier:
-    """The minimal estimator interface scikit-learn's ``permutation_importance`` needs."""
-
-    def __init__(self, model: nn.Module):
-        self.model = model
-
-    def fit(self, x, y):  # pragma: no cover - never called (the net is already trained)
-        return self
-
-    @torch.no_grad()
-    def predict_log_proba(self, x) -> Tensor:
-        from ..problem import eval_mode
-
-        p = next(self.model.parameters())
-        with eval_mode(self.model):
-            xs = torch.as_tensor(x, dtype=p.dtype, device=p.device)
-            return self.model(xs).log_softmax(1).cpu()
-
-
-def _permutation_importance(model: nn.Module, x: Tensor, y: Tensor, seed: int, repeats: int):
-    from sklearn.inspection import permutation_importance
-
-    def neg_log_loss(est: _TorchClassifier, xs, ys) -> float:
-        lp = est.predict_log_proba(xs).to(torch.float64)
-        return float(lp[torch.arange(len(ys)), torch.as_tensor(ys)].mean())
-
-    res = permutation_importance(
-        _TorchClassifier(model),
-        x.double().numpy(),
-        y.numpy(),
-        scoring=neg_log_loss,
-        n_repeats=repeats,
-        random_state=seed,
-    )
-    return torch.as_tensor(res.importances_mean, dtype=torch.float64)
-
-
-def remove_inputs(model: nn.Module, indices: Sequence[int]) -> None:
-    """Remove input variables: mask (and zero) their fan-out weights in place
-    (:func:`optbrain.cells.cell_mask` + :func:`optbrain.masking.attach`)."""
-    from ..cells import cell_mask, cells
-    from ..masking import Mask, attach
-
-    found = cells(model, ("input",))
-    picked = [found[i] for i in indices]
-    names = sorted({s.name for c in picked for s in c.fan_out})
-    # attach() ANDs with a mask already attached: earlier removals stay removed
-    attach(model, cell_mask(Mask.ones(model, names), picked, "fan_out"))
-
-
-def iterative_removal(
-    model: nn.Module,
-    split: Split,
-    score: Callable[[nn.Module, int], Tensor],
-    *,
-    step: int,
-    min_inputs: int,
-    retrain: Callable[[nn.Module, int], None],
-    tick: Callable[[str], None] | None = None,
-) -> list[dict[str, Any]]:
-    """Remove the ``step`` lowest-scoring remaining inputs, retrain, repeat until ``min_inputs``
-    remain (RFE-shaped OCD). ``score(model, round)`` gives a score per input (higher = keep);
-    ``retrain(model, round)`` retrains in place. Works on a copy; returns one row per round
-    (round 0 = the trained net): inputs kept, inputs removed that round, val/test accuracy and loss.
-    """
-    work = copy.deepcopy(model)
-    alive = list(range(split.x_train.shape[1]))
-    rows = [_removal_row(0, alive, [], work, split)]
-    r = 0
-    while len(alive) > min_inputs:
-        r += 1
-        s = score(work, r)
-        k = min(step, len(alive) - min_inputs)
-        # lowest score first; ties broken by input index
-        order = sorted(alive, key=lambda i: (float(s[i]), i))
-        gone = order[:k]
-        remove_inputs(work, gone)
-        alive = [i for i in alive if i not in gone]
-        retrain(work, r)
-        rows.append(_removal_row(r, alive, gone, work, split))
-        if tick is not None:
-            tick(f"round {r}: {len(alive)} inputs kept")
-    return rows
-
-
-def _removal_row(r: int, alive: list[int], gone: list[int], model: nn.Module, split: Split):
-    return {
-        "round": r,
-        "kept": len(alive),
-        "removed": list(gone),
-        "alive": list(alive),
-        "val_accuracy": accuracy(model, split.x_val, split.y_val),
-        "test_accuracy": accuracy(model, split.x_test, split.y_test),
-        "val_loss": log_loss(model, split.x_val, split.y_val),
-    }
-
-
-def chosen_round(rows: list[dict[str, Any]], tolerance: float) -> dict[str, Any]:
-    """The smallest input set whose validation accuracy is within ``tolerance`` of the best."""
-    best = max(r["val_accuracy"] for r in rows)
-    ok = [r for r in rows if r["val_accuracy"] >= best - tolerance - 1e-12]
-    return min(ok, key=lambda r: (r["kept"], -r["val_accuracy"]))
-
-
+# =========================================================================== waveform specifics
 def auc(scores: Tensor, positive: Sequence[int], negative: Sequence[int]) -> float:
     """Fraction of (positive, negative) pairs with the positive scored higher (ties count ½)."""
     p = scores[list(positive)][:, None]
@@ -399,33 +166,6 @@ def auc(scores: Tensor, positive: Sequence[int], negative: Sequence[int]) -> flo
     return float(((p > n).double() + 0.5 * (p == n).double()).mean())
 
 
-def ranks(scores: Tensor) -> Tensor:
-    """0 = lowest score (removed first); ties broken by index."""
-    order = sorted(range(len(scores)), key=lambda i: (float(scores[i]), i))
-    out = torch.empty(len(scores), dtype=torch.long)
-    out[order] = torch.arange(len(scores))
-    return out
-
-
-def band(ax, x, stats, **kw):
-    """Plot mean ± sd (a list of ``(mean, sd)``) as a line with a shaded band."""
-    m = [s[0] for s in stats]
-    sd = [s[1] for s in stats]
-    (line,) = ax.plot(x, m, **kw)
-    lo = [a - b for a, b in zip(m, sd)]
-    hi = [a + b for a, b in zip(m, sd)]
-    ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.15, linewidth=0)
-    return line
-
-
-def curve(runs: list[list[dict[str, Any]]], key: str, scale: float = 1.0):
-    """Per inputs-kept count: (mean, sd) of ``key`` over runs (rows aligned by round)."""
-    n = min(len(rows) for rows in runs)
-    kept = [runs[0][i]["kept"] for i in range(n)]
-    return kept, [mean_std([scale * rows[i][key] for rows in runs]) for i in range(n)]
-
-
-# =========================================================================== waveform specifics
 def _data(cfg: Config, seed: int) -> Split:
     from ..data.waveform import load_waveform_split
 
@@ -459,20 +199,8 @@ def _build(cfg: Config, seed: int, n_in: int) -> nn.Module:
 def _one_seed(cfg: Config, seed: int, tick: Callable[[str], None]) -> dict[str, Any]:
     split = _data(cfg, seed)
     model = _build(cfg, seed, split.x_train.shape[1])
-    epochs = fit(
-        model,
-        split,
-        epochs=cfg.epochs,
-        patience=cfg.patience,
-        lr=cfg.lr,
-        batch_size=cfg.batch_size,
-        seed=seed,
-    )
     out: dict[str, Any] = {
-        "seed": seed,
-        "epochs": epochs,
-        "val_accuracy": accuracy(model, split.x_val, split.y_val),
-        "test_accuracy": accuracy(model, split.x_test, split.y_test),
+        **train_net(model, split, cfg, seed),
         "bayes_test_accuracy": bayes_accuracy(split.x_test, split.y_test, cfg.bayes_grid),
     }
     scores = {
@@ -505,25 +233,7 @@ def _one_seed(cfg: Config, seed: int, tick: Callable[[str], None]) -> dict[str, 
                     repeats=cfg.permutation_repeats,
                 )
 
-            def retrain(m: nn.Module, r: int) -> None:
-                fit(
-                    m,
-                    split,
-                    epochs=cfg.retrain_epochs,
-                    patience=cfg.retrain_patience,
-                    lr=cfg.lr,
-                    batch_size=cfg.batch_size,
-                    seed=seed * 1000 + r,
-                )
-
-            out["removal"][method] = iterative_removal(
-                model,
-                split,
-                score,
-                step=cfg.remove_per_round,
-                min_inputs=cfg.min_inputs,
-                retrain=retrain,
-            )
+            out["removal"][method] = removal_path(model, split, score, cfg, seed)
             tick(f"seed {seed}: iterative removal by {_LABELS[method]}")
     return out
 
@@ -531,33 +241,14 @@ def _one_seed(cfg: Config, seed: int, tick: Callable[[str], None]) -> dict[str, 
 def run(config: Config, out_dir: str | Path, progress: Progress | None = None) -> Result:
     """Run the reproduction into ``out_dir`` (see the module docstring) and return the result."""
     cfg = config
-    cfg.validate()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
     per_seed = 1 + (len(cfg.removal_methods) if cfg.removal else 0)
-    total = len(cfg.seeds) * per_seed + 1
-    done = 0
-
-    def tick(stage: str) -> None:
-        nonlocal done
-        done += 1
-        log.info("%s (%d/%d, %.0f s)", stage, done, total, time.perf_counter() - start)
-        if progress is not None:
-            progress(done, total, stage)
-
-    runs = [_one_seed(cfg, s, tick) for s in cfg.seeds]
-    result = Result(experiment=NAME, config=cfg.to_dict(), title=TITLE, out_dir=str(out))
-    base.write_json(out / "runs.json", runs)
-    result.files = ["runs.json"]
+    session = Session(cfg, out_dir, len(cfg.seeds) * per_seed + 1, progress, log)
+    runs = [_one_seed(cfg, s, session.tick) for s in cfg.seeds]
+    result = session.result(NAME, TITLE)
+    session.write_json("runs.json", runs)
     _analyse(cfg, runs, result)
     result.notes = _notes(cfg, runs)
-    result.figures = _figures(cfg, runs, out)
-    result.files += result.figures
-    tick("figures")
-    result.seconds = time.perf_counter() - start
-    result.save(out)
-    return result
+    return session.finish(result, _figures(cfg, runs, session.out))
 
 
 # =========================================================================== analysis
@@ -597,7 +288,7 @@ def _analyse(cfg: Config, runs: list[dict[str, Any]], result: Result) -> None:
     from scipy.stats import kendalltau, spearmanr
 
     ns = len(runs)
-    tag = f"({ns} seed{'s' if ns > 1 else ''})"
+    tag = seeds_tag(ns)
     stats = {
         m: [ranking_stats(torch.tensor(r["scores"][m], dtype=torch.float64)) for r in runs]
         for m in RANKERS
@@ -623,16 +314,16 @@ def _analyse(cfg: Config, runs: list[dict[str, Any]], result: Result) -> None:
     for m in RANKERS:
         st = stats[m]
         lit = sum(s["literal"] for s in st)
-        ov = mean_std([s["noise_in_top21"] for s in st])
-        a1 = mean_std([s["auc_wave_vs_noise"] for s in st])
+        ov = mean_sd([s["noise_in_top21"] for s in st])
+        a1 = mean_sd([s["auc_wave_vs_noise"] for s in st])
         result.claims.append(
             Claim(
                 name=f"{_LABELS[m]}: the 19 appended noise inputs rank below all 21 wave inputs "
                 f"{tag}",
                 held=lit == ns,
                 detail=(
-                    f"in {lit}/{ns} seeds; otherwise {ov[0]:.1f} ± {ov[1]:.1f} noise inputs "
-                    f"among the top 21 (AUC wave vs noise {a1[0]:.3f} ± {a1[1]:.3f}); inputs 1 "
+                    f"in {lit}/{ns} seeds; otherwise {fmt(ov)} noise inputs among the top 21 (AUC "
+                    f"wave vs noise {fmt(a1, 3)}); inputs 1 "
                     "and 21 are pure noise in Breiman's generator, so this needs two noise "
                     "inputs to beat all 19 others"
                 ),
@@ -640,8 +331,8 @@ def _analyse(cfg: Config, runs: list[dict[str, Any]], result: Result) -> None:
             )
         )
         inf = sum(s["informative_top"] for s in st)
-        ov2 = mean_std([s["pure_in_top19"] for s in st])
-        a2 = mean_std([s["auc_informative_vs_pure"] for s in st])
+        ov2 = mean_sd([s["pure_in_top19"] for s in st])
+        a2 = mean_sd([s["auc_informative_vs_pure"] for s in st])
         weak: dict[int, int] = {}
         for s in st:
             for i in s["informative_below_a_pure"]:
@@ -653,8 +344,8 @@ def _analyse(cfg: Config, runs: list[dict[str, Any]], result: Result) -> None:
                 f"inputs {tag}",
                 held=inf == ns,
                 detail=(
-                    f"in {inf}/{ns} seeds; pure-noise inputs among the top 19: {ov2[0]:.1f} ± "
-                    f"{ov2[1]:.1f}; AUC informative vs pure noise {a2[0]:.3f} ± {a2[1]:.3f}; "
+                    f"in {inf}/{ns} seeds; pure-noise inputs among the top 19: {fmt(ov2)}; AUC "
+                    f"informative vs pure noise {fmt(a2, 3)}; "
                     f"informative inputs ranked below some pure-noise input: {weak_txt} seeds"
                 ),
                 paper=_PAPER["informative"],
@@ -669,18 +360,18 @@ def _analyse(cfg: Config, runs: list[dict[str, Any]], result: Result) -> None:
             float(spearmanr([r["scores"][a][i] for i in inf], [r["scores"][b][i] for i in inf])[0])
             for r in runs
         ]
-        rs, ts, ris = mean_std(rho), mean_std(tau), mean_std(rho_inf)
+        rs, ts, ris = mean_sd(rho), mean_sd(tau), mean_sd(rho_inf)
         result.tables.setdefault("rank_agreement", []).append(
             {
                 "rankings": f"{_LABELS[a]} vs {_LABELS[b]}",
-                "Spearman (40 inputs)": f"{rs[0]:.3f} ± {rs[1]:.3f}",
-                "Kendall (40 inputs)": f"{ts[0]:.3f} ± {ts[1]:.3f}",
-                "Spearman (19 informative)": f"{ris[0]:.3f} ± {ris[1]:.3f}",
+                "Spearman (40 inputs)": fmt(rs, 3),
+                "Kendall (40 inputs)": fmt(ts, 3),
+                "Spearman (19 informative)": fmt(ris, 3),
             }
         )
     # accuracies
-    acc = mean_std([r["test_accuracy"] for r in runs])
-    bay = mean_std([r["bayes_test_accuracy"] for r in runs])
+    acc = mean_sd([r["test_accuracy"] for r in runs])
+    bay = mean_sd([r["bayes_test_accuracy"] for r in runs])
     result.tables["accuracy"] = [
         {
             "seed": r["seed"],
@@ -733,11 +424,11 @@ def _analyse(cfg: Config, runs: list[dict[str, Any]], result: Result) -> None:
                 }
             )
         result.tables.setdefault("chosen_variable_sets", []).extend(rows_all)
-        kept = mean_std([c["kept"] for c in chosen])
-        noise_kept = mean_std([len(set(c["alive"]) & noise) for c in chosen])
+        kept = mean_sd([c["kept"] for c in chosen])
+        noise_kept = mean_sd([len(set(c["alive"]) & noise) for c in chosen])
         clean = sum(len(set(c["alive"]) & noise) == 0 for c in chosen)
-        d_acc = mean_std([c["test_accuracy"] - r["test_accuracy"] for c, r in zip(chosen, runs)])
-        first = mean_std([row["removed before the first informative input"] for row in rows_all])
+        d_acc = mean_sd([c["test_accuracy"] - r["test_accuracy"] for c, r in zip(chosen, runs)])
+        first = mean_sd([row["removed before the first informative input"] for row in rows_all])
         all_first = sum(row["removed before the first wave input"] >= 19 for row in rows_all)
         result.claims.append(
             Claim(
@@ -746,20 +437,20 @@ def _analyse(cfg: Config, runs: list[dict[str, Any]], result: Result) -> None:
                 held=clean == ns and d_acc[0] >= -cfg.accuracy_drop,
                 detail=(
                     f"chosen set (smallest with validation accuracy within "
-                    f"{100 * cfg.tolerance:g} points of the best): {kept[0]:.1f} ± {kept[1]:.1f} "
-                    f"inputs, no appended noise input in {clean}/{ns} seeds ({noise_kept[0]:.1f} "
-                    f"± {noise_kept[1]:.1f} kept); test accuracy {100 * d_acc[0]:+.1f} ± "
+                    f"{100 * cfg.tolerance:g} points of the best): {fmt(kept)} inputs, no "
+                    f"appended noise input in {clean}/{ns} seeds ({fmt(noise_kept)} kept); test "
+                    f"accuracy {100 * d_acc[0]:+.1f} ± "
                     f"{100 * d_acc[1]:.1f} points against the full net; the 19 appended noise "
                     f"inputs are the first 19 removed in {all_first}/{ns} seeds; "
-                    f"{first[0]:.1f} ± {first[1]:.1f} pure-noise inputs removed before the first "
+                    f"{fmt(first)} pure-noise inputs removed before the first "
                     f"informative one; held if no noise input is kept in any seed and the mean "
                     f"test accuracy drops by at most {100 * cfg.accuracy_drop:g} point"
                 ),
                 paper=_PAPER["removal"],
             )
         )
-        kept_axis, val = curve([r["removal"][method] for r in runs], "val_accuracy", 100)
-        _, test = curve([r["removal"][method] for r in runs], "test_accuracy", 100)
+        kept_axis, val = removal_curve([r["removal"][method] for r in runs], "val_accuracy", 100)
+        _, test = removal_curve([r["removal"][method] for r in runs], "test_accuracy", 100)
         for k, v, t in zip(kept_axis, val, test):
             result.tables.setdefault("accuracy_vs_inputs_kept", []).append(
                 {
@@ -798,16 +489,9 @@ def _notes(cfg: Config, runs: list[dict[str, Any]]) -> list[str]:
 def _figures(cfg: Config, runs: list[dict[str, Any]], out: Path) -> list[str]:
     import numpy as np
 
-    paths: list[str] = []
-
-    def save(fig, name: str) -> None:
-        rel = f"figures/{name}"
-        (out / "figures").mkdir(parents=True, exist_ok=True)
-        fig.savefig(out / rel, dpi=cfg.figure_dpi)
-        paths.append(rel)
-
+    figs = FigureFiles(out, cfg.figure_dpi)
     # mean normalised rank per input, for each ranking
-    fig = base.new_figure(9.0, 3.6)
+    fig = new_figure(9.0, 3.6)
     ax = fig.subplots()
     x = np.arange(1, 41)
     width = 0.27
@@ -827,20 +511,20 @@ def _figures(cfg: Config, runs: list[dict[str, Any]], out: Path) -> list[str]:
     ax.set_title(f"Input rankings at the trained net, mean ± sd over {len(runs)} seeds")
     ax.set_xlim(0.3, 40.7)
     ax.legend(fontsize=7, ncol=2)
-    save(fig, "rankings.png")
+    figs.save(fig, "rankings.png")
 
     if cfg.removal:
-        fig = base.new_figure(5.6, 3.8)
+        fig = new_figure(5.6, 3.8)
         ax = fig.subplots()
         colors = {"ocd": "C0", "permutation": "C1", "mutual_info": "C2"}
         for method in cfg.removal_methods:
             rs = [r["removal"][method] for r in runs]
-            kx, val = curve(rs, "val_accuracy", 100)
-            _, test = curve(rs, "test_accuracy", 100)
+            kx, val = removal_curve(rs, "val_accuracy", 100)
+            _, test = removal_curve(rs, "test_accuracy", 100)
             c = colors[method]
             band(ax, kx, val, color=c, marker="o", ms=2, label=f"{_LABELS[method]}: validation")
             band(ax, kx, test, color=c, ls="--", label=f"{_LABELS[method]}: test")
-        bay = mean_std([r["bayes_test_accuracy"] for r in runs])[0]
+        bay = mean_sd([r["bayes_test_accuracy"] for r in runs])[0]
         ax.axhline(100 * bay, color="k", lw=0.8, ls=":", label="Bayes rule (test)")
         ax.axvline(21, color="grey", lw=0.8, ls="-.", label="21 inputs (19 noise removed)")
         ax.axvline(19, color="grey", lw=0.8, ls=":", label="19 informative inputs")
@@ -850,5 +534,5 @@ def _figures(cfg: Config, runs: list[dict[str, Any]], out: Path) -> list[str]:
         ax.set_title("Iterative removal with retraining")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-        save(fig, "accuracy_vs_inputs.png")
-    return paths
+        figs.save(fig, "accuracy_vs_inputs.png")
+    return figs.paths

@@ -14,13 +14,13 @@ validation split carved from the training part of the fixed stratified split use
   in a random order, with retraining (early stopping) after every step. Claim: the fewest pixels
   with which the mean test accuracy stays within ``accuracy_drop`` of the full net, per method.
 
-The removal loop is the one of :mod:`~optbrain.experiments.cibas1994_waveform`.
+The scores and the removal loop are those of :mod:`~optbrain.experiments.input_selection`, shared
+with :mod:`~optbrain.experiments.cibas1994_waveform`.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,18 +30,17 @@ import torch
 from torch import nn
 
 from . import base
-from .base import Claim, Progress, Result
-from .cibas1994_waveform import (
+from .base import Claim, Progress, Result, Session
+from .figures import FigureFiles, band, new_figure
+from .input_selection import (
     Split,
-    accuracy,
-    band,
-    curve,
-    fit,
     input_scores,
-    iterative_removal,
-    mean_std,
     ranks,
+    removal_curve,
+    removal_path,
+    train_net,
 )
+from .stats import fmt, mean_sd, seeds_tag
 
 log = logging.getLogger(__name__)
 
@@ -105,10 +104,7 @@ class Config(base.Config):
         )
 
     def validate(self) -> None:
-        def need(ok: bool, key: str, what: str) -> None:
-            if not ok:
-                raise ValueError(f"setting {key!r} = {getattr(self, key)!r}: {what}")
-
+        need = self.need
         need(len(self.seeds) > 0, "seeds", "give at least one seed")
         need(len(set(self.seeds)) == len(self.seeds), "seeds", "seeds must be distinct")
         need(self.hidden >= 1, "hidden", "must be >= 1")
@@ -156,20 +152,8 @@ def _one_seed(cfg: Config, split: Split, seed: int, tick: Callable[[str], None])
     from ..models.digits import digits_mlp
 
     model = digits_mlp(hidden=(cfg.hidden,), activation="tanh", seed=seed)
-    epochs = fit(
-        model,
-        split,
-        epochs=cfg.epochs,
-        patience=cfg.patience,
-        lr=cfg.lr,
-        batch_size=cfg.batch_size,
-        seed=seed,
-    )
     out: dict[str, Any] = {
-        "seed": seed,
-        "epochs": epochs,
-        "val_accuracy": accuracy(model, split.x_val, split.y_val),
-        "test_accuracy": accuracy(model, split.x_test, split.y_test),
+        **train_net(model, split, cfg, seed),
         "scores": {
             m: input_scores(m, model, split, curvature=cfg.curvature, seed=seed).tolist()
             for m in ("ocd", "magnitude")
@@ -185,25 +169,7 @@ def _one_seed(cfg: Config, split: Split, seed: int, tick: Callable[[str], None])
                 return fixed
             return input_scores(method, m, split, curvature=cfg.curvature)
 
-        def retrain(m: nn.Module, r: int) -> None:
-            fit(
-                m,
-                split,
-                epochs=cfg.retrain_epochs,
-                patience=cfg.retrain_patience,
-                lr=cfg.lr,
-                batch_size=cfg.batch_size,
-                seed=seed * 1000 + r,
-            )
-
-        out["removal"][method] = iterative_removal(
-            model,
-            split,
-            score,
-            step=cfg.remove_per_round,
-            min_inputs=cfg.min_inputs,
-            retrain=retrain,
-        )
+        out["removal"][method] = removal_path(model, split, score, cfg, seed)
         tick(f"seed {seed}: removal by {_LABELS[method]}")
     return out
 
@@ -211,39 +177,19 @@ def _one_seed(cfg: Config, split: Split, seed: int, tick: Callable[[str], None])
 def run(config: Config, out_dir: str | Path, progress: Progress | None = None) -> Result:
     """Run the reproduction into ``out_dir`` (see the module docstring) and return the result."""
     cfg = config
-    cfg.validate()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    total = len(cfg.seeds) * (1 + len(cfg.methods)) + 1
-    done = 0
-
-    def tick(stage: str) -> None:
-        nonlocal done
-        done += 1
-        log.info("%s (%d/%d, %.0f s)", stage, done, total, time.perf_counter() - start)
-        if progress is not None:
-            progress(done, total, stage)
-
+    session = Session(cfg, out_dir, len(cfg.seeds) * (1 + len(cfg.methods)) + 1, progress, log)
     split = _data(cfg)
     constant = [i for i in range(64) if float(split.x_train[:, i].abs().max()) == 0.0]
     variance = split.x_train.double().var(0)
-    runs = [_one_seed(cfg, split, s, tick) for s in cfg.seeds]
-    result = Result(experiment=NAME, config=cfg.to_dict(), title=TITLE, out_dir=str(out))
-    base.write_json(
-        out / "runs.json",
-        {"constant_pixels": constant, "variance": variance.tolist(), "runs": runs},
+    runs = [_one_seed(cfg, split, s, session.tick) for s in cfg.seeds]
+    result = session.result(NAME, TITLE)
+    session.write_json(
+        "runs.json", {"constant_pixels": constant, "variance": variance.tolist(), "runs": runs}
     )
-    result.files = ["runs.json"]
     _analyse(cfg, runs, constant, variance, result)
     n_train, n_val, n_test = len(split.y_train), len(split.y_val), len(split.y_test)
     result.notes = _notes(cfg, (n_train, n_val, n_test), constant)
-    result.figures = _figures(cfg, runs, variance, out)
-    result.files += result.figures
-    tick("figures")
-    result.seconds = time.perf_counter() - start
-    result.save(out)
-    return result
+    return session.finish(result, _figures(cfg, runs, variance, session.out))
 
 
 def _pixel(i: int) -> str:
@@ -254,7 +200,7 @@ def smallest_within(rows_per_seed: list[list[dict[str, Any]]], drop: float) -> t
     """From the mean test accuracy over seeds along the removal path: (the fewest inputs kept whose
     mean accuracy is within ``drop`` of the full net, the same but stopping at the first step that
     falls outside)."""
-    kept, acc = curve(rows_per_seed, "test_accuracy")
+    kept, acc = removal_curve(rows_per_seed, "test_accuracy")
     full = acc[0][0]
     ok = [k for k, a in zip(kept, acc) if a[0] >= full - drop - 1e-12]
     contiguous = kept[0]
@@ -267,7 +213,7 @@ def smallest_within(rows_per_seed: list[list[dict[str, Any]]], drop: float) -> t
 
 def _analyse(cfg: Config, runs, constant: list[int], variance, result: Result) -> None:
     ns = len(runs)
-    tag = f"({ns} seed{'s' if ns > 1 else ''})"
+    tag = seeds_tag(ns)
     # constant pixels: saliency exactly 0, ranked lowest
     ok_const, worst_mag = 0, []
     for r in runs:
@@ -280,7 +226,7 @@ def _analyse(cfg: Config, runs, constant: list[int], variance, result: Result) -
         ok_const += zero and lowest and others_positive
         mrk = ranks(torch.tensor(r["scores"]["magnitude"], dtype=torch.float64))
         worst_mag.append(max(int(mrk[i]) for i in constant) + 1 if constant else 0)
-    wm = mean_std(worst_mag)
+    wm = mean_sd(worst_mag)
     result.claims.append(
         Claim(
             name=f"The {len(constant)} pixels that are zero in every training image get OCD "
@@ -289,7 +235,7 @@ def _analyse(cfg: Config, runs, constant: list[int], variance, result: Result) -
             detail=(
                 f"pixels {', '.join(_pixel(i) for i in constant)} (row, column): saliency exactly "
                 f"0 and ranked 1..{len(constant)} in {ok_const}/{ns} seeds, every other pixel "
-                f"> 0; by fan-out magnitude the worst of them ranks {wm[0]:.1f} ± {wm[1]:.1f} of 64"
+                f"> 0; by fan-out magnitude the worst of them ranks {fmt(wm)} of 64"
             ),
             paper=_PAPER["constant"],
         )
@@ -330,13 +276,13 @@ def _analyse(cfg: Config, runs, constant: list[int], variance, result: Result) -
         )
     )
     # accuracy against pixels kept
-    full = mean_std([r["test_accuracy"] for r in runs])
+    full = mean_sd([r["test_accuracy"] for r in runs])
     n_min = {}
     for method in cfg.methods:
         rows = [r["removal"][method] for r in runs]
         n_min[method] = smallest_within(rows, cfg.accuracy_drop)
-        kx, test = curve(rows, "test_accuracy", 100)
-        _, val = curve(rows, "val_accuracy", 100)
+        kx, test = removal_curve(rows, "test_accuracy", 100)
+        _, val = removal_curve(rows, "val_accuracy", 100)
         for kk, t, v in zip(kx, test, val):
             result.tables.setdefault("accuracy_vs_pixels_kept", []).append(
                 {
@@ -352,7 +298,7 @@ def _analyse(cfg: Config, runs, constant: list[int], variance, result: Result) -
         others = {m: n_min[m] for m in cfg.methods if m != "ocd"}
         n_ocd, n_ocd_c = n_min["ocd"]
         rows = [r["removal"]["ocd"] for r in runs]
-        kx, test = curve(rows, "test_accuracy", 100)
+        kx, test = removal_curve(rows, "test_accuracy", 100)
         at = dict(zip(kx, test))
         result.claims.append(
             Claim(
@@ -362,7 +308,7 @@ def _analyse(cfg: Config, runs, constant: list[int], variance, result: Result) -
                 detail=(
                     f"full net {100 * full[0]:.1f} ± {100 * full[1]:.1f} % test accuracy; mean "
                     f"test accuracy within {100 * cfg.accuracy_drop:g} point down to {n_ocd} "
-                    f"pixels by OCD ({at[n_ocd][0]:.1f} ± {at[n_ocd][1]:.1f} %; without a "
+                    f"pixels by OCD ({fmt(at[n_ocd])} %; without a "
                     f"dip on the way: {n_ocd_c})"
                     + "".join(
                         f"; {_LABELS[m]}: {v[0]} (without a dip: {v[1]})" for m, v in others.items()
@@ -378,16 +324,14 @@ def _analyse(cfg: Config, runs, constant: list[int], variance, result: Result) -
                 continue
             vals = {}
             for m in cfg.methods:
-                kx_m, t_m = curve([r["removal"][m] for r in runs], "test_accuracy", 100)
+                kx_m, t_m = removal_curve([r["removal"][m] for r in runs], "test_accuracy", 100)
                 vals[m] = dict(zip(kx_m, t_m))[kk]
             order = sorted(cfg.methods, key=lambda m: -vals[m][0])
             result.claims.append(
                 Claim(
                     name=f"With {kk} pixels kept OCD's pixels give the highest test accuracy {tag}",
                     held=order[0] == "ocd",
-                    detail="; ".join(
-                        f"{_LABELS[m]} {vals[m][0]:.1f} ± {vals[m][1]:.1f} %" for m in cfg.methods
-                    )
+                    detail="; ".join(f"{_LABELS[m]} {fmt(vals[m])} %" for m in cfg.methods)
                     + " (retrained, mean ± sd over seeds)",
                     paper=_PAPER["pixels"],
                 )
@@ -424,14 +368,7 @@ def _notes(cfg: Config, sizes: tuple[int, int, int], constant: list[int]) -> lis
 def _figures(cfg: Config, runs, variance, out: Path) -> list[str]:
     import numpy as np
 
-    paths: list[str] = []
-
-    def save(fig, name: str) -> None:
-        rel = f"figures/{name}"
-        (out / "figures").mkdir(parents=True, exist_ok=True)
-        fig.savefig(out / rel, dpi=cfg.figure_dpi)
-        paths.append(rel)
-
+    figs = FigureFiles(out, cfg.figure_dpi)
     # saliency image: mean over seeds of the saliency normalised by its maximum
     sal = np.array([np.array(r["scores"]["ocd"]) / max(r["scores"]["ocd"]) for r in runs]).mean(0)
     mag = np.array(
@@ -452,7 +389,7 @@ def _figures(cfg: Config, runs, variance, out: Path) -> list[str]:
             (row,) = [row for row in seed_rows if row["kept"] == n_keep]
             kept[row["alive"]] += 1.0 / len(rows)
         panels.append((f"kept at {n_keep} by iterative OCD\n(share of seeds)", kept, "Blues"))
-    fig = base.new_figure(3.0 * len(panels), 3.3)
+    fig = new_figure(3.0 * len(panels), 3.3)
     axes = fig.subplots(1, len(panels))
     for ax, (title, img, cmap) in zip(axes, panels):
         im = ax.imshow(np.asarray(img).reshape(8, 8), cmap=cmap)
@@ -463,15 +400,15 @@ def _figures(cfg: Config, runs, variance, out: Path) -> list[str]:
         ax.set_ylabel("row", fontsize=7)
         ax.tick_params(labelsize=6)
         fig.colorbar(im, ax=ax, shrink=0.8)
-    save(fig, "saliency_image.png")
+    figs.save(fig, "saliency_image.png")
 
-    fig = base.new_figure(5.6, 3.8)
+    fig = new_figure(5.6, 3.8)
     ax = fig.subplots()
     for method in cfg.methods:
         rows = [r["removal"][method] for r in runs]
-        kx, test = curve(rows, "test_accuracy", 100)
+        kx, test = removal_curve(rows, "test_accuracy", 100)
         band(ax, kx, test, color=_COLORS[method], marker="o", ms=3, label=_LABELS[method])
-    a0 = mean_std([r["test_accuracy"] for r in runs])[0]
+    a0 = mean_sd([r["test_accuracy"] for r in runs])[0]
     ax.axhline(
         100 * (a0 - cfg.accuracy_drop),
         color="grey",
@@ -485,5 +422,5 @@ def _figures(cfg: Config, runs, variance, out: Path) -> list[str]:
     ax.set_title("Digits: removing pixels with retraining")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    save(fig, "accuracy_vs_pixels.png")
-    return paths
+    figs.save(fig, "accuracy_vs_pixels.png")
+    return figs.paths

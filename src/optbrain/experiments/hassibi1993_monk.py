@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -34,20 +33,20 @@ import torch
 from torch import nn
 
 from . import base
-from .base import Claim, Progress, Result
+from .base import Claim, Progress, Result, Session
+from .figures import FigureFiles, new_figure
 from .hassibi_common import (
     LABELS,
     accuracy,
     all_parameters_mask,
     delete_one_at_a_time,
     fit,
-    fmt,
     live_topology,
     make_pruner,
-    mean_sd,
     mse_problem,
     sigmoid_net,
 )
+from .stats import fmt, mean_sd, seeds_tag
 
 log = logging.getLogger(__name__)
 
@@ -96,10 +95,7 @@ class Config(base.Config):
         return cls(problems=(1, 3), seeds=(0,), methods=("obs", "magnitude", "unit_obs"))
 
     def validate(self) -> None:
-        def need(ok: bool, key: str, what: str) -> None:
-            if not ok:
-                raise ValueError(f"setting {key!r} = {getattr(self, key)!r}: {what}")
-
+        need = self.need
         need(len(self.problems) > 0, "problems", "give at least one of 1, 2, 3")
         need(all(p in (1, 2, 3) for p in self.problems), "problems", "choose from 1, 2, 3")
         need(len(set(self.problems)) == len(self.problems), "problems", "must be distinct")
@@ -210,35 +206,19 @@ def _summary(traj, mask) -> dict[str, Any]:
 def run(config: Config, out_dir: str | Path, progress: Progress | None = None) -> Result:
     """Run the reproduction into ``out_dir`` (see the module docstring) and return the result."""
     cfg = config
-    cfg.validate()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    total = len(cfg.problems) * len(cfg.seeds) + 1
-    done = 0
+    session = Session(cfg, out_dir, len(cfg.problems) * len(cfg.seeds) + 1, progress, log)
     nets: dict[int, list[dict[str, Any]]] = {}
     for problem in cfg.problems:
         nets[problem] = []
         for seed in cfg.seeds:
             nets[problem].append(_one_net(cfg, problem, seed))
-            done += 1
-            stage = f"MONK-{problem} seed {seed}"
-            log.info("%s (%d/%d, %.0f s)", stage, done, total, time.perf_counter() - start)
-            if progress is not None:
-                progress(done, total, stage)
-    base.write_json(out / "nets.json", nets)
-    result = Result(experiment=NAME, config=cfg.to_dict(), title=TITLE, out_dir=str(out))
-    result.files = ["nets.json"]
+            session.tick(f"MONK-{problem} seed {seed}")
+    session.write_json("nets.json", nets)
+    result = session.result(NAME, TITLE)
     result.notes = _notes(cfg)
     for problem in cfg.problems:
         _analyse(cfg, problem, nets[problem], result)
-    result.figures = _figures(cfg, nets, out)
-    result.files += result.figures
-    if progress is not None:
-        progress(total, total, "figures")
-    result.seconds = time.perf_counter() - start
-    result.save(out)
-    return result
+    return session.finish(result, _figures(cfg, nets, session.out))
 
 
 def _methods(cfg: Config) -> list[str]:
@@ -254,7 +234,7 @@ def _near(value: float, paper: int, cfg: Config) -> bool:
 
 def _analyse(cfg: Config, problem: int, rows: list[dict[str, Any]], result: Result) -> None:
     ns = len(rows)
-    tag = f"(MONK-{problem}, {ns} seed{'s' if ns > 1 else ''})"
+    tag = seeds_tag(ns, f"MONK-{problem}")
     total = rows[0]["weights"]
     tr = mean_sd([100 * r["train_acc"] for r in rows])
     te = mean_sd([100 * r["test_acc"] for r in rows])
@@ -395,13 +375,12 @@ def _notes(cfg: Config) -> list[str]:
 
 
 def _figures(cfg: Config, nets, out: Path) -> list[str]:
-    paths: list[str] = []
-    (out / "figures").mkdir(parents=True, exist_ok=True)
+    figs = FigureFiles(out, cfg.figure_dpi)
     methods = _methods(cfg)
     problems = list(cfg.problems)
 
     # weights left per method and problem, paper markers
-    fig = base.new_figure(1.8 + 2.2 * len(problems), 3.6)
+    fig = new_figure(1.8 + 2.2 * len(problems), 3.6)
     axes = fig.subplots(1, len(problems), squeeze=False)[0]
     for ax, p in zip(axes, problems):
         rows = nets[p]
@@ -422,11 +401,10 @@ def _figures(cfg: Config, nets, out: Path) -> list[str]:
         ax.set_ylabel("weights left at unchanged accuracy")
         ax.grid(axis="y", alpha=0.3)
     axes[0].legend(fontsize=7)
-    fig.savefig(out / "figures" / "weights_left.png", dpi=cfg.figure_dpi)
-    paths.append("figures/weights_left.png")
+    figs.save(fig, "weights_left.png")
 
     # accuracy against weights remaining, first seed, whole deletion
-    fig = base.new_figure(1.8 + 2.6 * len(problems), 3.4)
+    fig = new_figure(1.8 + 2.6 * len(problems), 3.4)
     axes = fig.subplots(1, len(problems), squeeze=False)[0]
     for ax, p in zip(axes, problems):
         row = nets[p][0]
@@ -443,6 +421,5 @@ def _figures(cfg: Config, nets, out: Path) -> list[str]:
         ax.set_title(f"MONK-{p}, seed {row['seed']}, no retraining", fontsize=9)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
-    fig.savefig(out / "figures" / "accuracy_vs_weights.png", dpi=cfg.figure_dpi)
-    paths.append("figures/accuracy_vs_weights.png")
-    return paths
+    figs.save(fig, "accuracy_vs_weights.png")
+    return figs.paths

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -29,18 +28,18 @@ import torch
 from torch import Tensor, nn
 
 from . import base
-from .base import Claim, Progress, Result
+from .base import Claim, Progress, Result, Session
+from .figures import FigureFiles, new_figure
 from .hassibi_common import (
     LABELS,
     all_parameters_mask,
     fit,
-    fmt,
     make_pruner,
-    mean_sd,
     mse_problem,
     outputs,
     sigmoid_net,
 )
+from .stats import fmt, mean_sd
 
 log = logging.getLogger(__name__)
 
@@ -88,10 +87,7 @@ class Config(base.Config):
         return cls(n_seeds=16, min_trained=4, alpha_sweep=(1e-3,))
 
     def validate(self) -> None:
-        def need(ok: bool, key: str, what: str) -> None:
-            if not ok:
-                raise ValueError(f"setting {key!r} = {getattr(self, key)!r}: {what}")
-
+        need = self.need
         need(self.seed >= 0, "seed", "must be >= 0")
         need(self.n_seeds >= 1, "n_seeds", "must be >= 1")
         need(self.min_trained >= 1, "min_trained", "must be >= 1")
@@ -215,33 +211,19 @@ def run(config: Config, out_dir: str | Path, progress: Progress | None = None) -
     from ..data.xor import xor_data
 
     cfg = config
-    cfg.validate()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
+    session = Session(cfg, out_dir, cfg.n_seeds + 1, progress, log)
     x, y = xor_data(cfg.low, cfg.high, dtype=torch.float64)
-    total = cfg.n_seeds + 1
     rows: list[dict[str, Any]] = []
-    for i, seed in enumerate(range(cfg.seed, cfg.seed + cfg.n_seeds)):
+    for seed in range(cfg.seed, cfg.seed + cfg.n_seeds):
         rows.append(_one_seed(cfg, seed, x, y))
-        stage = f"seed {seed}: {'trained' if rows[-1]['trained'] else 'did not reach zero error'}"
-        log.info("%s (%d/%d, %.0f s)", stage, i + 1, total, time.perf_counter() - start)
-        if progress is not None:
-            progress(i + 1, total, stage)
+        session.tick(
+            f"seed {seed}: {'trained' if rows[-1]['trained'] else 'did not reach zero error'}"
+        )
     trained = [r for r in rows if r["trained"]]
-    base.write_json(out / "seeds.json", rows)
-
-    result = Result(experiment=NAME, config=cfg.to_dict(), title=TITLE, out_dir=str(out))
-    result.files = ["seeds.json"]
+    session.write_json("seeds.json", rows)
+    result = session.result(NAME, TITLE)
     _analyse(cfg, rows, trained, result)
-    if trained:
-        result.figures = _figures(cfg, trained, out)
-        result.files += result.figures
-    if progress is not None:
-        progress(total, total, "figures")
-    result.seconds = time.perf_counter() - start
-    result.save(out)
-    return result
+    return session.finish(result, _figures(cfg, trained, session.out) if trained else [])
 
 
 def _analyse(cfg: Config, rows, trained, result: Result) -> None:
@@ -404,15 +386,13 @@ def _analyse(cfg: Config, rows, trained, result: Result) -> None:
 
 
 def _figures(cfg: Config, trained, out: Path) -> list[str]:
-    paths: list[str] = []
-    fig_dir = out / "figures"
-    fig_dir.mkdir(parents=True, exist_ok=True)
+    figs = FigureFiles(out, cfg.figure_dpi)
 
     # Fig. 4: one Hessian
     first = trained[0]
     hess = torch.tensor(first["hessian"])
     labels = first["labels"]
-    fig = base.new_figure(4.6, 4.0)
+    fig = new_figure(4.6, 4.0)
     ax = fig.subplots()
     lim = float(hess.abs().max())
     im = ax.imshow(hess.numpy(), cmap="RdBu_r", vmin=-lim, vmax=lim)
@@ -424,12 +404,11 @@ def _figures(cfg: Config, trained, out: Path) -> list[str]:
         fontsize=9,
     )
     fig.colorbar(im, ax=ax, shrink=0.8)
-    fig.savefig(fig_dir / "fig4_hessian.png", dpi=cfg.figure_dpi)
-    paths.append("figures/fig4_hessian.png")
+    figs.save(fig, "fig4_hessian.png")
 
     # how often XOR is still solved, per method
     n = len(trained)
-    fig = base.new_figure(5.6, 3.4)
+    fig = new_figure(5.6, 3.4)
     ax = fig.subplots()
     xs = range(len(METHODS))
     no = [100 * sum(r[m]["solved"] for r in trained) / n for m in METHODS]
@@ -443,17 +422,15 @@ def _figures(cfg: Config, trained, out: Path) -> list[str]:
     ax.set_title("one weight deleted from a trained 2-2-1 XOR net", fontsize=9)
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
-    fig.savefig(fig_dir / "solved_after_deletion.png", dpi=cfg.figure_dpi)
-    paths.append("figures/solved_after_deletion.png")
+    figs.save(fig, "solved_after_deletion.png")
 
     # off-diagonal mass over seeds
-    fig = base.new_figure(4.6, 3.2)
+    fig = new_figure(4.6, 3.2)
     ax = fig.subplots()
     ax.hist([r["offdiag_hessian"] for r in trained], bins=15, range=(0, 1), color="C2")
     ax.axvline(cfg.offdiag_bar, color="grey", ls=":", lw=1)
     ax.set_xlabel("‖H − diag H‖_F / ‖H‖_F (exact Hessian)")
     ax.set_ylabel("nets")
     ax.set_title(f"off-diagonal mass over {n} trained nets", fontsize=9)
-    fig.savefig(fig_dir / "offdiag_mass.png", dpi=cfg.figure_dpi)
-    paths.append("figures/offdiag_mass.png")
-    return paths
+    figs.save(fig, "offdiag_mass.png")
+    return figs.paths

@@ -23,7 +23,6 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -32,7 +31,8 @@ import torch
 from torch import Tensor, nn
 
 from . import base
-from .base import Claim, Progress, Result
+from .base import Claim, Progress, Result, Session
+from .figures import FigureFiles, band, new_figure
 from .hassibi_common import (
     LABELS,
     ShuffledBatches,
@@ -40,13 +40,12 @@ from .hassibi_common import (
     all_parameters_mask,
     delete_one_at_a_time,
     fit,
-    fmt,
     make_pruner,
-    mean_sd,
     mse_problem,
     outputs,
     sigmoid_net,
 )
+from .stats import fmt, mean_sd, mean_sd_curve, seeds_tag
 
 log = logging.getLogger(__name__)
 
@@ -102,10 +101,7 @@ class Config(base.Config):
         return cls(seeds=(0,), max_removed=30, retrain_epochs=3, es_max_epochs=200)
 
     def validate(self) -> None:
-        def need(ok: bool, key: str, what: str) -> None:
-            if not ok:
-                raise ValueError(f"setting {key!r} = {getattr(self, key)!r}: {what}")
-
+        need = self.need
         need(len(self.seeds) > 0, "seeds", "give at least one seed")
         need(len(set(self.seeds)) == len(self.seeds), "seeds", "seeds must be distinct")
         need(self.n_train >= 10, "n_train", "must be >= 10")
@@ -204,20 +200,9 @@ def run(config: Config, out_dir: str | Path, progress: Progress | None = None) -
     from ..data.gaussian_mixture import bayes_posterior, load_gaussian_mixture
 
     cfg = config
-    cfg.validate()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
     total = len(cfg.seeds) * len(cfg.starts) * (1 + len(cfg.methods)) + 1
-    done = 0
-
-    def tick(stage: str) -> None:
-        nonlocal done
-        done += 1
-        log.info("%s (%d/%d, %.0f s)", stage, done, total, time.perf_counter() - t0)
-        if progress is not None:
-            progress(done, total, stage)
-
+    session = Session(cfg, out_dir, total, progress, log)
+    tick = session.tick
     runs: dict[str, dict[int, dict[str, Any]]] = {s: {} for s in cfg.starts}
     bayes: list[float] = []
     for seed in cfg.seeds:
@@ -234,27 +219,20 @@ def run(config: Config, out_dir: str | Path, progress: Progress | None = None) -
                 entry["curves"][method] = _curve(cfg, method, model, data, seed)
                 tick(f"seed {seed}: {start}, {LABELS[method]} curve")
             runs[start][seed] = entry
-    base.write_json(
-        out / "curves.json", {s: {str(k): v for k, v in r.items()} for s, r in runs.items()}
+    session.write_json(
+        "curves.json", {s: {str(k): v for k, v in r.items()} for s, r in runs.items()}
     )
-    result = Result(experiment=NAME, config=cfg.to_dict(), title=TITLE, out_dir=str(out))
-    result.files = ["curves.json"]
+    result = session.result(NAME, TITLE)
     result.notes = _notes(cfg, bayes)
     for start in cfg.starts:
         _analyse(cfg, start, runs[start], result)
-    result.figures = _figures(cfg, runs, bayes, out)
-    result.files += result.figures
-    tick("figures")
-    result.seconds = time.perf_counter() - t0
-    result.save(out)
-    return result
+    return session.finish(result, _figures(cfg, runs, bayes, session.out))
 
 
 # --------------------------------------------------------------------------- analysis
 def _mean_curve(runs: dict[int, dict[str, Any]], method: str, key: str):
-    seeds = list(runs)
-    n = min(len(runs[s]["curves"][method]) for s in seeds)
-    return [mean_sd([runs[s]["curves"][method][i][key] for s in seeds]) for i in range(n)]
+    """Per weights removed: (mean, sd) over seeds of ``row[key]`` along ``method``'s curve."""
+    return mean_sd_curve([[row[key] for row in r["curves"][method]] for r in runs.values()])
 
 
 def _argmin(values: list[float]) -> int:
@@ -276,7 +254,7 @@ def _analyse(cfg: Config, start: str, runs: dict[int, dict[str, Any]], result: R
     seeds = list(runs)
     ns = len(seeds)
     name = "trained to the minimum" if start == "minimum" else "early-stopped"
-    tag = f"({name} net, {ns} seed{'s' if ns > 1 else ''})"
+    tag = seeds_tag(ns, f"{name} net")
     paper_k = PAPER_MIN[start]
     if start == "minimum":
         tr = mean_sd([runs[s]["start"]["train_mse"] for s in seeds])
@@ -373,30 +351,20 @@ def _notes(cfg: Config, bayes: list[float]) -> list[str]:
 
 
 def _figures(cfg: Config, runs, bayes: list[float], out: Path) -> list[str]:
-    (out / "figures").mkdir(parents=True, exist_ok=True)
+    figs = FigureFiles(out, cfg.figure_dpi)
     starts = list(cfg.starts)
-    fig = base.new_figure(1.0 + 4.0 * len(starts), 3.6)
+    fig = new_figure(1.0 + 4.0 * len(starts), 3.6)
     axes = fig.subplots(1, len(starts), squeeze=False)[0]
     for ax, start in zip(axes, starts):
         for j, method in enumerate(cfg.methods):
             curve = _mean_curve(runs[start], method, "test_mse")
-            xs = list(range(len(curve)))
-            m = [c[0] for c in curve]
-            sd = [c[1] for c in curve]
-            ax.plot(
-                xs,
-                m,
+            band(
+                ax,
+                list(range(len(curve))),
+                curve,
                 color=f"C{j}",
                 label=LABELS[method]
                 + (" (no retraining)" if method == "obs" else f" ({cfg.retrain_epochs} epochs)"),
-            )
-            ax.fill_between(
-                xs,
-                [a - b for a, b in zip(m, sd)],
-                [a + b for a, b in zip(m, sd)],
-                color=f"C{j}",
-                alpha=0.15,
-                lw=0,
             )
         ax.axvline(PAPER_MIN[start], color="grey", ls=":", lw=1, label="paper's OBS minimum")
         ax.axhline(mean_sd(bayes)[0], color="k", ls="--", lw=0.8, label="Bayes-optimal")
@@ -408,5 +376,5 @@ def _figures(cfg: Config, runs, bayes: list[float], out: Path) -> list[str]:
         )
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
-    fig.savefig(out / "figures" / "test_error_vs_removed.png", dpi=cfg.figure_dpi)
-    return ["figures/test_error_vs_removed.png"]
+    figs.save(fig, "test_error_vs_removed.png")
+    return figs.paths

@@ -11,7 +11,7 @@ papers' E = (1/2P) Σ (t − o)². Rankings and the OBS update do not depend on 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,10 +30,8 @@ __all__ = [
     "all_parameters_mask",
     "delete_one_at_a_time",
     "fit",
-    "fmt",
     "live_topology",
     "make_pruner",
-    "mean_sd",
     "mse_problem",
     "outputs",
     "sigmoid_net",
@@ -239,19 +237,3 @@ def live_topology(mask: Mask) -> tuple[int, int, int]:
     inputs = (w1 & hidden[:, None]).any(dim=0)
     weights = int((w1 & hidden[:, None]).sum() + (b1 & hidden).sum() + w2.sum() + b2.sum())
     return int(inputs.sum()), int(hidden.sum()), weights
-
-
-def mean_sd(xs: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation of the finite values (NaN, NaN if none; sd 0 for one)."""
-    vals = [float(x) for x in xs if x is not None and math.isfinite(float(x))]
-    if not vals:
-        return math.nan, math.nan
-    m = sum(vals) / len(vals)
-    if len(vals) < 2:
-        return m, 0.0
-    return m, math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1))
-
-
-def fmt(stats: tuple[float, float], digits: int = 1) -> str:
-    """``"m ± sd"``."""
-    return f"{stats[0]:.{digits}f} ± {stats[1]:.{digits}f}"

@@ -34,7 +34,6 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +43,9 @@ import torch
 from torch import Tensor, nn
 
 from . import base
-from .base import Claim, Progress, Result
+from .base import Claim, Progress, Result, Session
+from .figures import FigureFiles, band, new_figure
+from .stats import fmt, mean_sd, mean_sd_curve, seeds_tag
 
 log = logging.getLogger(__name__)
 
@@ -123,10 +124,7 @@ class Config(base.Config):
         return cls(seeds=(0,), sweep_step=0.05, rounds=6, retrain_epochs=3, final_sparsity=0.9)
 
     def validate(self) -> None:
-        def need(ok: bool, key: str, what: str) -> None:
-            if not ok:
-                raise ValueError(f"setting {key!r} = {getattr(self, key)!r}: {what}")
-
+        need = self.need
         need(len(self.seeds) > 0, "seeds", "give at least one seed")
         need(len(set(self.seeds)) == len(self.seeds), "seeds", "seeds must be distinct")
         need(len(self.models) > 0, "models", "give at least one of cnn, mlp")
@@ -167,16 +165,6 @@ def db(x: float) -> float:
     return 10.0 * math.log10(x) if x > 0 and math.isfinite(x) else math.nan
 
 
-def _mean_std(xs: list[float]) -> tuple[float, float]:
-    xs = [x for x in xs if isinstance(x, (int, float)) and math.isfinite(x)]
-    if not xs:
-        return math.nan, math.nan
-    m = sum(xs) / len(xs)
-    if len(xs) < 2:
-        return m, 0.0
-    return m, math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
-
-
 def _pct(f: float) -> str:
     return f"{100 * f:.1f}".rstrip("0").rstrip(".") + " %"
 
@@ -204,21 +192,12 @@ def _build(cfg: Config, model_name: str, seed: int) -> nn.Module:
     return digits_mlp(hidden=cfg.mlp_hidden, activation="tanh", seed=seed)
 
 
-def _curvature(cfg: Config):
-    from ..curvature import EmpiricalFisherDiagonal, GGNDiagonal, LeCunDiagonal
-
-    if cfg.curvature == "lecun":
-        return LeCunDiagonal(gauss_newton=True)
-    if cfg.curvature == "empirical_fisher":
-        return EmpiricalFisherDiagonal()
-    return GGNDiagonal()
-
-
 def _pruner(cfg: Config, method: str, seed: int):
+    from ..curvature import ESTIMATORS
     from ..pruner import magnitude, obd, random
 
     if method.startswith("obd"):
-        return obd(_curvature(cfg), weight_decay=cfg.weight_decay)
+        return obd(ESTIMATORS[cfg.curvature](), weight_decay=cfg.weight_decay)
     if method == "magnitude":
         return magnitude()
     if method == "random":
@@ -319,12 +298,12 @@ def _row(f, mask, n_params, objective, predicted, model, data) -> dict[str, Any]
     }
 
 
-def _train_base(cfg: Config, model_name: str, seed: int, data: _Data) -> nn.Module:
+def _train(cfg: Config, model: nn.Module, data: _Data, epochs: int, lr: float, seed: int) -> None:
+    """Adam on the training cross-entropy in place, batches shuffled from ``seed``."""
     from torch.utils.data import DataLoader, TensorDataset
 
     from ..train import train
 
-    model = _build(cfg, model_name, seed)
     loader = DataLoader(
         TensorDataset(data.x_train, data.y_train),
         batch_size=cfg.batch_size,
@@ -335,11 +314,16 @@ def _train_base(cfg: Config, model_name: str, seed: int, data: _Data) -> nn.Modu
         model,
         loader,
         nn.CrossEntropyLoss(),
-        epochs=cfg.epochs,
-        lr=cfg.lr,
+        epochs=epochs,
+        lr=lr,
         weight_decay=cfg.weight_decay,
         seed=seed,
     )
+
+
+def _train_base(cfg: Config, model_name: str, seed: int, data: _Data) -> nn.Module:
+    model = _build(cfg, model_name, seed)
+    _train(cfg, model, data, cfg.epochs, cfg.lr, seed)
     return model
 
 
@@ -352,26 +336,12 @@ def _retrain_run(
     model_name: str,
     tick: Callable[[str], None],
 ):
-    from torch.utils.data import DataLoader, TensorDataset
-
     from ..loop import iterative_prune
-    from ..train import train
 
     work = copy.deepcopy(model)
-    dataset = TensorDataset(data.x_train, data.y_train)
 
     def retrain(m: nn.Module, r: int) -> None:
-        gen = torch.Generator().manual_seed(seed * 1000 + r)
-        loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, generator=gen)
-        train(
-            m,
-            loader,
-            nn.CrossEntropyLoss(),
-            epochs=cfg.retrain_epochs,
-            lr=cfg.retrain_lr,
-            weight_decay=cfg.weight_decay,
-            seed=seed * 1000 + r,
-        )
+        _train(cfg, m, data, cfg.retrain_epochs, cfg.retrain_lr, seed * 1000 + r)
 
     return iterative_prune(
         work,
@@ -390,22 +360,10 @@ def _retrain_run(
 def run(config: Config, out_dir: str | Path, progress: Progress | None = None) -> Result:
     """Run the reproduction into ``out_dir`` (see the module docstring) and return the result."""
     cfg = config
-    cfg.validate()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    fractions = _sweep_fractions(cfg)
     per_seed = 2 + (cfg.rounds * len(cfg.retrain_methods) if cfg.retrain else 0)
-    total = len(cfg.models) * len(cfg.seeds) * per_seed + 1
-    done = 0
-    files: list[str] = []
-
-    def tick(stage: str) -> None:
-        nonlocal done
-        done += 1
-        log.info("%s (%d/%d, %.0f s)", stage, done, total, time.perf_counter() - start)
-        if progress is not None:
-            progress(done, total, stage)
+    session = Session(cfg, out_dir, len(cfg.models) * len(cfg.seeds) * per_seed + 1, progress, log)
+    tick = session.tick
+    fractions = _sweep_fractions(cfg)
 
     # runs[model][seed] = {"base": metrics, "sweeps": {method: rows}, "histories": {method: H}}
     runs: dict[str, dict[int, dict[str, Any]]] = {}
@@ -414,7 +372,6 @@ def run(config: Config, out_dir: str | Path, progress: Progress | None = None) -
         data = _load(cfg, model_name)
         runs[model_name] = {}
         for seed in cfg.seeds:
-            t0 = time.perf_counter()
             model = _train_base(cfg, model_name, seed, data)
             base_metrics = _metrics(model, data)
             tick(f"{model_name} seed {seed}: trained")
@@ -424,45 +381,34 @@ def run(config: Config, out_dir: str | Path, progress: Progress | None = None) -
             n_weights = Mask.ones(model).total()
             sizes[model_name] = {"params": n_params, "weights": n_weights}
             sweeps = {m: _sweep(cfg, m, model, data, fractions, seed) for m in SWEEP_METHODS}
-            rel = f"sweeps/{model_name}_seed{seed}.json"
-            base.write_json(out / rel, {"fractions": fractions, "base": base_metrics, **sweeps})
-            files.append(rel)
+            session.write_json(
+                f"sweeps/{model_name}_seed{seed}.json",
+                {"fractions": fractions, "base": base_metrics, **sweeps},
+            )
             tick(f"{model_name} seed {seed}: deletion without retraining")
             histories = {}
             if cfg.retrain:
                 for method in cfg.retrain_methods:
                     h = _retrain_run(cfg, method, model, data, seed, model_name, tick)
-                    rel = f"histories/{model_name}_{method}_seed{seed}.json"
-                    (out / rel).parent.mkdir(parents=True, exist_ok=True)
-                    h.save(out / rel)
-                    files.append(rel)
+                    h.save(session.path(f"histories/{model_name}_{method}_seed{seed}.json"))
                     histories[method] = h
             runs[model_name][seed] = {
                 "base": base_metrics,
                 "sweeps": sweeps,
                 "histories": histories,
             }
-            log.info("%s seed %d done in %.1f s", model_name, seed, time.perf_counter() - t0)
 
-    result = Result(experiment=NAME, config=cfg.to_dict(), title=TITLE, out_dir=str(out))
-    result.files = files
+    result = session.result(NAME, TITLE)
     for model_name in cfg.models:
         _analyse(cfg, model_name, runs[model_name], sizes[model_name], result)
     result.notes = _notes(cfg, sizes)
-    result.figures = _figures(cfg, runs, sizes, out)
-    result.files += result.figures
-    tick("figures")
-    result.seconds = time.perf_counter() - start
-    result.save(out)
-    return result
+    return session.finish(result, _figures(cfg, runs, sizes, session.out))
 
 
 # --------------------------------------------------------------------------- analysis
 def _curve(runs: dict[int, dict[str, Any]], method: str, key: str, fn=db):
     """Per fraction: (mean, std) over seeds of fn(row[key]) along the sweep of ``method``."""
-    seeds = list(runs)
-    n = len(runs[seeds[0]]["sweeps"][method])
-    return [_mean_std([fn(runs[s]["sweeps"][method][i][key]) for s in seeds]) for i in range(n)]
+    return mean_sd_curve([[fn(row[key]) for row in r["sweeps"][method]] for r in runs.values()])
 
 
 def _sweep_col(runs, method: str, key: str) -> list[Any]:
@@ -472,12 +418,9 @@ def _sweep_col(runs, method: str, key: str) -> list[Any]:
 
 def _hist_curve(runs, method: str, key: str, fn=db):
     """Per round: (mean, std) over seeds of fn(metrics[key]) after retraining."""
-    seeds = list(runs)
-    n = min(len(runs[s]["histories"][method].records) for s in seeds)
-    return [
-        _mean_std([fn(runs[s]["histories"][method].records[i].metrics[key]) for s in seeds])
-        for i in range(n)
-    ]
+    return mean_sd_curve(
+        [[fn(rec.metrics[key]) for rec in r["histories"][method].records] for r in runs.values()]
+    )
 
 
 def _at(fractions: list[float], f: float) -> int:
@@ -491,7 +434,7 @@ def _analyse(cfg, model_name, runs, size, result: Result) -> None:
     main = "obd_initial" if cfg.ranking == "initial" else "obd_reestimate"
     other = "obd_reestimate" if main == "obd_initial" else "obd_initial"
     obj = {m: _curve(runs, m, "objective") for m in SWEEP_METHODS}
-    tag = f"({model_name}, {ns} seed{'s' if ns > 1 else ''})"
+    tag = seeds_tag(ns, model_name)
 
     # Fig. 1a ordering at the claim fractions, for both OBD variants
     for variant in (main, other):
@@ -550,7 +493,7 @@ def _analyse(cfg, model_name, runs, size, result: Result) -> None:
     # Fig. 1b: predicted vs actual objective (main variant), in dB
     e0 = [runs[s]["sweeps"][main][0]["objective"] for s in seeds]
     pred = [
-        _mean_std(
+        mean_sd(
             [
                 db(e0[j] + runs[s]["sweeps"][main][i]["predicted_increase"])
                 for j, s in enumerate(seeds)
@@ -650,13 +593,13 @@ def _analyse(cfg, model_name, runs, size, result: Result) -> None:
                     "test_acc": round(cols["test_accuracy"][i][0], 4),
                     "test_acc_sd": round(cols["test_accuracy"][i][1], 4),
                     "no_retrain_test_mse_dB": round(
-                        _mean_std([db(runs[s]["sweeps"][main][j]["test_mse"]) for s in seeds])[0],
+                        mean_sd([db(runs[s]["sweeps"][main][j]["test_mse"]) for s in seeds])[0],
                         2,
                     )
                     if abs(nr["fraction"] - tg[i]) < 1e-6
                     else math.nan,
                     "no_retrain_test_acc": round(
-                        _mean_std([runs[s]["sweeps"][main][j]["test_accuracy"] for s in seeds])[0],
+                        mean_sd([runs[s]["sweeps"][main][j]["test_accuracy"] for s in seeds])[0],
                         4,
                     )
                     if abs(nr["fraction"] - tg[i]) < 1e-6
@@ -680,7 +623,7 @@ def _analyse(cfg, model_name, runs, size, result: Result) -> None:
                 break
         i60 = min(range(1, n), key=lambda i: abs(sp[i] - cfg.little_loss_fraction))
         j60 = _at(fr, tg[i60])
-        nr_mse = _mean_std([db(runs[s]["sweeps"][main][j60]["test_mse"]) for s in seeds])[0]
+        nr_mse = mean_sd([db(runs[s]["sweeps"][main][j60]["test_mse"]) for s in seeds])[0]
         result.claims.append(
             Claim(
                 name=f"Fig. 2 with retraining, little loss up to {_pct(cfg.little_loss_fraction)} "
@@ -738,21 +681,19 @@ def _analyse(cfg, model_name, runs, size, result: Result) -> None:
             )
         if method != "obd":
             continue
-        mw, sw = _mean_std(factors)
-        ma, sa = _mean_std(factors_all)
-        mc, sc = _mean_std(contiguous)
+        fw, fa, fc = mean_sd(factors), mean_sd(factors_all), mean_sd(contiguous)
         cap = 1.0 / (1.0 - _retrain_schedule(cfg)(cfg.rounds))
         result.claims.append(
             Claim(
                 name=f"Our bar: ≥ {cfg.target_factor:g}× fewer parameters at ≤ "
                 f"{100 * cfg.accuracy_drop:.0f} point test accuracy lost, with retraining {tag}",
-                held=mw >= cfg.target_factor,
+                held=fw[0] >= cfg.target_factor,
                 detail=(
-                    f"compression of the {size['weights']} weights {mw:.1f} ± {sw:.1f}× "
+                    f"compression of the {size['weights']} weights {fmt(fw)}× "
                     f"(per seed {', '.join(f'{x:.1f}' for x in factors)}); counting the never-"
-                    f"deleted biases too ({size['params']} parameters): {ma:.1f} ± {sa:.1f}×; "
-                    f"before the first round that loses more than the allowed point: {mc:.1f} ± "
-                    f"{sc:.1f}×; schedule reaches at most {cap:.1f}×; chosen on the test set; "
+                    f"deleted biases too ({size['params']} parameters): {fmt(fa)}×; "
+                    f"before the first round that loses more than the allowed point: "
+                    f"{fmt(fc)}×; schedule reaches at most {cap:.1f}×; chosen on the test set; "
                     "mean ± sd over seeds"
                 ),
                 paper=_PAPER["bar"],
@@ -800,37 +741,19 @@ _COLORS = {
 }
 
 
-def _band(ax, x, stats, **kw):
-    m = [s[0] for s in stats]
-    sd = [s[1] for s in stats]
-    (line,) = ax.plot(x, m, **kw)
-    lo = [a - b for a, b in zip(m, sd)]
-    hi = [a + b for a, b in zip(m, sd)]
-    ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.15, linewidth=0)
-    return line
-
-
 def _figures(cfg: Config, runs, sizes, out: Path) -> list[str]:
     main = "obd_initial" if cfg.ranking == "initial" else "obd_reestimate"
     models = list(cfg.models)
-    paths: list[str] = []
-    dpi = cfg.figure_dpi
-    fig_dir = "figures"
-
-    def save(fig, name: str) -> None:
-        rel = f"{fig_dir}/{name}"
-        (out / fig_dir).mkdir(parents=True, exist_ok=True)
-        fig.savefig(out / rel, dpi=dpi)
-        paths.append(rel)
+    figs = FigureFiles(out, cfg.figure_dpi)
 
     # Fig. 1a
-    fig = base.new_figure(4.6 * len(models), 3.6)
+    fig = new_figure(4.6 * len(models), 3.6)
     axes = fig.subplots(1, len(models), squeeze=False)[0]
     for ax, m in zip(axes, models):
         x = _sweep_col(runs[m], main, "remaining_params")
         for meth in SWEEP_METHODS:
             style = "--" if meth.startswith("obd") and meth != main else "-"
-            _band(
+            band(
                 ax,
                 x,
                 _curve(runs[m], meth, "objective"),
@@ -843,23 +766,23 @@ def _figures(cfg: Config, runs, sizes, out: Path) -> list[str]:
         ax.set_ylabel("training objective (CE) [dB]")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    save(fig, "fig1a_objective.png")
+    figs.save(fig, "fig1a_objective.png")
 
     # Fig. 1b
-    fig = base.new_figure(4.6 * len(models), 3.6)
+    fig = new_figure(4.6 * len(models), 3.6)
     axes = fig.subplots(1, len(models), squeeze=False)[0]
     for ax, m in zip(axes, models):
         x = _sweep_col(runs[m], main, "remaining_params")
         seeds = list(runs[m])
         e0 = {s: runs[m][s]["sweeps"][main][0]["objective"] for s in seeds}
         pred = [
-            _mean_std(
+            mean_sd(
                 [db(e0[s] + runs[m][s]["sweeps"][main][i]["predicted_increase"]) for s in seeds]
             )
             for i in range(len(x))
         ]
-        _band(ax, x, _curve(runs[m], main, "objective"), color="C0", label="actual")
-        _band(ax, x, pred, color="C4", ls="--", label="predicted: E0 + Σ deleted saliencies")
+        band(ax, x, _curve(runs[m], main, "objective"), color="C0", label="actual")
+        band(ax, x, pred, color="C4", ls="--", label="predicted: E0 + Σ deleted saliencies")
         total_w = sizes[m]["weights"]
         ax.axvline(
             sizes[m]["params"] - 0.3 * total_w, color="grey", lw=0.8, ls=":", label="30 % deleted"
@@ -869,13 +792,13 @@ def _figures(cfg: Config, runs, sizes, out: Path) -> list[str]:
         ax.set_ylabel("training objective (CE) [dB]")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    save(fig, "fig1b_predicted_vs_actual.png")
+    figs.save(fig, "fig1b_predicted_vs_actual.png")
 
     if not cfg.retrain or "obd" not in cfg.retrain_methods:
-        return paths
+        return figs.paths
 
     # Fig. 2: rows = model, columns = train / test
-    fig = base.new_figure(9.2, 3.4 * len(models))
+    fig = new_figure(9.2, 3.4 * len(models))
     axes = fig.subplots(len(models), 2, squeeze=False)
     for row, m in zip(axes, models):
         x = _sweep_col(runs[m], main, "remaining_params")
@@ -883,7 +806,7 @@ def _figures(cfg: Config, runs, sizes, out: Path) -> list[str]:
         hx = [r.remaining_params for r in runs[m][seeds[0]]["histories"]["obd"].records]
         for ax, split in zip(row, ("train", "test")):
             for key, color, name in ((f"{split}_mse", "C0", "MSE"), (f"{split}_loss", "C1", "CE")):
-                _band(
+                band(
                     ax,
                     x,
                     _curve(runs[m], main, key),
@@ -891,7 +814,7 @@ def _figures(cfg: Config, runs, sizes, out: Path) -> list[str]:
                     ls="--",
                     label=f"{name}, no retraining",
                 )
-                _band(
+                band(
                     ax,
                     hx,
                     _hist_curve(runs[m], "obd", key),
@@ -912,16 +835,16 @@ def _figures(cfg: Config, runs, sizes, out: Path) -> list[str]:
             ax.set_ylabel("log loss [dB]")
             ax.grid(alpha=0.3)
         row[0].legend(fontsize=7)
-    save(fig, "fig2_retraining.png")
+    figs.save(fig, "fig2_retraining.png")
 
     # accuracy and the bar
-    fig = base.new_figure(4.6 * len(models), 3.6)
+    fig = new_figure(4.6 * len(models), 3.6)
     axes = fig.subplots(1, len(models), squeeze=False)[0]
     for ax, m in zip(axes, models):
         x = _sweep_col(runs[m], main, "remaining_params")
         seeds = list(runs[m])
         pct = lambda v: 100 * v  # noqa: E731
-        _band(
+        band(
             ax,
             x,
             _curve(runs[m], main, "test_accuracy", pct),
@@ -929,7 +852,7 @@ def _figures(cfg: Config, runs, sizes, out: Path) -> list[str]:
             ls="--",
             label="OBD, no retraining",
         )
-        _band(
+        band(
             ax,
             x,
             _curve(runs[m], "magnitude", "test_accuracy", pct),
@@ -939,7 +862,7 @@ def _figures(cfg: Config, runs, sizes, out: Path) -> list[str]:
         )
         for meth in cfg.retrain_methods:
             hx = [r.remaining_params for r in runs[m][seeds[0]]["histories"][meth].records]
-            _band(
+            band(
                 ax,
                 hx,
                 _hist_curve(runs[m], meth, "test_accuracy", pct),
@@ -948,7 +871,7 @@ def _figures(cfg: Config, runs, sizes, out: Path) -> list[str]:
                 ms=3,
                 label=f"{_LABELS[meth]}, with retraining",
             )
-        a0 = _mean_std([runs[m][s]["base"]["test_accuracy"] for s in seeds])[0]
+        a0 = mean_sd([runs[m][s]["base"]["test_accuracy"] for s in seeds])[0]
         ax.axhline(
             100 * (a0 - cfg.accuracy_drop), color="grey", lw=0.8, ls=":", label="unpruned − 1 point"
         )
@@ -966,5 +889,5 @@ def _figures(cfg: Config, runs, sizes, out: Path) -> list[str]:
         ax.set_ylabel("test accuracy [%]")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    save(fig, "accuracy_vs_params.png")
-    return paths
+    figs.save(fig, "accuracy_vs_params.png")
+    return figs.paths
