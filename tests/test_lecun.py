@@ -9,6 +9,8 @@ The slow transcription is itself checked against autograd where the recursion mu
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from hypothesis import given
@@ -329,3 +331,58 @@ def test_lecun_equals_exact_hessian_for_one_conv_layer_under_mse(conv):
     want = ExactHessianDiagonal(method="hvp", dtype=torch.float64).diagonal(problem)
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=1e-10, atol=1e-12)
+
+
+def _as_linear(layer: nn.Module, in_shape: tuple[int, ...]) -> nn.Linear:
+    """A Linear layer computing flatten(layer(x)) from flatten(x): its matrix is the Jacobian."""
+    x = torch.zeros(1, *in_shape, dtype=torch.float64)
+    jac = torch.func.jacrev(lambda v: layer(v.reshape(1, *in_shape)).reshape(-1))(x.reshape(-1))
+    bias = layer(x).reshape(-1).detach()
+    lin = nn.Linear(jac.shape[1], jac.shape[0]).double()
+    with torch.no_grad():
+        lin.weight.copy_(jac)
+        lin.bias.copy_(bias)
+    return lin
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel:UserWarning")
+@pytest.mark.parametrize("gauss_newton", [True, False])
+@pytest.mark.parametrize(
+    "middle",
+    [
+        lambda: nn.Conv1d(3, 2, 2, padding="same"),  # uneven "same" padding, not the first layer
+        lambda: nn.Conv1d(3, 2, 4, padding="same", dilation=1),
+        lambda: nn.AvgPool1d(2),
+        lambda: nn.AvgPool1d(3, stride=2, padding=1),
+    ],
+)
+def test_lecun_through_a_middle_layer_equals_the_same_net_with_its_linear_equivalent(
+    middle, gauss_newton
+):
+    """LeCun's recursion sends Σ_k w_ki²·∂²E/∂a_k² back through a linear layer; a conv or pooling
+    layer in the middle must do exactly what its dense (Jacobian) matrix does as a Linear layer."""
+    torch.manual_seed(1)
+    first, mid = nn.Conv1d(2, 3, 3).double(), middle().double()
+    mid_shape = (3, 7)  # output of `first` for inputs of length 9
+    out_len = mid(torch.zeros(1, *mid_shape, dtype=torch.float64)).numel()
+    last = nn.Linear(out_len, 2).double()
+    model = nn.Sequential(first, nn.Tanh(), mid, nn.Flatten(), last)
+    twin = nn.Sequential(
+        copy.deepcopy(first),
+        nn.Tanh(),
+        nn.Flatten(),
+        _as_linear(mid, mid_shape),
+        copy.deepcopy(last),
+    )
+    x = torch.randn(6, 2, 9, dtype=torch.float64)
+    with torch.no_grad():
+        y = torch.randn(6, 2, dtype=torch.float64)
+        torch.testing.assert_close(model(x), twin(x))
+    est = LeCunDiagonal(gauss_newton=gauss_newton, dtype=torch.float64)
+    got = est.diagonal(Problem(model, nn.MSELoss(), [(x[:4], y[:4]), (x[4:], y[4:])]))
+    want = est.diagonal(Problem(twin, nn.MSELoss(), [(x[:4], y[:4]), (x[4:], y[4:])]))
+    for a, b in (("0", "0"), ("4", "4")):
+        for attr in ("weight", "bias"):
+            torch.testing.assert_close(
+                got[f"{a}.{attr}"], want[f"{b}.{attr}"], rtol=1e-10, atol=1e-12
+            )

@@ -17,17 +17,19 @@ At each layer with parameters the rule turns the current curvature into paramete
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..errors import NonFiniteLossError
 from ..paramdict import ParamDict
 from ..problem import Problem, eval_mode
 from . import losses
+from .base import _all_finite
 from .chain import Link, build_chain
-from .rules import ElementwiseRule, MaxPoolRule, ReshapeRule
+from .rules import AvgPoolRule, ConvRule, ElementwiseRule, LinearRule, MaxPoolRule, ReshapeRule
 
 MODES = ("lecun", "lecun_gn", "ggn", "hessian", "ef", "mc")
 _BUDGET = 2**24  # elements per intermediate column tensor (~128 MB in float64)
@@ -40,6 +42,32 @@ def _chunks(problem: Problem, size: int | None) -> Iterator[tuple[Tensor, Tensor
         else:
             for i in range(0, x.shape[0], size):
                 yield x[i : i + size], y[i : i + size]
+
+
+class _FlatEval:
+    """:class:`~optbrain.problem.eval_mode` for models whose modules all use ``nn.Module.train``:
+    flips only the modules that are training (no recursive ``train()`` calls); a no-op when the
+    model is already in eval mode."""
+
+    def __init__(self, modules: list[nn.Module]):
+        self.flipped = modules
+
+    def __enter__(self) -> None:
+        for m in self.flipped:
+            m.training = False
+
+    def __exit__(self, *exc: object) -> None:
+        for m in self.flipped:
+            m.training = True
+
+
+def _eval(model: nn.Module):
+    training = [m for m in model.modules() if m.training]
+    if not training:
+        return contextlib.nullcontext()
+    if all(type(m).train is nn.Module.train for m in training):
+        return _FlatEval(training)
+    return eval_mode(model)
 
 
 def _chunk_size(chain: list[Link], xs: list[Tensor], k0: int, mode: str) -> int:
@@ -63,24 +91,26 @@ def run(
     generator: torch.Generator | None = None,
     tick: Callable[[int, int], None] | None = None,
     chain: list[Link] | None = None,
+    wanted: dict[str, Tensor] | None = None,
 ) -> ParamDict:
     """Accumulate the parameter diagonal of ``mode`` over the problem's data (see module doc);
-    ``chain`` may pass the model's chain when the caller has already built it."""
+    ``chain`` may pass the model's chain when the caller has already built it, ``wanted`` the
+    problem's ``parameters()``."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}")
     model = problem.model
     chain = chain if chain is not None else build_chain(model, estimator)
-    wanted = problem.parameters()
+    wanted = problem.parameters() if wanted is None else wanted
     first = next(
         (i for i, lk in enumerate(chain) if any(n in wanted for n, _, _ in lk.params.values())),
         None,
     )
-    acc: ParamDict = {n: torch.zeros_like(p) for n, p in wanted.items()}
     if first is None:
-        return acc
+        return {n: torch.zeros_like(p) for n, p in wanted.items()}
+    acc: ParamDict = {}  # filled by the first contribution to each entry (see _add)
     n_total = problem.n_samples
     done = 0
-    with torch.no_grad(), eval_mode(model):
+    with torch.no_grad(), _eval(model):
         chunk = None  # LeCun carries one diagonal: batches as given
         if not mode.startswith("lecun"):
             probe = [next(problem.batches())[0][:1]]
@@ -92,49 +122,85 @@ def run(
             xs = [x]
             for lk in chain:
                 xs.append(lk.module(xs[-1]))
-            if not torch.isfinite(xs[-1]).all():
+            if not _all_finite([xs[-1]]):
                 raise NonFiniteLossError(f"{estimator}: the model output contains NaN or inf")
-            _sweep(problem, chain, xs, y, mode, first, acc, wanted, samples, generator)
+            _sweep(problem, chain, xs, y, mode, first, acc, wanted, samples, generator, n_total)
             done += x.shape[0]
             if tick is not None:
                 tick(done, n_total)
-    for name in acc:  # finiteness is checked once, by DiagonalEstimator._finish
-        acc[name] /= n_total
-    return acc
+    if not mode.startswith("lecun"):  # LeCun's boundary carries the 1/N already
+        for name in acc:  # finiteness is checked once, by DiagonalEstimator._finish
+            acc[name] /= n_total
+    return {n: acc[n] if n in acc else torch.zeros_like(p) for n, p in wanted.items()}
 
 
 def _add(acc: ParamDict, wanted, link: Link, contrib: dict[str, Tensor]) -> None:
+    """Add a rule's contributions; the first one for an entry is stored as is (rules return
+    fresh tensors, which the accumulator then owns)."""
     for attr, value in contrib.items():
         if attr not in link.params:
             continue
         name, _, mult = link.params[attr]
         if name not in wanted:
             continue
-        acc[name] += value if mult is None else value * mult
+        if mult is not None:
+            value = value * mult
+        if name in acc:
+            acc[name] += value
+        else:
+            acc[name] = value if value.dtype == wanted[name].dtype else value.to(wanted[name])
 
 
-def _sweep(problem, chain, xs, y, mode, first, acc, wanted, samples, generator) -> None:
+#: rules whose ``vjp`` returns a fresh tensor (which the sweep may then scale in place)
+_FRESH_VJP = (LinearRule, ConvRule, AvgPoolRule, MaxPoolRule)
+
+
+def _square_sum_suffices(chain: list[Link], xs: list[Tensor], i: int, first: int) -> bool:
+    """Whether the columns leaving Linear link ``i`` are needed only as Σ_k σ cols² by the first
+    Linear layer (directly, or after one element-wise activation whose f' stays pending)."""
+    if not (type(chain[i].rule) is LinearRule and xs[i].dim() == 2):
+        return False
+    if not (type(chain[first].rule) is LinearRule and xs[first].dim() == 2):
+        return False
+    return i - 1 == first or (i - 2 == first and isinstance(chain[i - 1].rule, ElementwiseRule))
+
+
+def _sweep(problem, chain, xs, y, mode, first, acc, wanted, samples, generator, n_total) -> None:
     out = xs[-1]
     need_grad = mode in ("lecun", "hessian")
     g = losses.output_grads(problem, out, y) if (need_grad or mode == "ef") else None
     if mode in ("lecun", "lecun_gn"):
-        d = losses.hessian_diagonal(problem, out, y)
+        # the recursion is linear in (d, g): the objective's 1/N is applied at the boundary
+        d = losses.hessian_diagonal(problem, out, y) * (1.0 / n_total)
+        owned = True  # d is a fresh tensor of this sweep, free to be scaled in place
+        if g is not None:
+            g = g * (1.0 / n_total)
         for i in range(len(chain) - 1, first - 1, -1):
             lk, x = chain[i], xs[i]
-            if lk.params:
-                _add(acc, wanted, lk, lk.rule.diag_params(lk.module, x, d))
             if i == first:
+                _add(acc, wanted, lk, lk.rule.diag_params(lk.module, x, d))
                 break
-            if isinstance(lk.rule, ElementwiseRule):
+            if lk.params:
+                contrib, d_in = lk.rule.lecun_step(lk.module, x, d)
+                _add(acc, wanted, lk, contrib)
+                if g is not None:
+                    g = lk.rule.vjp(lk.module, x, g[None])[0]
+                d, owned = d_in, type(lk.rule) in _FRESH_VJP
+            elif isinstance(lk.rule, ElementwiseRule):
                 y = xs[i + 1]
                 if g is None:
-                    d = lk.rule.scale2(lk.module, x, y, d)
+                    if owned:
+                        d = lk.rule.scale2_(lk.module, x, y, d)
+                    else:
+                        d, owned = lk.rule.scale2(lk.module, x, y, d), True
                 else:
                     f1, f2 = lk.rule.derivatives(lk.module, x, y, True)
-                    d = f1.square() * d + f2 * g
+                    d, owned = f1.square() * d + f2 * g, True
                     g = f1 * g
             else:
                 d = lk.rule.sq_vjp(lk.module, x, d)
+                if not isinstance(lk.rule, ReshapeRule):  # a reshape is a view of d
+                    owned = type(lk.rule) in _FRESH_VJP
                 if g is not None:
                     g = lk.rule.vjp(lk.module, x, g[None])[0]
         return
@@ -147,17 +213,33 @@ def _sweep(problem, chain, xs, y, mode, first, acc, wanted, samples, generator) 
     else:
         cols = losses.mc_factor(problem, out, y, samples, generator)
     diag: Tensor | None = None
+    owned = False  # cols is a fresh tensor of this sweep, free to be scaled in place
+    factor: Tensor | None = None  # pending f' of the activation just before the first layer
+    sqsum: Tensor | None = None  # Σ_k σ cols² in place of cols (only the first layer is left)
     for i in range(len(chain) - 1, first - 1, -1):
         lk, x = chain[i], xs[i]
         if lk.params:
-            _add(acc, wanted, lk, lk.rule.sq_grads(lk.module, x, cols, sign))
+            if sqsum is not None:
+                sq = lk.rule.grads_from_square_sum(x, sqsum, factor)
+            elif factor is not None:
+                sq = lk.rule.sq_grads(lk.module, x, cols, sign, factor=factor)
+            else:
+                sq = lk.rule.sq_grads(lk.module, x, cols, sign)
+            _add(acc, wanted, lk, sq)
             if diag is not None:
                 _add(acc, wanted, lk, lk.rule.diag_params(lk.module, x, diag))
         if i == first:
             break
         if isinstance(lk.rule, ElementwiseRule):
             y = xs[i + 1]
-            cols = lk.rule.scale(lk.module, x, y, cols)
+            if i - 1 == first and type(chain[first].rule) is LinearRule:
+                # only Σ_k σ (f'⊙c)² = f'² Σ_k σ c² is left: scale N × out, not K × N × out
+                factor = lk.rule.derivatives(lk.module, x, y, second=False)[0]
+            elif owned:
+                cols = lk.rule.scale_(lk.module, x, y, cols)
+            else:
+                cols = lk.rule.scale(lk.module, x, y, cols)
+                owned = True
             if diag is not None:
                 diag = lk.rule.scale2(lk.module, x, y, diag)
             if g is not None:
@@ -166,7 +248,14 @@ def _sweep(problem, chain, xs, y, mode, first, acc, wanted, samples, generator) 
                 diag = r if diag is None else diag + r
                 g = lk.rule.scale(lk.module, x, y, g)
             continue
+        if diag is None and _square_sum_suffices(chain, xs, i, first):
+            sqsum = lk.rule.vjp_square_sum(lk.module, cols, sign)
+            if g is not None:
+                g = lk.rule.vjp(lk.module, x, g[None])[0]
+            continue
         new_cols = lk.rule.vjp(lk.module, x, cols)
+        if not isinstance(lk.rule, ReshapeRule):  # a reshape is a view: ownership unchanged
+            owned = type(lk.rule) in _FRESH_VJP
         if diag is not None:
             if isinstance(lk.rule, (ReshapeRule, MaxPoolRule)):  # Jᵀ diag(d) J stays diagonal
                 diag = lk.rule.sq_vjp(lk.module, x, diag)
@@ -175,6 +264,7 @@ def _sweep(problem, chain, xs, y, mode, first, acc, wanted, samples, generator) 
                 base = sign if sign is not None else torch.ones(cols.shape[:2]).to(cols)
                 sign = torch.cat([base, extra_sign.to(cols)])
                 new_cols = torch.cat([new_cols, extra])
+                owned = True
                 diag = None
         if g is not None:
             g = lk.rule.vjp(lk.module, x, g[None])[0]

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
@@ -59,16 +60,20 @@ class DiagonalEstimator:
     def diagonal(self, problem: Problem) -> ParamDict:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def _finish(self, problem: Problem, out: ParamDict) -> ParamDict:
+    def _finish(
+        self, problem: Problem, out: ParamDict, params: dict[str, torch.Tensor] | None = None
+    ) -> ParamDict:
         """Results in ``dtype`` (or each parameter's dtype), on the parameters' devices; refuses
-        non-finite values (a NaN or inf loss anywhere in the data)."""
-        for k, v in out.items():
-            if not torch.isfinite(v).all():
-                raise NonFiniteLossError(
-                    f"{type(self).__name__}: the curvature of {k} is NaN or infinite (NaN or inf "
-                    "loss, inputs or weights in the data)"
-                )
-        params = problem.parameters()
+        non-finite values (a NaN or inf loss anywhere in the data). ``params``: the problem's
+        ``parameters()`` when the caller has them."""
+        if out and not _all_finite(list(out.values())):
+            for k, v in out.items():
+                if not torch.isfinite(v).all():
+                    raise NonFiniteLossError(
+                        f"{type(self).__name__}: the curvature of {k} is NaN or infinite (NaN or "
+                        "inf loss, inputs or weights in the data)"
+                    )
+        params = problem.parameters() if params is None else params
         return {
             k: v.to(dtype=self.dtype or params[k].dtype, device=params[k].device)
             for k, v in out.items()
@@ -77,6 +82,22 @@ class DiagonalEstimator:
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if k != "progress")
         return f"{type(self).__name__}({args})"
+
+
+def _all_finite(values: list[torch.Tensor]) -> bool:
+    """Whether every entry of every tensor is finite.
+
+    Fast path: a finite sum proves every entry finite (a NaN or inf entry makes the sum NaN or
+    inf); only a non-finite sum, which may also be a mere overflow, needs the entry-wise check.
+    """
+    sums = [v.sum() for v in values]
+    if len({s.device for s in sums}) == 1:
+        total = float(torch.stack(sums).sum())
+    else:
+        total = sum(float(s) for s in sums)
+    if math.isfinite(total):
+        return True
+    return all(bool(torch.isfinite(v).all()) for v in values)
 
 
 def seeded_generator(seed: int | None) -> torch.Generator:
@@ -113,6 +134,7 @@ class StructuredEstimator(DiagonalEstimator):
         from . import backprop
 
         work = in_dtype(problem, self.dtype)
+        params = problem.parameters()
         name = type(self).__name__
         chain = None
         if self.method == "backprop":
@@ -121,12 +143,19 @@ class StructuredEstimator(DiagonalEstimator):
             chain = structured_chain(work, name)
         if chain is not None:
             opts = self._backprop_options()
+            wanted = params if work is problem else None
             out = backprop.run(
-                work, self.mode, estimator=name, tick=self.progress, chain=chain, **opts
+                work,
+                self.mode,
+                estimator=name,
+                tick=self.progress,
+                chain=chain,
+                wanted=wanted,
+                **opts,
             )
         else:
             out = self._generic(work)
-        return self._finish(problem, out)
+        return self._finish(problem, out, params)
 
 
 class _CastData:

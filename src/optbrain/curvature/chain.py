@@ -66,8 +66,8 @@ def build_chain(model: nn.Module, estimator: str) -> list[Link]:
             link.params[attr] = (name, p, mult)
             covered.add(id(p))
         chain.append(link)
-    stray = [n for n, p in model.named_parameters() if id(p) not in covered]
-    if stray:
+    if any(id(p) not in covered for p in model.parameters()):
+        stray = [n for n, p in model.named_parameters() if id(p) not in covered]
         raise UnsupportedModuleError(
             f"{estimator}: parameters {stray} belong to no registered layer; use one of "
             f"{', '.join(GENERIC_ESTIMATORS)}"

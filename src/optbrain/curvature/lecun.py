@@ -39,7 +39,13 @@ class LeCunDiagonal(DiagonalEstimator):
 
     def diagonal(self, problem: Problem) -> ParamDict:
         work = in_dtype(problem, self.dtype)
+        params = problem.parameters()
         mode = "lecun_gn" if self.gauss_newton else "lecun"
-        return self._finish(
-            problem, backprop.run(work, mode, estimator=type(self).__name__, tick=self.progress)
+        out = backprop.run(
+            work,
+            mode,
+            estimator=type(self).__name__,
+            tick=self.progress,
+            wanted=params if work is problem else None,
         )
+        return self._finish(problem, out, params)

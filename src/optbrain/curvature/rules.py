@@ -29,15 +29,23 @@ GENERIC_ESTIMATORS = (
 )
 
 
-def _sign_weighted(cols2: Tensor, sign: Tensor | None) -> Tensor:
-    if sign is None:
-        return cols2
-    return cols2 * sign.reshape(sign.shape + (1,) * (cols2.dim() - 2))
-
-
 def _column_square_sum(cols: Tensor, sign: Tensor | None) -> Tensor:
-    """Σ_k σ_kn cols_kn² over the leading column axis."""
-    return _sign_weighted(cols.square(), sign).sum(0)
+    """Σ_k σ_kn cols_kn² over the leading column axis.
+
+    Accumulated column by column (``addcmul_``): no K-fold squared copy is materialised, and on
+    CPU this is several times faster than ``cols.square().sum(0)`` (a reduction over the outer
+    axis) or ``torch.linalg.vector_norm(dim=0)``.
+    """
+    if sign is None:
+        acc = cols[0].square()
+        for k in range(1, cols.shape[0]):
+            acc.addcmul_(cols[k], cols[k])
+        return acc
+    tail = (1,) * (cols.dim() - 2)
+    acc = cols[0].square().mul_(sign[0].reshape(sign.shape[1:] + tail))
+    for k in range(1, cols.shape[0]):
+        acc.addcmul_(cols[k] * sign[k].reshape(sign.shape[1:] + tail), cols[k])
+    return acc
 
 
 class Rule:
@@ -60,8 +68,13 @@ class Rule:
         raise UnsupportedModuleError(f"no LeCun rule for {type(m).__name__}")
 
     def diag_params(self, m: nn.Module, x: Tensor, d: Tensor) -> dict[str, Tensor]:
-        """Σ over samples and connections of d·(∂out/∂w)² — LeCun's per-connection rule."""
+        """Σ over samples and connections of d·(∂out/∂w)² — LeCun's per-connection rule.
+        Returned tensors are fresh (the caller may accumulate into them)."""
         return {}
+
+    def lecun_step(self, m: nn.Module, x: Tensor, d: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+        """:meth:`diag_params` and :meth:`sq_vjp` together, for a layer inside the chain."""
+        return self.diag_params(m, x, d), self.sq_vjp(m, x, d)
 
     def sq_grads(
         self, m: nn.Module, x: Tensor, cols: Tensor, sign: Tensor | None
@@ -111,9 +124,18 @@ class ElementwiseRule(Rule):
         """f'(a) ⊙ t (t may carry leading column axes)."""
         return t * self.derivatives(m, a, y, second=False)[0]
 
+    def scale_(self, m: nn.Module, a: Tensor, y: Tensor, t: Tensor) -> Tensor:
+        """f'(a) ⊙ t written into ``t`` (which the caller owns); returns ``t``."""
+        return t.mul_(self.derivatives(m, a, y, second=False)[0])
+
     def scale2(self, m: nn.Module, a: Tensor, y: Tensor, t: Tensor) -> Tensor:
         """f'(a)² ⊙ t: LeCun's propagation of a diagonal through the activation."""
         return t * self.derivatives(m, a, y, second=False)[0].square()
+
+    def scale2_(self, m: nn.Module, a: Tensor, y: Tensor, t: Tensor) -> Tensor:
+        """f'(a)² ⊙ t written into ``t`` (which the caller owns); returns ``t``."""
+        f1 = self.derivatives(m, a, y, second=False)[0]
+        return t.mul_(f1).mul_(f1)
 
     def vjp(self, m: nn.Module, x: Tensor, cols: Tensor) -> Tensor:
         return self.scale(m, x, m(x), cols)
@@ -129,8 +151,14 @@ class _FusedBackwardRule(ElementwiseRule):
     def scale(self, m: nn.Module, a: Tensor, y: Tensor, t: Tensor) -> Tensor:
         return self._backward(t, y)
 
+    def scale_(self, m: nn.Module, a: Tensor, y: Tensor, t: Tensor) -> Tensor:
+        return self._backward.grad_input(t, y, grad_input=t)
+
     def scale2(self, m: nn.Module, a: Tensor, y: Tensor, t: Tensor) -> Tensor:
-        return self._backward(self._backward(t, y), y)
+        return self.scale_(m, a, y, self._backward(t, y))
+
+    def scale2_(self, m: nn.Module, a: Tensor, y: Tensor, t: Tensor) -> Tensor:
+        return self.scale_(m, a, y, self.scale_(m, a, y, t))
 
 
 class ReshapeRule(Rule):
@@ -163,19 +191,55 @@ class LinearRule(Rule):
     def column_cost(self, m: nn.Linear, x: Tensor) -> int:
         return 0 if x.dim() == 2 else m.weight.numel()
 
-    def sq_grads(self, m: nn.Linear, x: Tensor, cols: Tensor, sign: Tensor | None):
+    def sq_grads(
+        self,
+        m: nn.Linear,
+        x: Tensor,
+        cols: Tensor,
+        sign: Tensor | None,
+        factor: Tensor | None = None,
+    ):
+        """``factor`` (N × out, 2-D inputs only): the columns are ``cols ⊙ factor`` — a pending
+        element-wise scaling (an activation's f'), applied here to the N × out sum of squares
+        instead of to the K columns."""
         k, n = cols.shape[:2]
         if x.dim() == 2:  # one position per sample: (Σ_k σ g²)ᵀ x²
-            g2 = _column_square_sum(cols, sign)
-            return {"weight": g2.T @ x.square(), "bias": g2.sum(0)}
+            return self.grads_from_square_sum(x, _column_square_sum(cols, sign), factor)
+        if factor is not None:
+            cols = cols * factor
         xs = x.reshape(n, -1, x.shape[-1])
         gs = cols.reshape(k, n, -1, cols.shape[-1])
         gw = torch.einsum("knto,nti->knoi", gs, xs)
         gb = gs.sum(2)
         return {
-            "weight": _sign_weighted(gw.square(), sign).sum((0, 1)),
-            "bias": _sign_weighted(gb.square(), sign).sum((0, 1)),
+            "weight": _column_square_sum(gw, sign).sum(0),
+            "bias": _column_square_sum(gb, sign).sum(0),
         }
+
+    def grads_from_square_sum(self, x: Tensor, g2: Tensor, factor: Tensor | None = None):
+        """:meth:`sq_grads` for a 2-D input given g2 = Σ_k σ_k cols_k² (N × out, fresh: it is
+        scaled in place by ``factor``², the pending f' of the columns)."""
+        if factor is not None:
+            g2.mul_(factor).mul_(factor)
+        return {"weight": g2.T @ x.square(), "bias": g2.sum(0)}
+
+    def vjp_square_sum(self, m: nn.Linear, cols: Tensor, sign: Tensor | None) -> Tensor:
+        """Σ_k σ_k (Jᵀ·cols_k)² (N × in) for 2-D columns (K × N × out), one column at a time:
+        the K × N × in columns are never materialised (each product is squared into the sum
+        while it is in cache; several times faster than one large GEMM plus the square-sum)."""
+        w = m.weight.detach()  # out= buffers below; the sweep runs without autograd anyway
+        acc: Tensor | None = None
+        buf: Tensor | None = None
+        for k in range(cols.shape[0]):
+            buf = torch.mm(cols[k], w, out=buf) if acc is not None else torch.mm(cols[k], w)
+            s = None if sign is None else sign[k].reshape(-1, 1)
+            if acc is None:
+                acc = buf.square_() if s is None else buf.square_().mul_(s)
+                buf = None
+            else:
+                acc.addcmul_(buf if s is None else buf * s, buf)
+        assert acc is not None
+        return acc
 
     def diag_columns(self, m: nn.Linear, x: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
         if d.dim() != 2:
@@ -234,30 +298,43 @@ class ConvRule(Rule):
 
     def _backward(self, m: nn.Module, x: Tensor, w: Tensor, g: Tensor, want_input: bool):
         """PyTorch's convolution backward: input- or weight-gradient for cotangent ``g``."""
+        gi, gw, _ = self._backward3(m, x, w, g, (want_input, not want_input, False))
+        return gi if want_input else gw
+
+    def _backward3(self, m: nn.Module, x: Tensor, w: Tensor, g: Tensor, mask):
+        """PyTorch's convolution backward: (input, weight, bias) gradients as ``mask`` asks."""
         pads = self._pads(m)
+        shape = x.shape
         if any(a != b for a, b in pads):  # asymmetric "same" padding: pad explicitly
             x = F.pad(x, [v for pair in reversed(pads) for v in pair])
             pads = [(0, 0)] * len(pads)
-        gi, gw, _ = torch.ops.aten.convolution_backward(
+        gi, gw, gb = torch.ops.aten.convolution_backward(
             g,
             x,
             w,
-            None,
+            [m.out_channels] if mask[2] else None,
             list(m.stride),
             [a for a, _ in pads],
             list(m.dilation),
             False,
             [0] * len(pads),
             m.groups,
-            [want_input, not want_input, False],
+            list(mask),
         )
-        if want_input and gi.shape != x.shape:  # undo the explicit padding
+        if mask[0] and gi.shape != shape:  # undo the explicit padding
             p = self._pads(m)
             idx = [slice(None), slice(None)] + [
                 slice(a, gi.shape[2 + i] - b) for i, (a, b) in enumerate(p)
             ]
             gi = gi[tuple(idx)]
-        return gi if want_input else gw
+        return gi, gw, gb
+
+    def lecun_step(self, m: nn.Module, x: Tensor, d: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+        """One backward call: input-gradient with squared kernels ((J∘J)ᵀ·d), weight-gradient
+        of the squared input and bias-gradient (Σ d), as a gradient pass does in one call."""
+        self._check(m)
+        gi, gw, gb = self._backward3(m, x.square(), m.weight.square(), d, (True, True, True))
+        return {"weight": gw, "bias": gb}, gi
 
     def sq_vjp(self, m: nn.Module, x: Tensor, d: Tensor) -> Tensor:
         """(J∘J)ᵀ·d: the input-gradient of the convolution with squared kernels."""
@@ -275,15 +352,16 @@ class ConvRule(Rule):
         xu = self._unfold(m, x)
         g = self._out(m, cols, 2)  # K × N × G × O × P
         gw = torch.einsum("kngop,ngip->kngoi", g, xu)
-        gw = _sign_weighted(gw.square(), sign).sum((0, 1))
-        gb = _sign_weighted(g.sum(-1).square(), sign).sum((0, 1))
+        gw = _column_square_sum(gw, sign).sum(0)
+        gb = _column_square_sum(g.sum(-1), sign).sum(0)
         return {"weight": gw.reshape(m.weight.shape), "bias": gb.reshape(-1)}
 
 
 class AvgPoolRule(Rule):
     def _divisor(self, m: nn.Module) -> float:
-        if m.divisor_override:
-            return float(m.divisor_override)
+        override = getattr(m, "divisor_override", None)  # AvgPool1d has none
+        if override:
+            return float(override)
         pad = m.padding if isinstance(m.padding, (tuple, list)) else (m.padding,)
         if m.ceil_mode or (not m.count_include_pad and any(pad)):
             raise UnsupportedModuleError(
@@ -298,8 +376,9 @@ class AvgPoolRule(Rule):
 
     def sq_vjp(self, m: nn.Module, x: Tensor, d: Tensor) -> Tensor:
         # every connection has coefficient 1/divisor; squared: 1/divisor²
-        d = d / self._divisor(m)
-        if isinstance(m, nn.AvgPool2d):  # the pooling backward kernel, no forward pass
+        div = self._divisor(m)
+        if isinstance(m, nn.AvgPool2d) and div == int(div):
+            # the pooling backward kernel with divisor² (no forward pass, no extra division)
             pair = nn.modules.utils._pair
             return torch.ops.aten.avg_pool2d_backward(
                 d,
@@ -309,10 +388,10 @@ class AvgPoolRule(Rule):
                 pair(m.padding),
                 m.ceil_mode,
                 m.count_include_pad,
-                m.divisor_override,
+                int(div) ** 2,
             )
         _, fn = vjp(m, x)
-        return fn(d)[0]
+        return fn(d / div)[0]
 
 
 class MaxPoolRule(Rule):
