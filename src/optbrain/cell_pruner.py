@@ -20,7 +20,7 @@ from .errors import EmptyLayerError
 from .masking import Mask
 from .paramdict import ParamDict
 from .problem import Problem
-from .pruner import PruneInfo, default_mask
+from .pruner import PruneInfo, Stateless, default_mask
 from .saliency.ocd import OCD, CellSaliencies, describe
 from .selection import TargetExceededError, split_target, target_count
 from .update import ZeroUpdate
@@ -42,7 +42,7 @@ class CellPruneInfo(PruneInfo):
     removed: list[tuple[str, str, int]] = field(default_factory=list)
 
 
-class CellPruner:
+class CellPruner(Stateless):
     """Remove the cells of lowest saliency (``saliency``: an :class:`~optbrain.saliency.OCD`).
 
     ``pruner(problem, mask=None, sparsity=0.5)`` returns ``(new_mask, info)``; the mask (default:
@@ -144,14 +144,6 @@ class CellPruner:
         return empty.from_params(scores)
 
     # ------------------------------------------------------------------ state
-    def state_dict(self) -> dict:
-        """No state of its own (OCD saliencies are deterministic)."""
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        if state:
-            raise ValueError(f"CellPruner has no state to load, got keys {sorted(state)}")
-
     def __repr__(self) -> str:
         return f"CellPruner({self.saliency!r}, {self.update!r}, scope={self.scope!r})"
 

@@ -43,7 +43,7 @@ from .errors import (
 from .masking import Mask, current_mask
 from .paramdict import ParamDict, named_parameters
 from .problem import Problem
-from .pruner import PruneInfo
+from .pruner import PruneInfo, Stateless
 from .selection import TargetExceededError, split_target, target_count
 
 log = logging.getLogger(__name__)
@@ -381,7 +381,7 @@ def blocked_obs(
 
 
 # ---------------------------------------------------------------------------- the pruner
-class LayerwiseOBS:
+class LayerwiseOBS(Stateless):
     """Layer-wise OBS pruner (OBC / SparseGPT) with the interface of :class:`~optbrain.Pruner`.
 
     ``pruner(problem, mask=None, sparsity=0.5)`` prunes the Linear/Conv1d/Conv2d weights named in
@@ -531,14 +531,6 @@ class LayerwiseOBS:
             return attached
         names = [f"{p}.weight" if p else "weight" for p in supported_layers(model)]
         return Mask.ones(model, names)
-
-    def state_dict(self) -> dict:
-        """Stateless (the calibration data determine everything)."""
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        if state:
-            raise ValueError(f"LayerwiseOBS has no state to load; got keys {sorted(state)}")
 
     def __repr__(self) -> str:
         return (

@@ -120,6 +120,18 @@ class Pruner:
         return f"Pruner({self.saliency!r}, {self.selector!r}, {self.update!r})"
 
 
+class Stateless:
+    """Checkpoint interface of a pruner that keeps nothing between calls."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            name = type(self).__name__
+            raise ValueError(f"{name} has no state to load; got keys {sorted(state)}")
+
+
 def default_mask(model) -> Mask:
     """The mask attached to ``model``, or all weights kept when none is attached."""
     mask = current_mask(model)

@@ -21,7 +21,7 @@ from .errors import TargetUnreachableError
 from .masking import Mask
 from .paramdict import ParamDict, named_parameters
 from .problem import Problem
-from .pruner import PruneInfo, default_mask
+from .pruner import PruneInfo, Stateless, default_mask
 from .saliency.obs import (
     check_regularizer,
     check_weight_decay,
@@ -116,7 +116,7 @@ class _Session:
                 p.copy_(flat.reshape(p.shape))
 
 
-class OBSPruner:
+class OBSPruner(Stateless):
     """Sequential Optimal Brain Surgeon, with the interface of :class:`optbrain.pruner.Pruner`.
 
     ``pruner(problem, mask=None, sparsity=0.5)`` computes H⁻¹ once (``inverse``, default
@@ -227,14 +227,6 @@ class OBSPruner:
         vec = torch.where(s.inv.alive, vec, torch.zeros_like(vec))
         out = s.coords.scatter(vec)
         return {k: out[k] for k in mask.names}
-
-    def state_dict(self) -> dict:
-        """No state survives a call (the inverse is recomputed every call)."""
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        if state:
-            raise ValueError(f"OBSPruner has no state to load, got keys {sorted(state)}")
 
     def __repr__(self) -> str:
         return (
