@@ -5,21 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..report.figures import new_figure
+
 __all__ = ["FigureFiles", "band", "new_figure"]
 
 FIGURE_DIR = "figures"
-
-
-def new_figure(width: float, height: float, **kwargs):
-    """A :class:`matplotlib.figure.Figure` (no pyplot: no global state, no backend change);
-    matplotlib is imported on first use. Save it with :meth:`FigureFiles.save`."""
-    try:
-        from matplotlib.figure import Figure
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "experiment figures need matplotlib; install it with `pip install 'optbrain[plot]'`"
-        ) from exc
-    return Figure(figsize=(width, height), layout="constrained", **kwargs)
 
 
 class FigureFiles:

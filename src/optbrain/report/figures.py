@@ -21,14 +21,16 @@ LOSS_PNG = "loss_vs_params.png"
 INCREASE_PNG = "objective_increase.png"
 
 
-def _figure(width: float, height: float):
+def new_figure(width: float, height: float, **kwargs):
+    """A :class:`matplotlib.figure.Figure` (no pyplot: no global state, no backend change);
+    matplotlib is imported on first use."""
     try:
         from matplotlib.figure import Figure
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise ImportError(
             "plots need matplotlib; install it with `pip install 'optbrain[plot]'`"
         ) from exc
-    return Figure(figsize=(width, height), layout="constrained")
+    return Figure(figsize=(width, height), layout="constrained", **kwargs)
 
 
 def _finite(xs, ys):
@@ -47,7 +49,7 @@ def _metric_plot(histories: Mapping[str, History], metric: str, path: Path) -> P
     key = metric.split(".", 1)[1]
     accuracy = "accuracy" in key
     scale = 100.0 if accuracy else 1.0
-    fig = _figure(6.4, 4.2)
+    fig = new_figure(6.4, 4.2)
     ax = fig.add_subplot()
     for i, (name, h) in enumerate(histories.items()):
         color = f"C{i}"
@@ -117,7 +119,7 @@ def _param_ticks(ax, values) -> None:
 
 def _increase_plot(histories: Mapping[str, History], path: Path) -> Path:
     predicting = {n: h for n, h in histories.items() if predicts_objective(h)}
-    fig = _figure(11.0 if predicting else 6.4, 4.2)
+    fig = new_figure(11.0 if predicting else 6.4, 4.2)
     axes = fig.subplots(1, 2 if predicting else 1, squeeze=False)[0]
     if predicting:
         ax = axes[0]
