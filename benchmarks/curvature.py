@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 
 import optbrain.curvature as oc
-from _timing import compare
+from _timing import compare, reset_peak_rss, status_kb
 from optbrain.models.digits import digits_mlp
 from optbrain.problem import Problem
 
@@ -216,27 +216,6 @@ def candidates(hutchinson_samples: int) -> list[Candidate]:
 
 
 # ----------------------------------------------------------------------------- memory
-def _status_kb(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except (OSError, ValueError):  # pragma: no cover - not Linux
-        pass
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS counter (VmHWM) to the current RSS (Linux >= 4.0)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:  # pragma: no cover - not Linux, or not permitted
-        return False
-
-
 def measure_memory_here(key: str, model_kind: str, loss_kind: str, args) -> dict:
     """Child side of the memory measurement: one warm-up call, then one measured call.
 
@@ -257,11 +236,11 @@ def measure_memory_here(key: str, model_kind: str, loss_kind: str, args) -> dict
     model.zero_grad(set_to_none=True)
     run = factory(model, loss_fn, x, t)
     gc.collect()
-    reset = _reset_peak_rss()
-    before_hwm = _status_kb("VmHWM")
-    before = _status_kb("VmRSS")
+    reset = reset_peak_rss()
+    before_hwm = status_kb("VmHWM")
+    before = status_kb("VmRSS")
     run()
-    after_hwm = _status_kb("VmHWM")
+    after_hwm = status_kb("VmHWM")
     if before is None or before_hwm is None or after_hwm is None:  # pragma: no cover
         return {"key": key, "error": "no /proc/self/status"}
     return {

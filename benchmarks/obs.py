@@ -31,8 +31,7 @@ import time
 import torch
 from torch import nn
 
-from _timing import compare
-from curvature import _reset_peak_rss, _status_kb
+from _timing import compare, reset_peak_rss, status_kb
 from optbrain.curvature.layerwise import calibration_hessians
 from optbrain.layerwise import blocked_obs, exact_obs, reconstruction_error
 from optbrain.problem import Problem
@@ -146,12 +145,12 @@ def inverse_here(width: int, method: str, n: int) -> dict:
     grad_pass()
     grad_s = min(_timed(grad_pass) for _ in range(5))
     gc.collect()
-    _reset_peak_rss()
-    before = _status_kb("VmRSS") or 0
+    reset_peak_rss()
+    before = status_kb("VmRSS") or 0
     t0 = time.perf_counter()
     inv = est.inverse(problem)
     seconds = time.perf_counter() - t0
-    peak = (_status_kb("VmHWM") or 0) - before
+    peak = (status_kb("VmHWM") or 0) - before
     grad_s = min(grad_s, min(_timed(grad_pass) for _ in range(5)))
     return {
         "p": p,
