@@ -21,7 +21,7 @@ from optbrain.curvature import (
     MCFisherDiagonal,
 )
 from optbrain.errors import EmptyDataError, NonFiniteLossError, ShapeMismatchError
-from optbrain.problem import Problem
+from optbrain.problem import Problem, eval_mode
 
 F64 = torch.float64
 
@@ -198,3 +198,33 @@ def test_estimators_refuse_a_nan_loss(est, where):
     data[i] = (x, data[i][1])
     with pytest.raises(NonFiniteLossError):
         ESTIMATORS[est]().diagonal(Problem(_mlp(), nn.MSELoss(), data))
+
+
+class _CountingTrain(nn.Module):
+    """A module that overrides train(): eval_mode must call it, not just flip flags."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(2, 2)
+        self.calls: list[bool] = []
+
+    def train(self, mode: bool = True):
+        self.calls.append(mode)
+        return super().train(mode)
+
+
+@pytest.mark.parametrize("custom", [False, True])
+def test_eval_mode_restores_mixed_modes_exactly(custom):
+    model = nn.Sequential(
+        nn.Linear(2, 2), nn.Dropout(0.5), _CountingTrain() if custom else nn.Tanh()
+    )
+    model.train()
+    model[1].eval()  # mixed: one submodule already in eval mode
+    before = [m.training for m in model.modules()]
+    if custom:
+        model[2].calls.clear()
+    with eval_mode(model):
+        assert not any(m.training for m in model.modules())
+    assert [m.training for m in model.modules()] == before
+    if custom:
+        assert model[2].calls[:1] == [False]  # its own train() ran

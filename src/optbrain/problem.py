@@ -190,17 +190,33 @@ class Problem:
 
 
 class eval_mode:
-    """Context manager: put a module in eval mode, restore its previous modes afterwards."""
+    """Context manager: put a module in eval mode, restore its previous modes afterwards.
+
+    Cheap when it can be (it runs on every curvature call): only the modules that are training are
+    touched, and when all of them use ``nn.Module.train`` their ``training`` flags are flipped
+    directly instead of calling the recursive ``train()``; a module overriding ``train`` gets the
+    ordinary ``model.eval()`` / ``train(mode)`` calls."""
 
     def __init__(self, model: nn.Module):
         self.model = model
         self._modes: list[tuple[nn.Module, bool]] = []
+        self._flat = True
 
     def __enter__(self) -> nn.Module:
-        self._modes = [(m, m.training) for m in self.model.modules()]
-        self.model.eval()
+        training = [m for m in self.model.modules() if m.training]
+        self._flat = all(type(m).train is nn.Module.train for m in training)
+        if self._flat:
+            self._modes = [(m, True) for m in training]
+            for m in training:
+                m.training = False
+        else:
+            self._modes = [(m, m.training) for m in self.model.modules()]
+            self.model.eval()
         return self.model
 
     def __exit__(self, *exc: object) -> None:
         for m, mode in self._modes:
-            m.train(mode)
+            if self._flat:
+                m.training = mode
+            else:
+                m.train(mode)

@@ -21,10 +21,9 @@ transposed convolutions, branches, tied weights and containers with a custom ``f
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -34,6 +33,7 @@ from . import masking
 from .cells import Cell, Layer, layer_chain
 from .errors import EmptyLayerError, ShapeMismatchError
 from .masking import Mask
+from .problem import eval_mode
 
 __all__ = ["INPUTS", "Removal", "remove", "remove_dead_units"]
 
@@ -241,7 +241,7 @@ def _output_shapes(model, chain, input_shape) -> dict[str, tuple[int, ...]]:
     ]
     p = next(model.parameters())
     try:
-        with torch.no_grad(), _eval(model):
+        with torch.no_grad(), eval_mode(model):
             model(torch.zeros((1, *input_shape), dtype=p.dtype, device=p.device))
     except RuntimeError as exc:
         raise ShapeMismatchError(
@@ -297,7 +297,7 @@ def _fold_contributions(model, chain, k, units, out_shape) -> tuple[dict[int, Te
     b = bias.detach() if bias is not None else w.new_zeros(layer.n_out)
     spatial = tuple(out_shape[1:]) if conv else ()
     probe = b.reshape(1, -1, *([1] * len(spatial))).expand(1, layer.n_out, *spatial).clone()
-    with torch.no_grad(), _eval(model):
+    with torch.no_grad(), eval_mode(model):
         z = probe
         for _, m in layer.between:
             z = m(z)
@@ -321,18 +321,6 @@ def _fold_contributions(model, chain, k, units, out_shape) -> tuple[dict[int, Te
             else:
                 stuck.add(j)
     return out, stuck
-
-
-@contextlib.contextmanager
-def _eval(model: nn.Module) -> Iterator[None]:
-    """The model in eval mode; every module's previous mode is restored afterwards."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, mode in modes:
-            m.train(mode)
 
 
 # --------------------------------------------------------------------------- rebuilding

@@ -17,11 +17,10 @@ At each layer with parameters the rule turns the current curvature into paramete
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Iterator
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..errors import NonFiniteLossError
 from ..paramdict import ParamDict
@@ -42,32 +41,6 @@ def _chunks(problem: Problem, size: int | None) -> Iterator[tuple[Tensor, Tensor
         else:
             for i in range(0, x.shape[0], size):
                 yield x[i : i + size], y[i : i + size]
-
-
-class _FlatEval:
-    """:class:`~optbrain.problem.eval_mode` for models whose modules all use ``nn.Module.train``:
-    flips only the modules that are training (no recursive ``train()`` calls); a no-op when the
-    model is already in eval mode."""
-
-    def __init__(self, modules: list[nn.Module]):
-        self.flipped = modules
-
-    def __enter__(self) -> None:
-        for m in self.flipped:
-            m.training = False
-
-    def __exit__(self, *exc: object) -> None:
-        for m in self.flipped:
-            m.training = True
-
-
-def _eval(model: nn.Module):
-    training = [m for m in model.modules() if m.training]
-    if not training:
-        return contextlib.nullcontext()
-    if all(type(m).train is nn.Module.train for m in training):
-        return _FlatEval(training)
-    return eval_mode(model)
 
 
 def _chunk_size(chain: list[Link], xs: list[Tensor], k0: int, mode: str) -> int:
@@ -110,7 +83,7 @@ def run(
     acc: ParamDict = {}  # filled by the first contribution to each entry (see _add)
     n_total = problem.n_samples
     done = 0
-    with torch.no_grad(), _eval(model):
+    with torch.no_grad(), eval_mode(model):
         chunk = None  # LeCun carries one diagonal: batches as given
         if not mode.startswith("lecun"):
             probe = [next(problem.batches())[0][:1]]
