@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from .curvature.base import Progress
 from .curvature.layerwise import LayerHessian, calibration_hessians, supported_layers
+from .curvature.linalg import damped_cholesky
 from .errors import (
     CalibrationError,
     ShapeMismatchError,
@@ -121,18 +122,12 @@ def _prepare(
 
 def _cholesky(H: Tensor, lam: float, what: str = "the layer") -> tuple[Tensor, float]:
     """Lower Cholesky factor of H (+ more damping if it fails, as OBC does); (L, total λ)."""
-    L, info = torch.linalg.cholesky_ex(H)
-    if int(info) == 0:
-        return L, lam
-    scale = float(H.diagonal().mean())
-    for power in range(-10, 1, 2):
-        extra = scale * 10.0**power
-        eye = torch.eye(len(H), dtype=H.dtype, device=H.device)
-        L, info = torch.linalg.cholesky_ex(H + extra * eye)
-        if int(info) == 0:
-            log.warning("%s: H + λI is not positive definite; added %.3g·I", what, extra)
-            return L, lam + extra
-    raise CalibrationError(f"{what}: the calibration Hessian cannot be factorised even damped")
+    L, extra, attempts = damped_cholesky(H, start=1e-10, factor=100.0, steps=6)
+    if L is None:
+        raise CalibrationError(f"{what}: the calibration Hessian cannot be factorised even damped")
+    if attempts:
+        log.warning("%s: H + λI is not positive definite; added %.3g·I", what, extra)
+    return L, lam + extra
 
 
 def damped_inverse(H: Tensor, damping: float, dtype=torch.float64) -> tuple[Tensor, float]:

@@ -55,6 +55,7 @@ from . import losses
 from .backprop import _BUDGET, _chunks
 from .base import Progress, in_dtype
 from .generic import _Functional, _per_sample_pullbacks
+from .linalg import damped_cholesky
 
 log = logging.getLogger(__name__)
 
@@ -521,34 +522,25 @@ def damped_inverse(mat: Tensor, damping: float = 0.0) -> tuple[Tensor, float, li
     if not bool(torch.isfinite(mat).all()):
         raise NonFiniteLossError("the curvature matrix contains NaN or inf")
     mat = 0.5 * (mat + mat.T)
-    eye = torch.eye(mat.shape[0], dtype=mat.dtype, device=mat.device)
     scale = float(torch.diagonal(mat).abs().mean()) or 1.0
-    fallbacks: list[dict] = []
-    d = damping
-    for attempt in range(_FALLBACK_STEPS + 1):
-        if attempt:
-            d = damping + _FALLBACK_START * scale * 10 ** (attempt - 1)
-        chol, info = torch.linalg.cholesky_ex(mat + d * eye)
-        ok = int(info) == 0
-        if ok:
-            inv = torch.cholesky_inverse(chol)
-            ok = bool(torch.isfinite(inv).all())
-        if attempt:
-            fallbacks.append({"damping": d, "ok": ok})
-        if ok:
-            if attempt:
-                log.warning(
-                    "curvature not positive definite with damping %.3g; inverted with damping "
-                    "%.3g after %d attempt(s)",
-                    damping,
-                    d,
-                    attempt,
-                )
-            return 0.5 * (inv + inv.T), d, fallbacks
-    raise SingularCurvatureError(
-        f"the curvature matrix is not positive definite even with damping {d:.3g} "
-        f"({_FALLBACK_STEPS} attempts from {damping:.3g}); its diagonal averages {scale:.3g}"
+    chol, d, fallbacks = damped_cholesky(
+        mat, damping, start=_FALLBACK_START, factor=10.0, steps=_FALLBACK_STEPS
     )
+    inv = torch.cholesky_inverse(chol) if chol is not None else None
+    if inv is None or not bool(torch.isfinite(inv).all()):
+        raise SingularCurvatureError(
+            f"the curvature matrix is not positive definite even with damping {d:.3g} "
+            f"({_FALLBACK_STEPS} attempts from {damping:.3g}); its diagonal averages {scale:.3g}"
+        )
+    if fallbacks:
+        log.warning(
+            "curvature not positive definite with damping %.3g; inverted with damping "
+            "%.3g after %d attempt(s)",
+            damping,
+            d,
+            len(fallbacks),
+        )
+    return 0.5 * (inv + inv.T), d, fallbacks
 
 
 def _exact_hessian(work: Problem, coords: Coordinates) -> Tensor:
