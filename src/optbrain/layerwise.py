@@ -42,7 +42,7 @@ from .errors import (
     UnsupportedModuleError,
 )
 from .masking import Mask, current_mask
-from .paramdict import ParamDict, named_parameters
+from .paramdict import ParamDict, named_parameters, restored_on_error
 from .problem import Problem
 from .pruner import PruneInfo, Stateless
 from .selection import TargetExceededError, split_target, target_count
@@ -451,14 +451,8 @@ class LayerwiseOBS(Stateless):
         params = named_parameters(model, trainable_only=False)
         for name, path in layers.items():  # before any weight changes
             _check_nm_columns(self.nm, params[name][0].numel(), f"layer {path!r}")
-        snapshot = {name: params[name].detach().clone() for name in layers}
-        try:
+        with restored_on_error({name: params[name] for name in layers}):
             new, errors, biggest = self._prune_layers(problem, mask, layers, targets, params)
-        except BaseException:  # never leave the model half-pruned
-            with torch.no_grad():
-                for name, saved in snapshot.items():
-                    params[name].copy_(saved)
-            raise
         out = Mask({n: new.get(n, mask[n]) for n in mask.names})
         self.last_errors = errors
         info = PruneInfo(

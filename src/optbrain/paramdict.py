@@ -9,7 +9,8 @@ is attached.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -97,3 +98,17 @@ def kth_smallest(d: Mapping[str, Tensor], k: int) -> Tensor:
 
 def to(d: Mapping[str, Tensor], dtype: torch.dtype | None = None, device=None) -> ParamDict:
     return {k: v.to(dtype=dtype, device=device) for k, v in d.items()}
+
+
+@contextlib.contextmanager
+def restored_on_error(params: Mapping[str, Tensor]) -> Iterator[None]:
+    """Snapshot ``params`` and copy the snapshot back in place if the block raises anything
+    (including ``KeyboardInterrupt``): a pruner that updates weights never leaves them half done."""
+    snapshot = {k: p.detach().clone() for k, p in params.items()}
+    try:
+        yield
+    except BaseException:
+        with torch.no_grad():
+            for k, p in params.items():
+                p.copy_(snapshot[k])
+        raise

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from .errors import TargetUnreachableError
 from .masking import Mask
-from .paramdict import ParamDict, named_parameters
+from .paramdict import ParamDict, named_parameters, restored_on_error
 from .problem import Problem
 from .pruner import PruneInfo, Stateless, default_mask
 from .saliency.obs import (
@@ -189,14 +189,8 @@ class OBSPruner(Stateless):
         mask = mask if mask is not None else default_mask(problem.model)
         params = self._params(problem, mask)
         goal = self._goal(mask, sparsity, units)
-        snapshot = {k: p.detach().clone() for k, p in params.items()}
-        try:
+        with restored_on_error(params):
             new, steps = self._run(problem, params, mask, goal)
-        except BaseException:
-            with torch.no_grad():
-                for k, p in params.items():
-                    p.copy_(snapshot[k])
-            raise
         with torch.no_grad():
             for k in new.names:
                 params[k].mul_(new[k].to(device=params[k].device, dtype=params[k].dtype))
