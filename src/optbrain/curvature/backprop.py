@@ -55,6 +55,56 @@ def _chunk_size(chain: list[Link], xs: list[Tensor], k0: int, mode: str) -> int:
     return max(1, _BUDGET // max(k * width, 1))
 
 
+def _forward(chain: list[Link], x: Tensor) -> list[Tensor]:
+    """Every layer input and the output, ``xs[i]`` entering ``chain[i]``. An activation whose
+    rules never read its input runs in place on a fresh output of the layer before it (when
+    that layer's rules do not read it either): one allocation fewer per activation."""
+    xs = [x]
+    for i, lk in enumerate(chain):
+        act = lk.rule.inplace_forward(lk.module) if i > 0 else None
+        prev = chain[i - 1] if i > 0 else None
+        if act is not None and prev.rule.fresh_output(prev.module) and not prev.rule.reads_output:
+            xs.append(act(xs[-1]))
+        else:
+            xs.append(lk.rule.forward(lk.module, xs[-1]))
+    return xs
+
+
+def _storage(t: Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+def _writable_inputs(
+    chain: list[Link], xs: list[Tensor], protected: set[int], square_tolerant: bool
+) -> list[bool]:
+    """Per link: whether the sweep may overwrite its input with its square once the link has
+    used it. The sweep runs backwards, so link ``i``'s input must not share memory with a value
+    that a link before it reads (its input or output, per the rules' flags; with
+    ``square_tolerant``, an output read by a ``square_output_ok`` rule does not count: that rule
+    is then handed the square), nor with ``protected`` memory (the caller's data, parameters,
+    buffers), and must span its whole storage (a partial view would be squared in part)."""
+    read: set[int] = set()  # storages whose values the links before i read
+    out = []
+    for i, lk in enumerate(chain):
+        x = xs[i]
+        mem = _storage(x)
+        whole = x.is_contiguous() and x.untyped_storage().nbytes() == x.numel() * x.element_size()
+        out.append(i > 0 and whole and mem not in protected and mem not in read)
+        if lk.rule.reads_input:
+            read.add(mem)
+        if lk.rule.reads_output and not (square_tolerant and lk.rule.square_output_ok):
+            read.add(_storage(xs[i + 1]))
+    return out
+
+
+def _squared_input(lk: Link, x: Tensor, inplace: bool) -> Tensor:
+    """A link's input as its rule's LeCun methods take it: x² for ``squares_input`` rules
+    (squared in place with ``inplace``: the caller's last use of x), else x."""
+    if not lk.rule.squares_input:
+        return x
+    return x.square_() if inplace else x.square()
+
+
 def run(
     problem: Problem,
     mode: str,
@@ -83,21 +133,39 @@ def run(
     acc: ParamDict = {}  # filled by the first contribution to each entry (see _add)
     n_total = problem.n_samples
     done = 0
+    # the chain holds every parameter (build_chain refuses strays); buffers of its layers too
+    protected = {_storage(p) for lk in chain for _, p, _ in lk.params.values()}
+    protected |= {_storage(b) for lk in chain for b in lk.module.buffers()}
     with torch.no_grad(), eval_mode(model):
         chunk = None  # LeCun carries one diagonal: batches as given
         if not mode.startswith("lecun"):
             probe = [next(problem.batches())[0][:1]]
             for lk in chain:
-                probe.append(lk.module(probe[-1]))
+                probe.append(lk.rule.forward(lk.module, probe[-1]))
             k0 = {"ef": 1, "mc": samples}.get(mode, probe[-1][0].numel())
             chunk = _chunk_size(chain, probe, k0, mode)
         for x, y in _chunks(problem, chunk):
-            xs = [x]
-            for lk in chain:
-                xs.append(lk.module(xs[-1]))
+            xs = _forward(chain, x)
             if not _all_finite([xs[-1]]):
                 raise NonFiniteLossError(f"{estimator}: the model output contains NaN or inf")
-            _sweep(problem, chain, xs, y, mode, first, acc, wanted, samples, generator, n_total)
+            writable = _writable_inputs(
+                chain, xs, protected | {_storage(x)}, square_tolerant=mode == "lecun_gn"
+            )
+            _sweep(
+                problem,
+                chain,
+                xs,
+                y,
+                mode,
+                first,
+                acc,
+                wanted,
+                samples,
+                generator,
+                n_total,
+                writable,
+            )
+            del xs
             done += x.shape[0]
             if tick is not None:
                 tick(done, n_total)
@@ -138,7 +206,12 @@ def _square_sum_suffices(chain: list[Link], xs: list[Tensor], i: int, first: int
     return i - 1 == first or (i - 2 == first and isinstance(chain[i - 1].rule, ElementwiseRule))
 
 
-def _sweep(problem, chain, xs, y, mode, first, acc, wanted, samples, generator, n_total) -> None:
+def _sweep(
+    problem, chain, xs, y, mode, first, acc, wanted, samples, generator, n_total, writable
+) -> None:
+    """The backward sweep over one chunk (see the module doc). ``xs`` is consumed: each entry is
+    released once the sweep has passed it, and inputs marked in ``writable`` may be
+    overwritten."""
     out = xs[-1]
     need_grad = mode in ("lecun", "hessian")
     g = losses.output_grads(problem, out, y) if (need_grad or mode == "ef") else None
@@ -148,20 +221,27 @@ def _sweep(problem, chain, xs, y, mode, first, acc, wanted, samples, generator, 
         owned = True  # d is a fresh tensor of this sweep, free to be scaled in place
         if g is not None:
             g = g * (1.0 / n_total)
+        squared: set[int] = set()  # storages of layer inputs squared in place
         for i in range(len(chain) - 1, first - 1, -1):
-            lk, x = chain[i], xs[i]
+            lk, x, y = chain[i], xs[i], xs[i + 1]
+            xs[i + 1] = None  # released once this step is done: nothing before reads it
             if i == first:
-                _add(acc, wanted, lk, lk.rule.diag_params(lk.module, x, d))
+                x2 = _squared_input(lk, x, writable[i])
+                _add(acc, wanted, lk, lk.rule.diag_params(lk.module, x2, d))
                 break
             if lk.params:
-                contrib, d_in = lk.rule.lecun_step(lk.module, x, d)
-                _add(acc, wanted, lk, contrib)
-                if g is not None:
+                if g is not None:  # before x may be squared in place
                     g = lk.rule.vjp(lk.module, x, g[None])[0]
+                x2 = _squared_input(lk, x, writable[i])
+                if x2 is x:
+                    squared.add(_storage(x))
+                contrib, d_in = lk.rule.lecun_step(lk.module, x2, d)
+                _add(acc, wanted, lk, contrib)
                 d, owned = d_in, type(lk.rule) in _FRESH_VJP
             elif isinstance(lk.rule, ElementwiseRule):
-                y = xs[i + 1]
-                if g is None:
+                if g is None and _storage(y) in squared:  # y holds f(a)² now
+                    d, owned = lk.rule.scale2_from_square(lk.module, y, d, inplace=owned), True
+                elif g is None:
                     if owned:
                         d = lk.rule.scale2_(lk.module, x, y, d)
                     else:
@@ -190,21 +270,22 @@ def _sweep(problem, chain, xs, y, mode, first, acc, wanted, samples, generator, 
     factor: Tensor | None = None  # pending f' of the activation just before the first layer
     sqsum: Tensor | None = None  # Σ_k σ cols² in place of cols (only the first layer is left)
     for i in range(len(chain) - 1, first - 1, -1):
-        lk, x = chain[i], xs[i]
+        lk, x, y = chain[i], xs[i], xs[i + 1]
+        xs[i + 1] = None  # released once this step is done: nothing before reads it
         if lk.params:
             if sqsum is not None:
-                sq = lk.rule.grads_from_square_sum(x, sqsum, factor)
+                sq = lk.rule.grads_from_square_sum(x.square(), sqsum, factor)
             elif factor is not None:
                 sq = lk.rule.sq_grads(lk.module, x, cols, sign, factor=factor)
             else:
                 sq = lk.rule.sq_grads(lk.module, x, cols, sign)
             _add(acc, wanted, lk, sq)
             if diag is not None:
-                _add(acc, wanted, lk, lk.rule.diag_params(lk.module, x, diag))
+                x2 = _squared_input(lk, x, inplace=False)
+                _add(acc, wanted, lk, lk.rule.diag_params(lk.module, x2, diag))
         if i == first:
             break
         if isinstance(lk.rule, ElementwiseRule):
-            y = xs[i + 1]
             if i - 1 == first and type(chain[first].rule) is LinearRule:
                 # only Σ_k σ (f'⊙c)² = f'² Σ_k σ c² is left: scale N × out, not K × N × out
                 factor = lk.rule.derivatives(lk.module, x, y, second=False)[0]

@@ -174,8 +174,10 @@ class _CastData:
 
 def in_dtype(problem: Problem, dtype: torch.dtype | None) -> Problem:
     """The problem itself, or one on a copy of the model cast to ``dtype`` (results keep keys)."""
+    if dtype is None:
+        return problem
     params = list(problem.model.parameters())
-    if dtype is None or not params or all(p.dtype == dtype for p in params):
+    if not params or all(p.dtype == dtype for p in params):
         return problem
     model = copy.deepcopy(problem.model).to(dtype)
     cast = Problem(model, problem.loss_fn, _CastData(problem, dtype), problem.params)

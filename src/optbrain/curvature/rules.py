@@ -10,6 +10,7 @@ Users can teach optbrain a new layer with :func:`register`.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 
@@ -49,10 +50,41 @@ def _column_square_sum(cols: Tensor, sign: Tensor | None) -> Tensor:
 
 
 class Rule:
-    """Derivative rules of one layer kind. Subclasses override what differs from the defaults."""
+    """Derivative rules of one layer kind. Subclasses override what differs from the defaults.
+
+    Three flags tell the sweep which forward values the rules read, so that it can release or
+    overwrite the others (fewer allocations of fresh memory):
+
+    * ``reads_input``: the rules read the *values* of the module's input (not only its shape);
+    * ``reads_output``: they read the module's output (element-wise activations: f' from f(a));
+    * ``squares_input``: :meth:`diag_params`, :meth:`lecun_step` (and ``grads_from_square_sum``)
+      take the squared input x² in place of x — the sweep computes it, in place when no later
+      rule reads x;
+    * ``square_output_ok``: in LeCun's Gauss–Newton recursion the rule needs only the square of
+      its output (:meth:`scale2_from_square`); the layer after it may then square that output
+      in place for its own x² (tanh: f' = 1 − y²).
+    """
 
     #: parameter attributes the rule differentiates (those that are not None on the module)
     params: tuple[str, ...] = ()
+    reads_input: bool = True
+    reads_output: bool = False
+    squares_input: bool = False
+    square_output_ok: bool = False
+
+    def forward(self, m: nn.Module, x: Tensor) -> Tensor:
+        """The module's output, as the sweep's forward pass computes it."""
+        return m(x)
+
+    def fresh_output(self, m: nn.Module) -> bool:
+        """Whether the module's forward returns a new tensor (not its input, a view or a buffer),
+        which an in-place activation may then overwrite."""
+        return False
+
+    def inplace_forward(self, m: nn.Module) -> Callable[[Tensor], Tensor] | None:
+        """An in-place version of the module's forward, for rules that never read the module's
+        input (the sweep applies it to a fresh output nothing else reads); None if none."""
+        return None
 
     def column_cost(self, m: nn.Module, x: Tensor) -> int:
         """Elements per sample and column that :meth:`sq_grads` materialises (memory planning)."""
@@ -97,8 +129,24 @@ Derivatives = Callable[[nn.Module, Tensor, Tensor, bool], tuple[Tensor, Tensor |
 """``derivatives(module, a, f(a), second) -> (f'(a), f''(a) or None unless second)``."""
 
 
+def _out_of_place(m: nn.Module) -> nn.Module:
+    """``m``, or a shallow copy with ``inplace=False`` for activations built with
+    ``inplace=True`` (which would overwrite the pre-activation the derivatives need, and which
+    ``torch.func`` transforms refuse)."""
+    if getattr(m, "inplace", False) is True:
+        m = copy.copy(m)
+        m.inplace = False
+    return m
+
+
 class ElementwiseRule(Rule):
-    """x ↦ f(x) applied entry by entry; f', f'' by forward-mode AD unless given in closed form."""
+    """x ↦ f(x) applied entry by entry; f', f'' by forward-mode AD unless given in closed form.
+    Modules built with ``inplace=True`` are evaluated out of place."""
+
+    reads_output = True
+
+    def forward(self, m: nn.Module, x: Tensor) -> Tensor:
+        return _out_of_place(m)(x)
 
     def __init__(self, derivs: Derivatives | None = None):
         self._derivs = derivs
@@ -108,6 +156,7 @@ class ElementwiseRule(Rule):
     ) -> tuple[Tensor, Tensor | None]:
         """(f'(a), f''(a)); ``y = f(a)`` may be passed to save recomputing it; with
         ``second=False`` f'' is not computed (None)."""
+        m = _out_of_place(m)
         if self._derivs is not None:
             return self._derivs(m, a, m(a) if y is None else y, second)
         ones = torch.ones_like(a)
@@ -137,16 +186,39 @@ class ElementwiseRule(Rule):
         f1 = self.derivatives(m, a, y, second=False)[0]
         return t.mul_(f1).mul_(f1)
 
+    def scale2_from_square(self, m: nn.Module, y2: Tensor, t: Tensor, inplace: bool) -> Tensor:
+        """f'(a)² ⊙ t given only y2 = f(a)² (rules with ``square_output_ok``); written into
+        ``t`` with ``inplace``."""
+        raise NotImplementedError(f"{type(self).__name__} needs f(a) itself, not its square")
+
     def vjp(self, m: nn.Module, x: Tensor, cols: Tensor) -> Tensor:
-        return self.scale(m, x, m(x), cols)
+        return self.scale(m, x, self.forward(m, x), cols)
 
 
 class _FusedBackwardRule(ElementwiseRule):
-    """tanh / sigmoid: f' from the output through PyTorch's fused backward kernels."""
+    """tanh / sigmoid: f' (and f'') from the output alone, through PyTorch's fused backward
+    kernels; the input a is never read, so the forward may run in place on a fresh input."""
 
-    def __init__(self, derivs: Derivatives, backward: Callable[[Tensor, Tensor], Tensor]):
+    reads_input = False
+
+    def __init__(
+        self,
+        derivs: Derivatives,
+        backward: Callable[[Tensor, Tensor], Tensor],
+        module: type[nn.Module],
+        inplace: Callable[[Tensor], Tensor],
+        from_square: Callable[[Tensor, Tensor], Tensor] | None = None,
+    ):
         super().__init__(derivs)
         self._backward = backward
+        self._module = module
+        self._inplace = inplace
+        self._from_square = from_square  # (t, y²) ↦ f'² ⊙ t, in place
+        self.square_output_ok = from_square is not None
+
+    def inplace_forward(self, m: nn.Module) -> Callable[[Tensor], Tensor] | None:
+        # only the stock module: a subclass may compute something else in forward()
+        return self._inplace if type(m).forward is self._module.forward else None
 
     def scale(self, m: nn.Module, a: Tensor, y: Tensor, t: Tensor) -> Tensor:
         return self._backward(t, y)
@@ -160,9 +232,16 @@ class _FusedBackwardRule(ElementwiseRule):
     def scale2_(self, m: nn.Module, a: Tensor, y: Tensor, t: Tensor) -> Tensor:
         return self.scale_(m, a, y, self.scale_(m, a, y, t))
 
+    def scale2_from_square(self, m: nn.Module, y2: Tensor, t: Tensor, inplace: bool) -> Tensor:
+        if self._from_square is None:
+            return super().scale2_from_square(m, y2, t, inplace)
+        return self._from_square(t if inplace else t.clone(), y2)
+
 
 class ReshapeRule(Rule):
     """Identity-like layers (Flatten, Unflatten, Identity, Dropout in eval mode)."""
+
+    reads_input = False  # shapes only
 
     def vjp(self, m: nn.Module, x: Tensor, cols: Tensor) -> Tensor:
         return cols.reshape(cols.shape[0], *x.shape)
@@ -174,8 +253,18 @@ class ReshapeRule(Rule):
         raise AssertionError("a diagonal passes through reshape layers unchanged")
 
 
+def _stock_forward(m: nn.Module, *classes: type[nn.Module]) -> bool:
+    """Whether ``m`` runs the forward of one of torch's own ``classes`` (a parametrized module
+    does: parametrize subclasses without overriding forward)."""
+    return any(type(m).forward is c.forward for c in classes)
+
+
 class LinearRule(Rule):
     params = ("weight", "bias")
+    squares_input = True
+
+    def fresh_output(self, m: nn.Module) -> bool:
+        return _stock_forward(m, nn.Linear)
 
     def vjp(self, m: nn.Linear, x: Tensor, cols: Tensor) -> Tensor:
         flat = cols.reshape(-1, cols.shape[-1]) @ m.weight  # one 2-D GEMM beats a batched one
@@ -184,9 +273,14 @@ class LinearRule(Rule):
     def sq_vjp(self, m: nn.Linear, x: Tensor, d: Tensor) -> Tensor:
         return d @ m.weight.square()
 
-    def diag_params(self, m: nn.Linear, x: Tensor, d: Tensor) -> dict[str, Tensor]:
-        d2, x2 = d.reshape(-1, d.shape[-1]), x.reshape(-1, x.shape[-1]).square()
-        return {"weight": d2.T @ x2, "bias": d2.sum(0)}
+    def lecun_step(self, m: nn.Linear, x2: Tensor, d: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+        d_in = self.sq_vjp(m, x2, d)  # first, as autograd does: d is still in cache
+        return self.diag_params(m, x2, d), d_in
+
+    def diag_params(self, m: nn.Linear, x2: Tensor, d: Tensor) -> dict[str, Tensor]:
+        """``x2``: the squared input (see :attr:`Rule.squares_input`)."""
+        d2 = d.reshape(-1, d.shape[-1])
+        return {"weight": d2.T @ x2.reshape(-1, x2.shape[-1]), "bias": d2.sum(0)}
 
     def column_cost(self, m: nn.Linear, x: Tensor) -> int:
         return 0 if x.dim() == 2 else m.weight.numel()
@@ -204,7 +298,7 @@ class LinearRule(Rule):
         instead of to the K columns."""
         k, n = cols.shape[:2]
         if x.dim() == 2:  # one position per sample: (Σ_k σ g²)ᵀ x²
-            return self.grads_from_square_sum(x, _column_square_sum(cols, sign), factor)
+            return self.grads_from_square_sum(x.square(), _column_square_sum(cols, sign), factor)
         if factor is not None:
             cols = cols * factor
         xs = x.reshape(n, -1, x.shape[-1])
@@ -216,12 +310,12 @@ class LinearRule(Rule):
             "bias": _column_square_sum(gb, sign).sum(0),
         }
 
-    def grads_from_square_sum(self, x: Tensor, g2: Tensor, factor: Tensor | None = None):
-        """:meth:`sq_grads` for a 2-D input given g2 = Σ_k σ_k cols_k² (N × out, fresh: it is
-        scaled in place by ``factor``², the pending f' of the columns)."""
+    def grads_from_square_sum(self, x2: Tensor, g2: Tensor, factor: Tensor | None = None):
+        """:meth:`sq_grads` for a 2-D input, given its square ``x2`` and g2 = Σ_k σ_k cols_k²
+        (N × out, fresh: it is scaled in place by ``factor``², the pending f' of the columns)."""
         if factor is not None:
             g2.mul_(factor).mul_(factor)
-        return {"weight": g2.T @ x.square(), "bias": g2.sum(0)}
+        return {"weight": g2.T @ x2, "bias": g2.sum(0)}
 
     def vjp_square_sum(self, m: nn.Linear, cols: Tensor, sign: Tensor | None) -> Tensor:
         """Σ_k σ_k (Jᵀ·cols_k)² (N × in) for 2-D columns (K × N × out), one column at a time:
@@ -253,6 +347,10 @@ class ConvRule(Rule):
     across positions, so a weight's per-sample gradient sums over its connections."""
 
     params = ("weight", "bias")
+    squares_input = True
+
+    def fresh_output(self, m: nn.Module) -> bool:
+        return _stock_forward(m, nn.Conv1d, nn.Conv2d)
 
     def _check(self, m: nn.Module) -> None:
         if m.padding_mode != "zeros":
@@ -329,11 +427,11 @@ class ConvRule(Rule):
             gi = gi[tuple(idx)]
         return gi, gw, gb
 
-    def lecun_step(self, m: nn.Module, x: Tensor, d: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+    def lecun_step(self, m: nn.Module, x2: Tensor, d: Tensor) -> tuple[dict[str, Tensor], Tensor]:
         """One backward call: input-gradient with squared kernels ((J∘J)ᵀ·d), weight-gradient
-        of the squared input and bias-gradient (Σ d), as a gradient pass does in one call."""
+        of the squared input ``x2`` and bias-gradient (Σ d), as a gradient pass does in one call."""
         self._check(m)
-        gi, gw, gb = self._backward3(m, x.square(), m.weight.square(), d, (True, True, True))
+        gi, gw, gb = self._backward3(m, x2, m.weight.square(), d, (True, True, m.bias is not None))
         return {"weight": gw, "bias": gb}, gi
 
     def sq_vjp(self, m: nn.Module, x: Tensor, d: Tensor) -> Tensor:
@@ -341,12 +439,13 @@ class ConvRule(Rule):
         self._check(m)
         return self._backward(m, x, m.weight.square(), d, want_input=True)
 
-    def diag_params(self, m: nn.Module, x: Tensor, d: Tensor) -> dict[str, Tensor]:
-        """Σ_{n,p} d·x²: the weight-gradient of the convolution for input x² and cotangent d
-        (zero padding stays zero when squared)."""
+    def diag_params(self, m: nn.Module, x2: Tensor, d: Tensor) -> dict[str, Tensor]:
+        """Σ_{n,p} d·x²: the weight-gradient of the convolution for the squared input ``x2`` and
+        cotangent d (zero padding stays zero when squared), with the bias sum Σ d from the same
+        backward call."""
         self._check(m)
-        w = self._backward(m, x.square(), m.weight, d, want_input=False)
-        return {"weight": w, "bias": d.reshape(d.shape[0], d.shape[1], -1).sum((0, 2))}
+        _, gw, gb = self._backward3(m, x2, m.weight, d, (False, True, m.bias is not None))
+        return {"weight": gw, "bias": gb}
 
     def sq_grads(self, m: nn.Module, x: Tensor, cols: Tensor, sign: Tensor | None):
         xu = self._unfold(m, x)
@@ -358,6 +457,11 @@ class ConvRule(Rule):
 
 
 class AvgPoolRule(Rule):
+    reads_input = False  # (J∘J)ᵀ·d depends on the input's shape only
+
+    def fresh_output(self, m: nn.Module) -> bool:
+        return _stock_forward(m, nn.AvgPool1d, nn.AvgPool2d)
+
     def _divisor(self, m: nn.Module) -> float:
         override = getattr(m, "divisor_override", None)  # AvgPool1d has none
         if override:
@@ -395,6 +499,9 @@ class AvgPoolRule(Rule):
 
 
 class MaxPoolRule(Rule):
+    def fresh_output(self, m: nn.Module) -> bool:
+        return _stock_forward(m, nn.MaxPool1d, nn.MaxPool2d)
+
     def sq_vjp(self, m: nn.Module, x: Tensor, d: Tensor) -> Tensor:
         if getattr(m, "return_indices", False):
             raise UnsupportedModuleError(f"{type(m).__name__}(return_indices=True)")
@@ -417,6 +524,11 @@ def _sigmoid(m: nn.Module, a: Tensor, s: Tensor, second: bool):
 
 def _relu(m: nn.Module, a: Tensor, y: Tensor, second: bool):
     return (a > 0).to(a.dtype), (torch.zeros_like(a) if second else None)
+
+
+def _tanh_scale2_from_square(t: Tensor, y2: Tensor) -> Tensor:
+    """t ← (1 − y²)² ⊙ t in place, as t − t·y² twice (two fused passes, like tanh_backward)."""
+    return t.addcmul_(t, y2, value=-1).addcmul_(t, y2, value=-1)
 
 
 def _lecun_tanh(m: nn.Module, a: Tensor, y: Tensor, second: bool):
@@ -450,8 +562,16 @@ for _c in (nn.MaxPool1d, nn.MaxPool2d):
     register(_c, MaxPoolRule())
 for _c in (nn.Flatten, nn.Unflatten, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d):
     register(_c, ReshapeRule())
-register(nn.Tanh, _FusedBackwardRule(_tanh, torch.ops.aten.tanh_backward))
-register(nn.Sigmoid, _FusedBackwardRule(_sigmoid, torch.ops.aten.sigmoid_backward))
+register(
+    nn.Tanh,
+    _FusedBackwardRule(
+        _tanh, torch.ops.aten.tanh_backward, nn.Tanh, torch.tanh_, _tanh_scale2_from_square
+    ),
+)
+register(
+    nn.Sigmoid,
+    _FusedBackwardRule(_sigmoid, torch.ops.aten.sigmoid_backward, nn.Sigmoid, torch.sigmoid_),
+)
 register_elementwise(nn.ReLU, _relu)
 for _c in (
     nn.LeakyReLU,

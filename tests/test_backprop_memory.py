@@ -1,0 +1,193 @@
+"""The structured sweep's memory economies must not change a single result.
+
+The sweep (``curvature/backprop.py``) runs tanh/sigmoid in place on the fresh output of the
+layer before them, squares a layer input in place once nothing later reads it, hands tanh the
+square of its output in LeCun's Gauss–Newton recursion, and releases each forward value once it
+has passed it. These tests check that the caller's data, the parameters and every estimate are
+exactly what they are without those economies, on models built to defeat them (views, layers
+that return their input, in-place activations, a subclass with its own forward).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import reference
+from cases import assert_diag_close, make_data, make_loss
+from optbrain.curvature import (
+    EmpiricalFisherDiagonal,
+    ExactHessianDiagonal,
+    GGNDiagonal,
+    LeCunDiagonal,
+    rules,
+)
+from optbrain.curvature.backprop import _forward
+from optbrain.curvature.chain import build_chain
+from optbrain.problem import Problem
+
+F64 = torch.float64
+
+
+def _seeded(build, seed: int = 0) -> nn.Module:
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return build().to(F64)
+
+
+# models whose layer inputs alias the data, each other or a value read later in the sweep
+ALIASING = {
+    "identity_first": (lambda: nn.Sequential(
+        nn.Identity(), nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)
+    ), (4,)),
+    "dropout_first_identity_after_tanh": (lambda: nn.Sequential(
+        nn.Dropout(0.2), nn.Linear(4, 5), nn.Tanh(), nn.Identity(), nn.Linear(5, 3)
+    ), (4,)),
+    "flatten_first_sigmoid": (lambda: nn.Sequential(
+        nn.Flatten(), nn.Linear(6, 5), nn.Sigmoid(), nn.Linear(5, 3)
+    ), (2, 3)),
+    "tanh_dropout_flatten": (lambda: nn.Sequential(
+        nn.Linear(4, 5), nn.Tanh(), nn.Dropout(0.5), nn.Flatten(), nn.Linear(5, 3), nn.Tanh()
+    ), (4,)),
+    "identity_between_linears": (lambda: nn.Sequential(
+        nn.Linear(4, 5), nn.Identity(), nn.Linear(5, 5), nn.Tanh(), nn.Linear(5, 3)
+    ), (4,)),
+    "conv_no_bias": (lambda: nn.Sequential(
+        nn.Conv2d(1, 2, 3, padding=1, bias=False), nn.Tanh(), nn.AvgPool2d(2),
+        nn.Conv2d(2, 3, 2, bias=False), nn.Sigmoid(), nn.Flatten(), nn.Linear(3, 3),
+    ), (1, 4, 4)),
+    "relu_maxpool": (lambda: nn.Sequential(
+        nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+        nn.Linear(8, 4), nn.Tanh(), nn.Linear(4, 3),
+    ), (1, 4, 4)),
+}  # fmt: skip
+
+
+def _problem(name: str, loss: str = "mse_mean"):
+    build, shape = ALIASING[name]
+    model = _seeded(build).train()  # the sweep's eval mode must make dropout the identity
+    data = make_data(shape, 3, loss, sizes=(5, 3), seed=1)
+    return model, make_loss(loss), data
+
+
+@pytest.mark.parametrize("loss", ["mse_mean", "ce_sum"])
+@pytest.mark.parametrize("name", list(ALIASING))
+def test_data_parameters_and_estimates_are_untouched_by_the_economies(name, loss):
+    model, loss_fn, data = _problem(name, loss)
+    data_before = [(x.clone(), y.clone()) for x, y in data]
+    state_before = {k: v.clone() for k, v in model.state_dict().items()}
+    problem = Problem(model, loss_fn, data)
+    with reference.eval_mode(model):
+        want = {
+            "ggn": reference.ggn_diag(model, loss_fn, data),
+            "hessian": reference.hessian_diag(model, loss_fn, data),
+            "ef": reference.empirical_fisher_diag(model, loss_fn, data),
+            "lecun_gn": reference.lecun_recursion_slow(model, loss_fn, data, True),
+            "lecun": reference.lecun_recursion_slow(model, loss_fn, data, False),
+        }
+    got = {
+        "ggn": GGNDiagonal(method="backprop").diagonal(problem),
+        "hessian": ExactHessianDiagonal(method="backprop").diagonal(problem),
+        "ef": EmpiricalFisherDiagonal(method="backprop").diagonal(problem),
+        "lecun_gn": LeCunDiagonal(gauss_newton=True).diagonal(problem),
+        "lecun": LeCunDiagonal(gauss_newton=False).diagonal(problem),
+    }
+    for key in want:
+        assert_diag_close(got[key], want[key], rtol=1e-10)
+    for (x, y), (x0, y0) in zip(data, data_before):
+        assert torch.equal(x, x0) and torch.equal(y, y0)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state_before[k]), k
+    assert model.training  # modes restored
+
+
+@pytest.mark.parametrize(
+    "act",
+    [
+        nn.ELU(inplace=True),
+        nn.SELU(inplace=True),
+        nn.CELU(0.7, inplace=True),
+        nn.LeakyReLU(0.1, inplace=True),
+        nn.Hardtanh(-0.5, 0.5, inplace=True),
+        nn.ReLU6(inplace=True),
+        nn.ReLU(inplace=True),
+    ],
+    ids=lambda a: type(a).__name__,
+)
+def test_inplace_activations_give_the_results_of_their_out_of_place_twins(act):
+    """An activation built with ``inplace=True`` used to overwrite the pre-activation that its
+    derivatives are taken at (wrong GGN and LeCun diagonals for ELU/SELU/CELU) and made the
+    structured Hessian fail inside ``torch.func``."""
+    twin = type(act).__new__(type(act))
+    twin.__dict__.update(act.__dict__)
+    twin.inplace = False
+
+    def build(a):
+        return lambda: nn.Sequential(nn.Linear(4, 6), a, nn.Linear(6, 3))
+
+    loss_fn = make_loss("mse_mean")
+    data = make_data((4,), 3, "mse_mean", sizes=(7,), seed=2)
+    for x, _ in data:
+        x.mul_(3.0)  # reach the negative branches
+    results = []
+    for a in (act, twin):
+        problem = Problem(_seeded(build(a), seed=3), loss_fn, data)
+        results.append(
+            [
+                GGNDiagonal(method="backprop").diagonal(problem),
+                ExactHessianDiagonal(method="backprop").diagonal(problem),
+                LeCunDiagonal(gauss_newton=True).diagonal(problem),
+                LeCunDiagonal(gauss_newton=False).diagonal(problem),
+            ]
+        )
+    for mine, theirs in zip(*results):
+        for k in theirs:
+            assert torch.equal(mine[k], theirs[k]), k
+    assert act.inplace  # the module itself is left as built
+
+
+def test_tanh_gets_the_square_of_its_output_in_the_gauss_newton_recursion(monkeypatch):
+    """The Linear layer after a tanh squares the tanh output in place and the tanh rule scales
+    by (1 − y²)² from that square; the result is the published recursion's."""
+    rule = rules.rule_for(nn.Tanh())
+    calls = []
+    original = rule._from_square
+
+    def spy(t, y2):
+        calls.append(tuple(y2.shape))
+        return original(t, y2)
+
+    monkeypatch.setattr(rule, "_from_square", spy)
+    model = _seeded(lambda: nn.Sequential(
+        nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)
+    ))  # fmt: skip
+    loss_fn = make_loss("ce_mean")
+    data = make_data((4,), 3, "ce_mean", sizes=(5, 4), seed=4)
+    got = LeCunDiagonal(gauss_newton=True).diagonal(Problem(model, loss_fn, data))
+    assert sorted(calls) == [(4, 5), (4, 6), (5, 5), (5, 6)]  # both tanh layers, both batches
+    want = reference.lecun_recursion_slow(model, loss_fn, data, True)
+    assert_diag_close(got, want, rtol=1e-10)
+    calls.clear()  # the full recursion needs y itself (f'' = −2y(1 − y²))
+    LeCunDiagonal(gauss_newton=False).diagonal(Problem(model, loss_fn, data))
+    assert calls == []
+
+
+class DoubledTanh(nn.Tanh):
+    def forward(self, x):
+        return 2 * torch.tanh(x)
+
+
+def test_the_forward_runs_in_place_only_stock_activations_on_fresh_outputs():
+    x = torch.randn(5, 4, dtype=F64)
+    stock = _seeded(lambda: nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Identity(), nn.Sigmoid()))
+    xs = _forward(build_chain(stock, "test"), x)
+    assert xs[2] is xs[1]  # tanh overwrote the Linear output it alone reads
+    assert xs[4] is not xs[3]  # sigmoid's input is Identity's, which returns its input as is
+    with torch.no_grad():
+        assert torch.equal(xs[-1], stock(x))
+    own = _seeded(lambda: nn.Sequential(nn.Linear(4, 3), DoubledTanh()))
+    xs = _forward(build_chain(own, "test"), x)
+    assert xs[2] is not xs[1]
+    with torch.no_grad():
+        assert torch.equal(xs[-1], own(x))
