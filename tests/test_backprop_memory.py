@@ -191,3 +191,22 @@ def test_the_forward_runs_in_place_only_stock_activations_on_fresh_outputs():
     assert xs[2] is not xs[1]
     with torch.no_grad():
         assert torch.equal(xs[-1], own(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("classes", [2, 10, 16, 17, 100])
+def test_class_probabilities_equal_torch_softmax(classes, dtype):
+    """The cross-entropy boundaries take p from ``losses._probabilities``, which composes the
+    softmax for few classes on CPU (faster there); it must be torch's softmax to rounding, for
+    extreme and infinite logits too."""
+    from optbrain.curvature.losses import _probabilities
+
+    g = torch.Generator().manual_seed(classes)
+    out = torch.randn(50, classes, generator=g, dtype=dtype) * 30
+    out[0] = 1e4
+    out[1, 0] = -float("inf")
+    out[2, -1] = 8e3
+    got, want = _probabilities(out), torch.softmax(out, dim=1)
+    tol = 1e-6 if dtype == torch.float32 else 1e-14
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    assert torch.allclose(got.sum(1), torch.ones(50, dtype=dtype), atol=10 * tol)

@@ -70,8 +70,14 @@ def _forward(chain: list[Link], x: Tensor) -> list[Tensor]:
     return xs
 
 
-def _storage(t: Tensor) -> int:
-    return t.untyped_storage().data_ptr()
+def _storage(t: Tensor) -> int | None:
+    """Address of a tensor's memory; None where it has none to ask for (sparse, wrapped)."""
+    if t.layout != torch.strided:
+        return None
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return None
 
 
 def _writable_inputs(
@@ -88,7 +94,8 @@ def _writable_inputs(
     for i, lk in enumerate(chain):
         x = xs[i]
         mem = _storage(x)
-        whole = x.is_contiguous() and x.untyped_storage().nbytes() == x.numel() * x.element_size()
+        whole = mem is not None and x.is_contiguous()
+        whole = whole and x.untyped_storage().nbytes() == x.numel() * x.element_size()
         out.append(i > 0 and whole and mem not in protected and mem not in read)
         if lk.rule.reads_input:
             read.add(mem)
@@ -239,7 +246,7 @@ def _sweep(
                 _add(acc, wanted, lk, contrib)
                 d, owned = d_in, type(lk.rule) in _FRESH_VJP
             elif isinstance(lk.rule, ElementwiseRule):
-                if g is None and _storage(y) in squared:  # y holds f(a)² now
+                if g is None and squared and _storage(y) in squared:  # y holds f(a)² now
                     d, owned = lk.rule.scale2_from_square(lk.module, y, d, inplace=owned), True
                 elif g is None:
                     if owned:

@@ -49,6 +49,20 @@ def _is_plain_ce(problem: Problem, out: Tensor, y: Tensor) -> bool:
     )
 
 
+def _probabilities(out: Tensor) -> Tensor:
+    """softmax over the class axis of N × C logits.
+
+    On CPU with few classes torch's softmax kernel, which vectorises along the class axis, is 3–5×
+    slower than a max-shifted exp and a row sum (1,797 × 10 at 2 threads: ~160 µs against ~55 µs;
+    the two agree to 1 ulp); from a few dozen classes on it is the faster one.
+    """
+    out = out.detach()
+    if out.device.type == "cpu" and out.shape[1] <= 16:
+        e = (out - out.amax(1, keepdim=True)).exp_()
+        return e.div_(e.sum(1, keepdim=True))
+    return torch.softmax(out, dim=1)
+
+
 def _ce_factor(p: Tensor) -> Tensor:
     """C − 1 columns R with R Rᵀ = diag(p) − ppᵀ for every sample (p: N × C probabilities).
 
@@ -100,7 +114,7 @@ def hessian_factor(problem: Problem, out: Tensor, y: Tensor) -> Factor:
         s = eye[:, None, :].expand(d, n, d).reshape(d, *out.shape)
         return s, None
     if _is_plain_ce(problem, out, y):
-        return _ce_factor(torch.softmax(out.detach(), dim=1)), None
+        return _ce_factor(_probabilities(out)), None
     h = _per_sample_hessians(problem, out, y)
     lam, u = torch.linalg.eigh(h)  # N × d, N × d × d (columns are eigenvectors)
     s = (u * lam.abs().sqrt()[:, None, :]).permute(2, 0, 1).reshape(-1, *out.shape)
@@ -114,7 +128,7 @@ def hessian_diagonal(problem: Problem, out: Tensor, y: Tensor) -> Tensor:
     if c is not None:
         return torch.full_like(out.detach(), c)
     if _is_plain_ce(problem, out, y):
-        p = torch.softmax(out.detach(), dim=1)
+        p = _probabilities(out)
         return p * (1 - p)
     h = _per_sample_hessians(problem, out, y)
     return torch.diagonal(h, dim1=1, dim2=2).reshape(out.shape)
@@ -131,7 +145,7 @@ def mc_factor(
     """
     scale = samples**-0.5
     if _is_plain_ce(problem, out, y):
-        p = torch.softmax(out.detach(), dim=1)
+        p = _probabilities(out)
         idx = torch.multinomial(p.double().cpu(), samples, replacement=True, generator=gen)
         onehot = torch.nn.functional.one_hot(idx.T, p.shape[1]).to(p)  # samples × N × C
         return (p[None] - onehot) * scale
