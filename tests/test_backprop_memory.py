@@ -210,3 +210,56 @@ def test_class_probabilities_equal_torch_softmax(classes, dtype):
     tol = 1e-6 if dtype == torch.float32 else 1e-14
     torch.testing.assert_close(got, want, rtol=tol, atol=tol)
     assert torch.allclose(got.sum(1), torch.ones(50, dtype=dtype), atol=10 * tol)
+
+
+FUSABLE = {
+    "mlp_tanh": (lambda: nn.Sequential(
+        nn.Linear(6, 9), nn.Tanh(), nn.Linear(9, 7), nn.Sigmoid(), nn.Linear(7, 4)
+    ), (6,)),
+    "cnn": (lambda: nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1), nn.Tanh(), nn.AvgPool2d(2),
+        nn.Conv2d(4, 4, 3, stride=2, padding=(1, 0), dilation=(1, 2), groups=2), nn.Sigmoid(),
+        nn.Flatten(), nn.Linear(8, 4),
+    ), (2, 8, 12)),
+}  # fmt: skip
+
+
+@pytest.mark.skipif(
+    rules._LINEAR_POINTWISE is None or not torch.backends.mkldnn.is_available(),
+    reason="this torch build has no oneDNN fused kernels",
+)
+@pytest.mark.filterwarnings("ignore:TF32 acceleration")
+@pytest.mark.parametrize("loss", ["mse_mean", "ce_mean"])
+@pytest.mark.parametrize("name", list(FUSABLE))
+def test_fused_layer_and_activation_kernels_change_nothing_but_rounding(name, loss, monkeypatch):
+    """In float32 on CPU a Linear/Conv2d followed by tanh or sigmoid runs as one oneDNN kernel;
+    every structured estimate must equal the unfused one to float32 rounding, and the fused
+    kernels must actually be used."""
+    build, shape = FUSABLE[name]
+    model = _seeded(build).float()
+    data = [(x.float(), y.float() if y.is_floating_point() else y) for x, y in
+            make_data(shape, 4, loss, sizes=(6, 5), seed=5)]  # fmt: skip
+    problem = Problem(model, make_loss(loss), data)
+    used = []
+    for attr in ("_LINEAR_POINTWISE", "_CONV_POINTWISE"):
+        op = getattr(rules, attr)
+        monkeypatch.setattr(rules, attr, lambda *a, _op=op, _n=attr: used.append(_n) or _op(*a))
+    estimators = [
+        LeCunDiagonal(gauss_newton=True),
+        LeCunDiagonal(gauss_newton=False),
+        GGNDiagonal(method="backprop"),
+        ExactHessianDiagonal(method="backprop"),
+    ]
+    fused = [e.diagonal(problem) for e in estimators]
+    assert len(used) >= 2 * len(estimators) * len(data)  # both layer kinds, every batch
+    with torch.backends.mkldnn.flags(enabled=False):
+        used.clear()
+        plain = [e.diagonal(problem) for e in estimators]
+        assert used == []
+    for a, b in zip(fused, plain):
+        for k in b:
+            torch.testing.assert_close(a[k], b[k], rtol=2e-5, atol=1e-6 * b[k].abs().max())
+    x = data[0][0]
+    xs = _forward(build_chain(model, "test"), x)
+    with torch.no_grad():
+        torch.testing.assert_close(xs[-1], model(x), rtol=1e-6, atol=1e-6)

@@ -56,17 +56,32 @@ def _chunk_size(chain: list[Link], xs: list[Tensor], k0: int, mode: str) -> int:
 
 
 def _forward(chain: list[Link], x: Tensor) -> list[Tensor]:
-    """Every layer input and the output, ``xs[i]`` entering ``chain[i]``. An activation whose
-    rules never read its input runs in place on a fresh output of the layer before it (when
-    that layer's rules do not read it either): one allocation fewer per activation."""
+    """Every layer input and the output, ``xs[i]`` entering ``chain[i]``.
+
+    An activation whose rules never read its input (tanh, sigmoid) does not keep it: it is fused
+    with the Linear/Conv layer before it into one oneDNN kernel where the build, dtype and
+    layer allow (``Rule.forward_fused``; no autograd graph is needed here, so the
+    inference-only kernels apply), else it runs in place on that layer's fresh output. Either
+    way the pre-activation entry of ``xs`` is the activation's output itself."""
     xs = [x]
-    for i, lk in enumerate(chain):
+    i = 0
+    while i < len(chain):
+        lk = chain[i]
+        nxt = chain[i + 1] if i + 1 < len(chain) else None
+        name = nxt.rule.fusion_name(nxt.module) if nxt is not None else None
+        if name is not None and not lk.rule.reads_output:
+            y = lk.rule.forward_fused(lk.module, xs[-1], name)
+            if y is not None:
+                xs += [y, y]
+                i += 2
+                continue
         act = lk.rule.inplace_forward(lk.module) if i > 0 else None
         prev = chain[i - 1] if i > 0 else None
         if act is not None and prev.rule.fresh_output(prev.module) and not prev.rule.reads_output:
             xs.append(act(xs[-1]))
         else:
             xs.append(lk.rule.forward(lk.module, xs[-1]))
+        i += 1
     return xs
 
 

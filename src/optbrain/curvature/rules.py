@@ -86,6 +86,15 @@ class Rule:
         input (the sweep applies it to a fresh output nothing else reads); None if none."""
         return None
 
+    def fusion_name(self, m: nn.Module) -> str | None:
+        """For an activation whose rules never read its input: its name among oneDNN's fused
+        post-operations (``"tanh"``, ``"sigmoid"``), or None."""
+        return None
+
+    def forward_fused(self, m: nn.Module, x: Tensor, activation: str) -> Tensor | None:
+        """``activation(m(x))`` in one fused kernel where the layer supports it, else None."""
+        return None
+
     def column_cost(self, m: nn.Module, x: Tensor) -> int:
         """Elements per sample and column that :meth:`sq_grads` materialises (memory planning)."""
         return 0
@@ -207,18 +216,23 @@ class _FusedBackwardRule(ElementwiseRule):
         backward: Callable[[Tensor, Tensor], Tensor],
         module: type[nn.Module],
         inplace: Callable[[Tensor], Tensor],
+        fusion: str,
         from_square: Callable[[Tensor, Tensor], Tensor] | None = None,
     ):
         super().__init__(derivs)
         self._backward = backward
         self._module = module
         self._inplace = inplace
+        self._fusion = fusion
         self._from_square = from_square  # (t, y²) ↦ f'² ⊙ t, in place
         self.square_output_ok = from_square is not None
 
     def inplace_forward(self, m: nn.Module) -> Callable[[Tensor], Tensor] | None:
         # only the stock module: a subclass may compute something else in forward()
         return self._inplace if type(m).forward is self._module.forward else None
+
+    def fusion_name(self, m: nn.Module) -> str | None:
+        return self._fusion if type(m).forward is self._module.forward else None
 
     def scale(self, m: nn.Module, a: Tensor, y: Tensor, t: Tensor) -> Tensor:
         return self._backward(t, y)
@@ -236,6 +250,31 @@ class _FusedBackwardRule(ElementwiseRule):
         if self._from_square is None:
             return super().scale2_from_square(m, y2, t, inplace)
         return self._from_square(t if inplace else t.clone(), y2)
+
+
+def _onednn_op(name: str):
+    """torch's inference-only oneDNN op ``torch.ops.mkldnn.<name>`` (the layer-plus-activation
+    kernels that ``torch.compile`` emits on CPU), or None where this build lacks it."""
+    try:
+        return getattr(torch.ops.mkldnn, name)
+    except (AttributeError, RuntimeError):  # pragma: no cover - depends on the torch build
+        return None
+
+
+_LINEAR_POINTWISE = _onednn_op("_linear_pointwise")
+_CONV_POINTWISE = _onednn_op("_convolution_pointwise")
+
+
+def _onednn_usable(x: Tensor, w: Tensor) -> bool:
+    """oneDNN's fused kernels: float32 on CPU, input contiguous, oneDNN built and enabled."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and w.dtype == torch.float32
+        and x.is_contiguous()
+        and torch.backends.mkldnn.is_available()
+        and torch.backends.mkldnn.enabled
+    )
 
 
 class ReshapeRule(Rule):
@@ -265,6 +304,14 @@ class LinearRule(Rule):
 
     def fresh_output(self, m: nn.Module) -> bool:
         return _stock_forward(m, nn.Linear)
+
+    def forward_fused(self, m: nn.Module, x: Tensor, activation: str) -> Tensor | None:
+        if _LINEAR_POINTWISE is None or x.dim() != 2 or not _stock_forward(m, nn.Linear):
+            return None
+        w = m.weight
+        if not _onednn_usable(x, w):
+            return None
+        return _LINEAR_POINTWISE(x, w, m.bias, activation, [], "")
 
     def vjp(self, m: nn.Linear, x: Tensor, cols: Tensor) -> Tensor:
         flat = cols.reshape(-1, cols.shape[-1]) @ m.weight  # one 2-D GEMM beats a batched one
@@ -351,6 +398,22 @@ class ConvRule(Rule):
 
     def fresh_output(self, m: nn.Module) -> bool:
         return _stock_forward(m, nn.Conv1d, nn.Conv2d)
+
+    def forward_fused(self, m: nn.Module, x: Tensor, activation: str) -> Tensor | None:
+        if (
+            _CONV_POINTWISE is None
+            or x.dim() != 4
+            or not _stock_forward(m, nn.Conv2d)
+            or m.padding_mode != "zeros"
+            or isinstance(m.padding, str)
+        ):
+            return None
+        w = m.weight
+        if not _onednn_usable(x, w):
+            return None
+        args = (list(m.padding), list(m.stride), list(m.dilation), m.groups)
+        out = _CONV_POINTWISE(x, w, m.bias, *args, activation, [], "")
+        return out.contiguous()  # NCHW, as the stock forward returns it
 
     def _check(self, m: nn.Module) -> None:
         if m.padding_mode != "zeros":
@@ -565,12 +628,19 @@ for _c in (nn.Flatten, nn.Unflatten, nn.Identity, nn.Dropout, nn.Dropout1d, nn.D
 register(
     nn.Tanh,
     _FusedBackwardRule(
-        _tanh, torch.ops.aten.tanh_backward, nn.Tanh, torch.tanh_, _tanh_scale2_from_square
+        _tanh,
+        torch.ops.aten.tanh_backward,
+        nn.Tanh,
+        torch.tanh_,
+        "tanh",
+        _tanh_scale2_from_square,
     ),
 )
 register(
     nn.Sigmoid,
-    _FusedBackwardRule(_sigmoid, torch.ops.aten.sigmoid_backward, nn.Sigmoid, torch.sigmoid_),
+    _FusedBackwardRule(
+        _sigmoid, torch.ops.aten.sigmoid_backward, nn.Sigmoid, torch.sigmoid_, "sigmoid"
+    ),
 )
 register_elementwise(nn.ReLU, _relu)
 for _c in (
