@@ -181,13 +181,13 @@ class DoubledTanh(nn.Tanh):
 def test_the_forward_runs_in_place_only_stock_activations_on_fresh_outputs():
     x = torch.randn(5, 4, dtype=F64)
     stock = _seeded(lambda: nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Identity(), nn.Sigmoid()))
-    xs = _forward(build_chain(stock, "test"), x)
+    xs, _ = _forward(build_chain(stock, "test"), x)
     assert xs[2] is xs[1]  # tanh overwrote the Linear output it alone reads
     assert xs[4] is not xs[3]  # sigmoid's input is Identity's, which returns its input as is
     with torch.no_grad():
         assert torch.equal(xs[-1], stock(x))
     own = _seeded(lambda: nn.Sequential(nn.Linear(4, 3), DoubledTanh()))
-    xs = _forward(build_chain(own, "test"), x)
+    xs, _ = _forward(build_chain(own, "test"), x)
     assert xs[2] is not xs[1]
     with torch.no_grad():
         assert torch.equal(xs[-1], own(x))
@@ -260,6 +260,46 @@ def test_fused_layer_and_activation_kernels_change_nothing_but_rounding(name, lo
         for k in b:
             torch.testing.assert_close(a[k], b[k], rtol=2e-5, atol=1e-6 * b[k].abs().max())
     x = data[0][0]
-    xs = _forward(build_chain(model, "test"), x)
+    xs, _ = _forward(build_chain(model, "test"), x)
     with torch.no_grad():
         torch.testing.assert_close(xs[-1], model(x), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_forward_hooks_are_called_and_what_they_keep_is_left_alone(dtype):
+    """A hooked module is called as it is (not fused, not run in place), and a tensor a hook
+    kept is never overwritten by the sweep (found by review: a Linear output kept by a hook
+    came back as tanh(·)²)."""
+    model = _seeded(lambda: nn.Sequential(
+        nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)
+    )).to(dtype)  # fmt: skip
+    kept, calls = [], []  # (copy at capture time, the tensor the hook holds)
+    model[0].register_forward_hook(lambda m, i, o: kept.append((o.clone(), o)))
+    model[1].register_forward_hook(lambda m, i, o: calls.append("tanh"))
+    model[3].register_forward_pre_hook(lambda m, i: kept.append((i[0].clone(), i[0])))
+    data = [(x.to(dtype), y) for x, y in make_data((4,), 3, "ce_mean", sizes=(5, 4), seed=6)]
+    problem = Problem(model, make_loss("ce_mean"), data)
+    for est in (LeCunDiagonal(gauss_newton=True), GGNDiagonal(method="backprop")):
+        kept.clear()
+        calls.clear()
+        est.diagonal(problem)
+        assert len(calls) >= len(data)  # the hooked tanh ran for every batch
+        assert len(kept) >= 2 * len(data)
+        for copy, held in kept:
+            assert torch.equal(copy, held)
+    from torch.nn.modules.module import register_module_forward_hook
+
+    seen = []
+    handle = register_module_forward_hook(lambda m, i, o: seen.append(type(m).__name__))
+    try:
+        got = LeCunDiagonal().diagonal(Problem(model, make_loss("ce_mean"), data))
+    finally:
+        handle.remove()
+    assert seen.count("Tanh") >= 2 * len(data) and seen.count("Linear") >= 3 * len(data)
+    model._forward_hooks.clear()
+    for m in model:
+        m._forward_hooks.clear()
+        m._forward_pre_hooks.clear()
+    want = LeCunDiagonal().diagonal(Problem(model, make_loss("ce_mean"), data))
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=0)

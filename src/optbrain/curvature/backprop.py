@@ -28,7 +28,15 @@ from ..problem import Problem, eval_mode
 from . import losses
 from .base import _all_finite
 from .chain import Link, build_chain
-from .rules import AvgPoolRule, ConvRule, ElementwiseRule, LinearRule, MaxPoolRule, ReshapeRule
+from .rules import (
+    AvgPoolRule,
+    ConvRule,
+    ElementwiseRule,
+    LinearRule,
+    MaxPoolRule,
+    ReshapeRule,
+    hooked,
+)
 
 MODES = ("lecun", "lecun_gn", "ggn", "hessian", "ef", "mc")
 _BUDGET = 2**24  # elements per intermediate column tensor (~128 MB in float64)
@@ -55,34 +63,51 @@ def _chunk_size(chain: list[Link], xs: list[Tensor], k0: int, mode: str) -> int:
     return max(1, _BUDGET // max(k * width, 1))
 
 
-def _forward(chain: list[Link], x: Tensor) -> list[Tensor]:
-    """Every layer input and the output, ``xs[i]`` entering ``chain[i]``.
+def _forward(chain: list[Link], x: Tensor) -> tuple[list[Tensor], set[int]]:
+    """Every layer input and the output, ``xs[i]`` entering ``chain[i]``, and the storages the
+    sweep owns: outputs of stock layers (``Rule.fresh_output``) and views of them, which no
+    hook has seen.
 
     An activation whose rules never read its input (tanh, sigmoid) does not keep it: it is fused
     with the Linear/Conv layer before it into one oneDNN kernel where the build, dtype and
     layer allow (``Rule.forward_fused``; no autograd graph is needed here, so the
     inference-only kernels apply), else it runs in place on that layer's fresh output. Either
-    way the pre-activation entry of ``xs`` is the activation's output itself."""
+    way the pre-activation entry of ``xs`` is the activation's output itself. Modules watched by
+    forward hooks are always called as they are."""
     xs = [x]
+    owned: set[int] = set()
     i = 0
     while i < len(chain):
         lk = chain[i]
         nxt = chain[i + 1] if i + 1 < len(chain) else None
         name = nxt.rule.fusion_name(nxt.module) if nxt is not None else None
         if name is not None and not lk.rule.reads_output:
-            y = lk.rule.forward_fused(lk.module, xs[-1], name)
+            y = lk.rule.forward_fused(lk.module, xs[-1], name)  # None if hooked
             if y is not None:
                 xs += [y, y]
+                owned.add(_storage(y))
                 i += 2
                 continue
-        act = lk.rule.inplace_forward(lk.module) if i > 0 else None
-        prev = chain[i - 1] if i > 0 else None
-        if act is not None and prev.rule.fresh_output(prev.module) and not prev.rule.reads_output:
+        act = lk.rule.inplace_forward(lk.module) if i > 0 else None  # None if hooked
+        prev = chain[i - 1]
+        if (
+            act is not None
+            and prev.rule.fresh_output(prev.module)  # its own output: no one else reads it
+            and not prev.rule.reads_output
+            and _storage(xs[-1]) in owned
+        ):
             xs.append(act(xs[-1]))
-        else:
-            xs.append(lk.rule.forward(lk.module, xs[-1]))
+            i += 1
+            continue
+        xs.append(lk.rule.forward(lk.module, xs[-1]))
+        if hooked(lk.module):  # a hook saw (and may keep) both tensors
+            owned.discard(_storage(xs[-2]))
+            owned.discard(_storage(xs[-1]))
+        elif lk.rule.fresh_output(lk.module):
+            owned.add(_storage(xs[-1]))
         i += 1
-    return xs
+    owned.discard(None)
+    return xs, owned
 
 
 def _storage(t: Tensor) -> int | None:
@@ -96,14 +121,15 @@ def _storage(t: Tensor) -> int | None:
 
 
 def _writable_inputs(
-    chain: list[Link], xs: list[Tensor], protected: set[int], square_tolerant: bool
+    chain: list[Link], xs: list[Tensor], owned: set[int], square_tolerant: bool
 ) -> list[bool]:
     """Per link: whether the sweep may overwrite its input with its square once the link has
-    used it. The sweep runs backwards, so link ``i``'s input must not share memory with a value
-    that a link before it reads (its input or output, per the rules' flags; with
-    ``square_tolerant``, an output read by a ``square_output_ok`` rule does not count: that rule
-    is then handed the square), nor with ``protected`` memory (the caller's data, parameters,
-    buffers), and must span its whole storage (a partial view would be squared in part)."""
+    used it. The input must lie in memory the sweep ``owns`` (see :func:`_forward`: never the
+    caller's data, a parameter, a buffer or a tensor a hook saw) and span its whole storage (a
+    partial view would be squared in part). The sweep runs backwards, so it must not share
+    memory with a value that a link before it reads (its input or output, per the rules' flags;
+    with ``square_tolerant``, an output read by a ``square_output_ok`` rule does not count: that
+    rule is then handed the square)."""
     read: set[int] = set()  # storages whose values the links before i read
     out = []
     for i, lk in enumerate(chain):
@@ -111,7 +137,7 @@ def _writable_inputs(
         mem = _storage(x)
         whole = mem is not None and x.is_contiguous()
         whole = whole and x.untyped_storage().nbytes() == x.numel() * x.element_size()
-        out.append(i > 0 and whole and mem not in protected and mem not in read)
+        out.append(whole and mem in owned and mem not in read)
         if lk.rule.reads_input:
             read.add(mem)
         if lk.rule.reads_output and not (square_tolerant and lk.rule.square_output_ok):
@@ -155,9 +181,6 @@ def run(
     acc: ParamDict = {}  # filled by the first contribution to each entry (see _add)
     n_total = problem.n_samples
     done = 0
-    # the chain holds every parameter (build_chain refuses strays); buffers of its layers too
-    protected = {_storage(p) for lk in chain for _, p, _ in lk.params.values()}
-    protected |= {_storage(b) for lk in chain for b in lk.module.buffers()}
     with torch.no_grad(), eval_mode(model):
         chunk = None  # LeCun carries one diagonal: batches as given
         if not mode.startswith("lecun"):
@@ -167,12 +190,10 @@ def run(
             k0 = {"ef": 1, "mc": samples}.get(mode, probe[-1][0].numel())
             chunk = _chunk_size(chain, probe, k0, mode)
         for x, y in _chunks(problem, chunk):
-            xs = _forward(chain, x)
+            xs, owned = _forward(chain, x)
             if not _all_finite([xs[-1]]):
                 raise NonFiniteLossError(f"{estimator}: the model output contains NaN or inf")
-            writable = _writable_inputs(
-                chain, xs, protected | {_storage(x)}, square_tolerant=mode == "lecun_gn"
-            )
+            writable = _writable_inputs(chain, xs, owned, square_tolerant=mode == "lecun_gn")
             _sweep(
                 problem,
                 chain,

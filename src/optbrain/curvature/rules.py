@@ -49,10 +49,29 @@ def _column_square_sum(cols: Tensor, sign: Tensor | None) -> Tensor:
     return acc
 
 
+def hooked(m: nn.Module) -> bool:
+    """Whether a forward (pre-)hook, the module's own or a global one, sees ``m``'s tensors (a
+    hook may keep them, so the sweep must neither overwrite them nor skip the call)."""
+    from torch.nn.modules import module as _mod
+
+    return bool(
+        m._forward_hooks
+        or m._forward_pre_hooks
+        or _mod._global_forward_hooks
+        or _mod._global_forward_pre_hooks
+    )
+
+
+def _stock_forward(m: nn.Module, *classes: type[nn.Module]) -> bool:
+    """Whether ``m`` runs the forward of one of torch's own ``classes`` (a parametrized module
+    does: parametrize subclasses without overriding forward) with no hook watching."""
+    return any(type(m).forward is c.forward for c in classes) and not hooked(m)
+
+
 class Rule:
     """Derivative rules of one layer kind. Subclasses override what differs from the defaults.
 
-    Three flags tell the sweep which forward values the rules read, so that it can release or
+    Four flags tell the sweep which forward values the rules read, so that it can release or
     overwrite the others (fewer allocations of fresh memory):
 
     * ``reads_input``: the rules read the *values* of the module's input (not only its shape);
@@ -229,10 +248,13 @@ class _FusedBackwardRule(ElementwiseRule):
 
     def inplace_forward(self, m: nn.Module) -> Callable[[Tensor], Tensor] | None:
         # only the stock module: a subclass may compute something else in forward()
-        return self._inplace if type(m).forward is self._module.forward else None
+        return self._inplace if _stock_forward(m, self._module) else None
 
     def fusion_name(self, m: nn.Module) -> str | None:
-        return self._fusion if type(m).forward is self._module.forward else None
+        return self._fusion if _stock_forward(m, self._module) else None
+
+    def fresh_output(self, m: nn.Module) -> bool:
+        return _stock_forward(m, self._module)
 
     def scale(self, m: nn.Module, a: Tensor, y: Tensor, t: Tensor) -> Tensor:
         return self._backward(t, y)
@@ -290,12 +312,6 @@ class ReshapeRule(Rule):
 
     def diag_columns(self, m: nn.Module, x: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
         raise AssertionError("a diagonal passes through reshape layers unchanged")
-
-
-def _stock_forward(m: nn.Module, *classes: type[nn.Module]) -> bool:
-    """Whether ``m`` runs the forward of one of torch's own ``classes`` (a parametrized module
-    does: parametrize subclasses without overriding forward)."""
-    return any(type(m).forward is c.forward for c in classes)
 
 
 class LinearRule(Rule):
