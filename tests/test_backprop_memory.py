@@ -10,6 +10,8 @@ that return their input, in-place activations, a subclass with its own forward).
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -25,6 +27,7 @@ from optbrain.curvature import (
 )
 from optbrain.curvature.backprop import _forward
 from optbrain.curvature.chain import build_chain
+from optbrain.errors import UnsupportedModuleError
 from optbrain.problem import Problem
 
 F64 = torch.float64
@@ -285,8 +288,8 @@ def test_forward_hooks_are_called_and_what_they_keep_is_left_alone(dtype):
         est.diagonal(problem)
         assert len(calls) >= len(data)  # the hooked tanh ran for every batch
         assert len(kept) >= 2 * len(data)
-        for copy, held in kept:
-            assert torch.equal(copy, held)
+        for snapshot, held in kept:
+            assert torch.equal(snapshot, held)
     from torch.nn.modules.module import register_module_forward_hook
 
     seen = []
@@ -303,3 +306,28 @@ def test_forward_hooks_are_called_and_what_they_keep_is_left_alone(dtype):
     want = LeCunDiagonal().diagonal(Problem(model, make_loss("ce_mean"), data))
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=0)
+
+
+def _twice(shared: bool):
+    """Linear → Tanh → the same Linear again (one module listed twice), or two copies."""
+    first = _seeded(lambda: nn.Linear(4, 4), seed=7)
+    second = first if shared else copy.deepcopy(first)
+    return nn.Sequential(first, nn.Tanh(), second)
+
+
+def test_a_module_listed_twice_is_run_twice_and_its_weights_sum_both_uses():
+    """``named_children`` hides a repeated module: the chain used to drop its second use, so
+    GGNDiagonal() and LeCunDiagonal() described a one-layer net (found in this session)."""
+    loss_fn = make_loss("mse_mean")
+    data = make_data((4,), 4, "mse_mean", sizes=(6, 3), seed=8)
+    tied, untied = _twice(True), _twice(False)
+    with reference.eval_mode(tied):
+        want = reference.ggn_diag(tied, loss_fn, data)
+    assert_diag_close(GGNDiagonal().diagonal(Problem(tied, loss_fn, data)), want, rtol=1e-10)
+    with pytest.raises(UnsupportedModuleError, match="tied parameters"):
+        GGNDiagonal(method="backprop").diagonal(Problem(tied, loss_fn, data))
+    # LeCun's rule for a shared weight: the sum of its connections' diagonals
+    got = LeCunDiagonal().diagonal(Problem(tied, loss_fn, data))
+    apart = LeCunDiagonal().diagonal(Problem(untied, loss_fn, data))
+    for attr in ("weight", "bias"):
+        torch.testing.assert_close(got[f"0.{attr}"], apart[f"0.{attr}"] + apart[f"2.{attr}"])

@@ -139,6 +139,16 @@ class StructuredEstimator(DiagonalEstimator):
         chain = None
         if self.method == "backprop":
             chain = build_chain(work.model, name)
+            if shared_parameters(chain):
+                # the sweep squares each use's per-sample gradient separately: the cross terms
+                # between the uses of a tied parameter would be missing
+                tied = sorted(n for lk in chain for n, p, _ in lk.params.values()
+                              if id(p) in shared_parameters(chain))  # fmt: skip
+                raise UnsupportedModuleError(
+                    f"{name}(method='backprop') cannot take tied parameters "
+                    f"({', '.join(dict.fromkeys(tied))}, used by several layers); use "
+                    "method='auto' or the torch.func method"
+                )
         elif self.method == "auto":
             chain = structured_chain(work, name)
         if chain is not None:

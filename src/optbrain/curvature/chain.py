@@ -27,9 +27,12 @@ class Link:
 
 
 def _leaves(module: nn.Module, prefix: str):
+    """The layers in forward order; a module listed twice is yielded twice (``named_children``
+    would hide the repeat, and the chain would then skip its second use)."""
     if isinstance(module, nn.Sequential):
-        for name, child in module.named_children():
-            yield from _leaves(child, f"{prefix}{name}.")
+        for name, child in module._modules.items():
+            if child is not None:
+                yield from _leaves(child, f"{prefix}{name}.")
     else:
         yield prefix, module
 
@@ -55,6 +58,7 @@ def build_chain(model: nn.Module, estimator: str) -> list[Link]:
     """The model's layers in forward order; raises UnsupportedModuleError for unknown layers."""
     chain: list[Link] = []
     covered: set[int] = set()
+    names: dict[int, str] = {}  # a parameter used by several layers keeps its first name
     for prefix, m in _leaves(model, ""):
         link = Link(prefix.rstrip(".") if prefix else "", m, rule_for(m, estimator))
         for attr in link.rule.params:
@@ -62,7 +66,7 @@ def build_chain(model: nn.Module, estimator: str) -> list[Link]:
             if got is None:
                 continue
             p, mult = got
-            name = f"{prefix}{attr}"
+            name = names.setdefault(id(p), f"{prefix}{attr}")
             link.params[attr] = (name, p, mult)
             covered.add(id(p))
         chain.append(link)
