@@ -331,3 +331,20 @@ def test_a_module_listed_twice_is_run_twice_and_its_weights_sum_both_uses():
     apart = LeCunDiagonal().diagonal(Problem(untied, loss_fn, data))
     for attr in ("weight", "bias"):
         torch.testing.assert_close(got[f"0.{attr}"], apart[f"0.{attr}"] + apart[f"2.{attr}"])
+
+
+def test_a_failing_fused_kernel_falls_back_to_the_stock_forward(monkeypatch):
+    """The oneDNN ops are private: if a torch release changed them, the sweep must fall back."""
+    build, shape = FUSABLE["mlp_tanh"]
+    model = _seeded(build).float()
+    data = [(x.float(), y.float()) for x, y in make_data(shape, 4, "mse_mean", sizes=(6,))]
+    problem = Problem(model, make_loss("mse_mean"), data)
+
+    def broken(*args):
+        raise TypeError("_linear_pointwise() got an unexpected argument")
+
+    want = LeCunDiagonal().diagonal(problem)
+    monkeypatch.setattr(rules, "_LINEAR_POINTWISE", broken)
+    got = LeCunDiagonal().diagonal(problem)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=2e-5, atol=1e-6 * want[k].abs().max())

@@ -11,6 +11,7 @@ Users can teach optbrain a new layer with :func:`register`.
 from __future__ import annotations
 
 import copy
+import logging
 import math
 from collections.abc import Callable
 
@@ -20,6 +21,8 @@ from torch import Tensor, nn
 from torch.func import jvp, vjp, vmap
 
 from ..errors import UnsupportedModuleError
+
+log = logging.getLogger(__name__)
 
 GENERIC_ESTIMATORS = (
     "GGNDiagonal(method='func')",
@@ -299,6 +302,16 @@ def _onednn_usable(x: Tensor, w: Tensor) -> bool:
     )
 
 
+def _call_onednn(op, *args) -> Tensor | None:
+    """``op(*args)``, or None (the caller falls back to the stock forward) if it fails: these
+    ops are private, and a torch release may change their signatures."""
+    try:
+        return op(*args)
+    except (RuntimeError, TypeError) as exc:
+        log.debug("oneDNN fused kernel unavailable, using the stock forward: %s", exc)
+        return None
+
+
 class ReshapeRule(Rule):
     """Identity-like layers (Flatten, Unflatten, Identity, Dropout in eval mode)."""
 
@@ -327,7 +340,7 @@ class LinearRule(Rule):
         w = m.weight
         if not _onednn_usable(x, w):
             return None
-        return _LINEAR_POINTWISE(x, w, m.bias, activation, [], "")
+        return _call_onednn(_LINEAR_POINTWISE, x, w, m.bias, activation, [], "")
 
     def vjp(self, m: nn.Linear, x: Tensor, cols: Tensor) -> Tensor:
         flat = cols.reshape(-1, cols.shape[-1]) @ m.weight  # one 2-D GEMM beats a batched one
@@ -428,8 +441,8 @@ class ConvRule(Rule):
         if not _onednn_usable(x, w):
             return None
         args = (list(m.padding), list(m.stride), list(m.dilation), m.groups)
-        out = _CONV_POINTWISE(x, w, m.bias, *args, activation, [], "")
-        return out.contiguous()  # NCHW, as the stock forward returns it
+        out = _call_onednn(_CONV_POINTWISE, x, w, m.bias, *args, activation, [], "")
+        return None if out is None else out.contiguous()  # NCHW, as the stock forward returns
 
     def _check(self, m: nn.Module) -> None:
         if m.padding_mode != "zeros":
