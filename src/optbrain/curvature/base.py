@@ -139,11 +139,13 @@ class StructuredEstimator(DiagonalEstimator):
         chain = None
         if self.method == "backprop":
             chain = build_chain(work.model, name)
-            if shared_parameters(chain):
+            shared = shared_parameters(chain)
+            if shared:
                 # the sweep squares each use's per-sample gradient separately: the cross terms
                 # between the uses of a tied parameter would be missing
-                tied = sorted(n for lk in chain for n, p, _ in lk.params.values()
-                              if id(p) in shared_parameters(chain))  # fmt: skip
+                tied = sorted(
+                    n for lk in chain for n, p, _ in lk.params.values() if id(p) in shared
+                )
                 raise UnsupportedModuleError(
                     f"{name}(method='backprop') cannot take tied parameters "
                     f"({', '.join(dict.fromkeys(tied))}, used by several layers); use "

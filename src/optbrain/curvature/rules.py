@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import jvp, vjp, vmap
+from torch.nn.modules import module as _mod
 
 from ..errors import UnsupportedModuleError
 
@@ -55,8 +56,6 @@ def _column_square_sum(cols: Tensor, sign: Tensor | None) -> Tensor:
 def hooked(m: nn.Module) -> bool:
     """Whether a forward (pre-)hook, the module's own or a global one, sees ``m``'s tensors (a
     hook may keep them, so the sweep must neither overwrite them nor skip the call)."""
-    from torch.nn.modules import module as _mod
-
     return bool(
         m._forward_hooks
         or m._forward_pre_hooks
