@@ -8,7 +8,7 @@
     seconds per layer (calibration + solve), and that time as a ratio to one X·Wᵀ matmul (float32)
     timed in the same process. Inputs are correlated Gaussians X = Z·(I + R/√k) (R standard
     normal), weights W ~ N(0, 1/k): a synthetic stand-in, not a trained network.
-(b) The full inverse of OBS (:mod:`optbrain.curvature.outer_product`): time and peak memory of
+(b) The full inverse of OBS (:mod:`optbrain.curvature.inverse`): time and peak memory of
     ``RecursiveInverse`` and ``DirectInverse`` against the number of weights p, on one-hidden-layer
     tanh MLPs 32-h-4 of growing width (MSE, N samples), each in a fresh subprocess, with one
     forward+backward pass of the same model over the same data as the baseline ratio; plus the
@@ -32,9 +32,9 @@ import torch
 from torch import nn
 
 from _timing import compare, reset_peak_rss, status_kb
-from optbrain.curvature.layerwise import calibration_hessians
-from optbrain.layerwise import blocked_obs, exact_obs, reconstruction_error
+from optbrain.curvature.calibration import calibration_hessians
 from optbrain.problem import Problem
+from optbrain.pruners.layerwise import blocked_obs, exact_obs, reconstruction_error
 
 FULL_LAYERS = [(768, 3072), (4096, 4096)]
 QUICK_LAYERS = [(64, 256), (256, 512)]
@@ -130,7 +130,7 @@ def mlp_setting(width: int, n: int, seed: int = 0):
 
 def inverse_here(width: int, method: str, n: int) -> dict:
     """Child side: time one inverse and measure its peak RSS growth; gradient pass baseline."""
-    from optbrain.curvature.outer_product import DirectInverse, RecursiveInverse
+    from optbrain.curvature.inverse import DirectInverse, RecursiveInverse
 
     model, x, y = mlp_setting(width, n)
     loss_fn = nn.MSELoss()

@@ -27,6 +27,7 @@ from optbrain.curvature import (
 )
 from optbrain.curvature.backprop import _forward
 from optbrain.curvature.chain import build_chain
+from optbrain.curvature.rules import fusion
 from optbrain.errors import UnsupportedModuleError
 from optbrain.problem import Problem
 
@@ -228,7 +229,7 @@ FUSABLE = {
 
 
 @pytest.mark.skipif(
-    rules._LINEAR_POINTWISE is None or not torch.backends.mkldnn.is_available(),
+    fusion._LINEAR_POINTWISE is None or not torch.backends.mkldnn.is_available(),
     reason="this torch build has no oneDNN fused kernels",
 )
 @pytest.mark.filterwarnings("ignore:TF32 acceleration")
@@ -245,8 +246,8 @@ def test_fused_layer_and_activation_kernels_change_nothing_but_rounding(name, lo
     problem = Problem(model, make_loss(loss), data)
     used = []
     for attr in ("_LINEAR_POINTWISE", "_CONV_POINTWISE"):
-        op = getattr(rules, attr)
-        monkeypatch.setattr(rules, attr, lambda *a, _op=op, _n=attr: used.append(_n) or _op(*a))
+        op = getattr(fusion, attr)
+        monkeypatch.setattr(fusion, attr, lambda *a, _op=op, _n=attr: used.append(_n) or _op(*a))
     estimators = [
         LeCunDiagonal(gauss_newton=True),
         LeCunDiagonal(gauss_newton=False),
@@ -344,7 +345,7 @@ def test_a_failing_fused_kernel_falls_back_to_the_stock_forward(monkeypatch):
         raise TypeError("_linear_pointwise() got an unexpected argument")
 
     want = LeCunDiagonal().diagonal(problem)
-    monkeypatch.setattr(rules, "_LINEAR_POINTWISE", broken)
+    monkeypatch.setattr(fusion, "_LINEAR_POINTWISE", broken)
     got = LeCunDiagonal().diagonal(problem)
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=2e-5, atol=1e-6 * want[k].abs().max())

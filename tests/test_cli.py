@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from optbrain import cli, demo, experiments, masking
+from optbrain import cli, curvature_report, experiments, masking
 from optbrain.curvature.base import DiagonalEstimator
 from optbrain.history import History
 
@@ -93,8 +93,8 @@ def test_curvature_command_runs(tmp_path, capsys):
     for label in ["GGN (exact)", "LeCun (Gauss-Newton)", "LeCun (full)", "Hessian (exact)",
                   "Empirical Fisher", "MC Fisher (1 sample)", "Hutchinson (4)"]:  # fmt: skip
         assert label in text
-    assert (out / "demo.txt").read_text().strip() in text
-    data = json.loads((out / "demo.json").read_text())
+    assert (out / "curvature.txt").read_text().strip() in text
+    data = json.loads((out / "curvature.json").read_text())
     assert data["n_params"] == 50_610 and len(data["rows"]) == 7
     assert data["layers"] == ["0", "2", "4"]
     rows = {r["label"]: r for r in data["rows"]}
@@ -128,13 +128,15 @@ class _Scaled(DiagonalEstimator):
 
 def test_demo_run_with_stand_in_estimators_is_silent(capsys, tmp_path):
     ests = [
-        demo.DemoEstimator("reference", _SquaredWeights()),
-        demo.DemoEstimator("scaled", _Scaled(3.0)),
-        demo.DemoEstimator("last layer", _Scaled(2.0), params=("4.weight", "4.bias"), note="L4"),
+        curvature_report.ReportEstimator("reference", _SquaredWeights()),
+        curvature_report.ReportEstimator("scaled", _Scaled(3.0)),
+        curvature_report.ReportEstimator(
+            "last layer", _Scaled(2.0), params=("4.weight", "4.bias"), note="L4"
+        ),
     ]
-    res = demo.run(epochs=1, seed=1, progress=False, estimators=ests, repeats=1)
+    res = curvature_report.run(epochs=1, seed=1, progress=False, estimators=ests, repeats=1)
     assert capsys.readouterr() == ("", "")
-    assert isinstance(res, demo.DemoResult) and str(res) == res.table
+    assert isinstance(res, curvature_report.CurvatureReport) and str(res) == res.table
     assert res.layers == ["0", "2", "4"] and res.n_params == 50_610
     ref, scaled, last = res.rows
     assert ref.spearman_diag is None and scaled.spearman_diag == pytest.approx(1.0)
@@ -146,22 +148,22 @@ def test_demo_run_with_stand_in_estimators_is_silent(capsys, tmp_path):
     assert "last layer*" in res.table and "* L4" in res.table
     assert all(len(line) <= 100 for line in res.table.splitlines())
     paths = res.save(tmp_path)
-    assert [p.name for p in paths] == ["demo.txt", "demo.json"]
+    assert [p.name for p in paths] == ["curvature.txt", "curvature.json"]
 
 
 def test_demo_progress_goes_to_stderr(capsys):
     pytest.importorskip("tqdm")
-    ests = [demo.DemoEstimator("reference", _SquaredWeights())]
-    res = demo.run(epochs=1, progress=True, estimators=ests, repeats=1)
+    ests = [curvature_report.ReportEstimator("reference", _SquaredWeights())]
+    res = curvature_report.run(epochs=1, progress=True, estimators=ests, repeats=1)
     out, err = capsys.readouterr()
     assert out == "" and "training" in err
     assert res.rows[0].label == "reference"
 
 
 def test_demo_rejects_restricted_reference():
-    ests = [demo.DemoEstimator("ref", _SquaredWeights(), params=("4.weight",))]
+    ests = [curvature_report.ReportEstimator("ref", _SquaredWeights(), params=("4.weight",))]
     with pytest.raises(ValueError, match="reference"):
-        demo.run(epochs=0, estimators=ests, repeats=1)
+        curvature_report.run(epochs=0, estimators=ests, repeats=1)
 
 
 # ------------------------------------------------------------------------------ help
@@ -185,11 +187,11 @@ def test_prune_methods_match_the_library():
 
 # ------------------------------------------------------------------------------ demo
 def test_pruning_demo_tiny_writes_report(tmp_path, capsys):
-    from optbrain import pruning_demo
+    from optbrain import demo
     from optbrain.models.digits import digits_mlp
 
     out = tmp_path / "demo"
-    res = pruning_demo.run(out, epochs=2, rounds=2, retrain_epochs=1, hidden=(16,), rate=0.5)
+    res = demo.run(out, epochs=2, rounds=2, retrain_epochs=1, hidden=(16,), rate=0.5)
     assert capsys.readouterr() == ("", "")  # the library never prints
     assert str(res) == res.table
     for name in (

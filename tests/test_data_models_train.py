@@ -10,8 +10,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.utils.data import DataLoader, TensorDataset
 
+from optbrain.curvature_report import spearman
 from optbrain.data import DigitsData, load_digits_split, loaders
-from optbrain.demo import spearman
 from optbrain.models import LeCunTanh, digits_cnn, digits_mlp
 from optbrain.train import TrainResult, evaluate, train
 

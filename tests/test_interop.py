@@ -13,7 +13,7 @@ from optbrain import masking
 from optbrain.curvature import GGNDiagonal
 from optbrain.masking import Mask
 from optbrain.problem import Problem
-from optbrain.pruner import PRESETS, obd
+from optbrain.pruners import PRESETS, obd
 from optbrain.saliency import OBD
 from optbrain.selection import GlobalSelector
 

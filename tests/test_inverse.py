@@ -16,7 +16,7 @@ from optbrain.curvature import (
     InverseHessian,
     RecursiveInverse,
 )
-from optbrain.curvature.outer_product import damped_inverse
+from optbrain.curvature.inverse import damped_inverse
 from optbrain.errors import CurvatureTooLargeError, NonFiniteLossError, SingularCurvatureError
 from optbrain.masking import Mask, attach
 
@@ -57,7 +57,7 @@ def test_recursive_default_alpha_on_a_singular_ggn(caplog):
     s = cases.setup("mlp_tanh", "ce_mean")
     g = ggn_oracle(s)
     expected = torch.linalg.inv(g + 1e-6 * eye(g.shape[0]))
-    with caplog.at_level(logging.WARNING, logger="optbrain.curvature.outer_product"):
+    with caplog.at_level(logging.WARNING, logger="optbrain.curvature.inverse"):
         inv = RecursiveInverse().inverse(s.problem())
     assert "rank <= 16 < 83" in caplog.text
     assert float(expected.abs().max()) > 1e5
@@ -108,7 +108,7 @@ def test_exact_hessian_direct_and_indefinite_fallback(caplog):
     assert ok.info["fallbacks"] == []
     assert rel_err(ok.matrix, torch.linalg.inv(h + big * eye(h.shape[0]))) < 1e-10
 
-    with caplog.at_level(logging.WARNING, logger="optbrain.curvature.outer_product"):
+    with caplog.at_level(logging.WARNING, logger="optbrain.curvature.inverse"):
         inv = DirectInverse("hessian").inverse(s.problem())
     fb = inv.info["fallbacks"]
     assert fb and fb[-1]["ok"] and not any(f["ok"] for f in fb[:-1])
@@ -235,7 +235,7 @@ def test_float32_model_is_inverted_in_float64_and_progress_is_reported():
 def test_coordinates_row_accepts_any_integer_and_checks_mask_shapes():
     import numpy as np
 
-    from optbrain.curvature.outer_product import Coordinates
+    from optbrain.curvature.inverse import Coordinates
     from optbrain.errors import ShapeMismatchError
 
     params = {"w": torch.zeros(2, 3), "b": torch.zeros(3)}
@@ -282,7 +282,7 @@ def test_indefinite_loss_hessian_direct_and_recursive_agree_on_its_positive_part
     g_pos = torch.einsum("nci,ncd,ndj->ij", j, h_pos, j) / j.shape[0]
     alpha = 1e-3
     expected = torch.linalg.inv(g_pos + alpha * eye(g_pos.shape[0]))
-    with caplog.at_level(logging.WARNING, logger="optbrain.curvature.outer_product"):
+    with caplog.at_level(logging.WARNING, logger="optbrain.curvature.inverse"):
         direct = DirectInverse("ggn", damping=alpha).inverse(problem)
         recursive = RecursiveInverse(alpha).inverse(problem)
     dropped = int((lam < 0).sum())

@@ -14,14 +14,19 @@ from torch import nn
 from torch.func import hessian
 
 from optbrain import masking
-from optbrain.curvature.layerwise import LayerwiseHessian, calibration_hessians
+from optbrain.curvature.calibration import LayerwiseHessian, calibration_hessians
 from optbrain.errors import (
     CalibrationError,
     ShapeMismatchError,
     TargetUnreachableError,
     UnsupportedModuleError,
 )
-from optbrain.layerwise import (
+from optbrain.loop import iterative_prune
+from optbrain.masking import Mask
+from optbrain.paramdict import named_parameters
+from optbrain.problem import Problem
+from optbrain.pruners import PRESETS
+from optbrain.pruners.layerwise import (
     LayerwiseOBS,
     blocked_obs,
     exact_obs,
@@ -29,11 +34,6 @@ from optbrain.layerwise import (
     greedy_rows,
     reconstruction_error,
 )
-from optbrain.loop import iterative_prune
-from optbrain.masking import Mask
-from optbrain.paramdict import named_parameters
-from optbrain.problem import Problem
-from optbrain.pruner import PRESETS
 from optbrain.schedule import geometric
 from optbrain.selection import TargetExceededError
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import optbrain as ob
-from optbrain import pruner as P
+from optbrain import pruners as P
 from optbrain import schedule as S
 from optbrain.history import History, RoundRecord
 from optbrain.loop import CHECKPOINT, CheckpointError, iterative_prune

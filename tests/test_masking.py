@@ -68,8 +68,8 @@ def test_ones_default_names_are_weights_and_skip_frozen_and_biases():
     model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.RNNCell(4, 2), nn.Linear(2, 2))
     model[3].weight.requires_grad_(False)
     m = Mask.ones(model)
-    assert m.names == ("0.weight", "1.weight", "2.weight_ih", "2.weight_hh")
-    assert m.kept() == m.total() == 12 + 4 + 8 + 4 and m.pruned() == 0 and m.sparsity() == 0.0
+    assert m.names == ("0.weight", "2.weight_ih", "2.weight_hh")  # not the LayerNorm gain
+    assert m.kept() == m.total() == 12 + 8 + 4 and m.pruned() == 0 and m.sparsity() == 0.0
     chosen = Mask.ones(model, names=["0.bias", "3.weight"])  # explicit names: frozen allowed
     assert chosen.names == ("0.bias", "3.weight")
     assert chosen["3.weight"].shape == (2, 2) and chosen["3.weight"].dtype == torch.bool

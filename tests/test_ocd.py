@@ -16,13 +16,13 @@ import torch
 from torch import nn
 
 import reference
-from optbrain.cell_pruner import CellPruneInfo, CellPruner
 from optbrain.curvature import EmpiricalFisherDiagonal, ExactHessianDiagonal, GGNDiagonal
 from optbrain.errors import EmptyLayerError, UnsupportedModuleError
 from optbrain.loop import iterative_prune
 from optbrain.masking import Mask, attach
 from optbrain.problem import Problem
-from optbrain.pruner import PRESETS, ocd
+from optbrain.pruners import PRESETS, ocd
+from optbrain.pruners.cell_pruner import CellPruneInfo, CellPruner
 from optbrain.saliency import OBD, OCD
 from optbrain.schedule import linear
 from optbrain.selection import TargetExceededError

@@ -16,7 +16,7 @@ from optbrain import masking
 from optbrain.curvature import ExactHessianDiagonal, GGNDiagonal
 from optbrain.masking import Mask
 from optbrain.problem import Problem
-from optbrain.pruner import PRESETS, PruneInfo, Pruner, magnitude, obd
+from optbrain.pruners import PRESETS, PruneInfo, Pruner, magnitude, obd
 from optbrain.saliency import OBD, Magnitude
 from optbrain.selection import LayerSelector, TargetExceededError
 

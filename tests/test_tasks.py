@@ -159,6 +159,8 @@ def test_prune_every_method(method, tmp_path):
     assert [r.round for r in h.records] == [0, 1, 2]
     if method == "ocd":  # the target counts input cells: 5 of 8 inputs, 16 fan-out weights each
         assert h.records[-1].sparsity == pytest.approx(5 * 16 / (8 * 16 + 16 * 3))
+    elif method == "unit_obs":  # whole units until the weight target is reached
+        assert 0.6 <= h.records[-1].sparsity <= 0.6 + 16 / (8 * 16 + 16 * 3)
     else:
         assert h.records[-1].sparsity == pytest.approx(0.6, abs=0.01)
     assert "test_accuracy" in h.records[0].metrics
@@ -166,7 +168,7 @@ def test_prune_every_method(method, tmp_path):
     mask = load_pruned(fx.make_model(), out / method / "model.pt")
     assert mask.sparsity() == pytest.approx(h.records[-1].sparsity)
     assert (out / "report.md").is_file() and str(res) == res.table
-    assert ("dE pred" in res.table) == (method in ("obd", "ocd", "obs"))
+    assert ("dE pred" in res.table) == (method in ("obd", "ocd", "obs", "unit_obs"))
 
 
 def test_prune_regression_task_and_schedules(tmp_path):

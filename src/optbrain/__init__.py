@@ -1,31 +1,76 @@
 """optbrain: second-order ("Optimal Brain") pruning for PyTorch.
 
-Public API::
+The public API is :data:`__all__`; everything else is private or lives in a named submodule
+(:mod:`optbrain.curvature`, :mod:`optbrain.saliency`, :mod:`optbrain.pruners`, ...)::
 
     import optbrain as ob
     problem = ob.Problem(model, torch.nn.CrossEntropyLoss(), loader)
-    h = ob.curvature.GGNDiagonal().diagonal(problem)       # dict: parameter name -> diagonal
-    ob.attach(model, ob.Mask.ones(model).with_pruned({"0.weight": [0, 5]}))
+    mask, info = ob.obd()(problem, sparsity=0.5)           # one OBD step
+    ob.attach(model, mask)
+    history = ob.iterative_prune(model, ob.obd(), ob.schedule.geometric(0.3), rounds=8,
+                                 make_problem=lambda m: ob.Problem(m, loss_fn, loader))
+    result = ob.prune(model, loss_fn, loader, method="obd", sparsity=0.9)   # train-prune-retrain
 """
 
-from . import cells, curvature, errors, masking, paramdict, structure
-from .layerwise import LayerwiseOBS
-from .masking import Mask, attach, detach
+from . import cells, curvature, errors, masking, paramdict, pruners, saliency, schedule, structure
+from .history import History
+from .loop import iterative_prune
+from .masking import Mask, attach, detach, load_pruned, save_pruned
 from .problem import Problem
+from .pruners import (
+    METHODS,
+    CellPruner,
+    LayerwiseOBS,
+    OBSPruner,
+    PruneInfo,
+    Pruner,
+    layerwise_obs,
+    magnitude,
+    obd,
+    obs,
+    ocd,
+    random,
+    snip,
+    unit_obs,
+)
+from .structure import remove_dead_units
+from .tasks import prune_model as prune
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "METHODS",
+    "CellPruner",
+    "History",
     "LayerwiseOBS",
     "Mask",
+    "OBSPruner",
     "Problem",
+    "PruneInfo",
+    "Pruner",
     "__version__",
     "attach",
     "cells",
     "curvature",
     "detach",
     "errors",
+    "iterative_prune",
+    "layerwise_obs",
+    "load_pruned",
+    "magnitude",
     "masking",
+    "obd",
+    "obs",
+    "ocd",
     "paramdict",
+    "prune",
+    "pruners",
+    "random",
+    "remove_dead_units",
+    "saliency",
+    "save_pruned",
+    "schedule",
+    "snip",
     "structure",
+    "unit_obs",
 ]

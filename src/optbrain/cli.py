@@ -158,7 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="probe vectors of the Hutchinson estimator (default 500)",
     )
-    curv.add_argument("--out", metavar="DIR", help="also write demo.txt and demo.json into DIR")
+    curv.add_argument(
+        "--out", metavar="DIR", help="also write curvature.txt and curvature.json into DIR"
+    )
     common(curv)
 
     # list ------------------------------------------------------------------------------------
@@ -294,10 +296,10 @@ def _fail(args: argparse.Namespace, exc: BaseException | str, code: int = 2) -> 
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from . import pruning_demo
+    from . import demo
 
     _threads(args.threads)
-    result = pruning_demo.run(
+    result = demo.run(
         args.out,
         epochs=args.epochs,
         rounds=args.rounds,
@@ -317,10 +319,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_curvature(args: argparse.Namespace) -> int:
-    from . import demo
+    from . import curvature_report
 
     _threads(args.threads)
-    result = demo.run(
+    result = curvature_report.run(
         epochs=args.epochs,
         seed=args.seed,
         progress=not args.no_progress,
@@ -329,7 +331,7 @@ def _cmd_curvature(args: argparse.Namespace) -> int:
     )
     print(result.table)
     if args.out:
-        print(f"\nwrote {args.out}/demo.txt and {args.out}/demo.json")
+        print(f"\nwrote {args.out}/curvature.txt and {args.out}/curvature.json")
     return 0
 
 

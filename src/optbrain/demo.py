@@ -1,403 +1,315 @@
-"""``optbrain curvature``: train a digits MLP, then compare the diagonal curvature estimators on it.
+"""``optbrain demo``: Optimal Brain Damage against magnitude pruning on the digits MLP.
 
-The demo trains the 64-300-100-10 tanh MLP on the scikit-learn digits, builds a
-:class:`~optbrain.problem.Problem` on the training split and runs each diagonal estimator of
-:mod:`optbrain.curvature` on it. For every estimator it reports
+The demo trains the 64-300-100-10 tanh MLP on the scikit-learn digits, then prunes a copy of it
+with each method under the same geometric schedule and the same retraining budget: every round
+deletes ``rate`` of the remaining weights (globally, lowest saliency first; OBD's curvature is the
+exact Gauss–Newton diagonal of the training loss) and retrains for ``retrain_epochs`` epochs with
+the deleted weights held at zero. It records every round in a :class:`~optbrain.history.History`
+and writes a run directory::
 
-* its run time as a multiple of one full gradient pass (forward + backward over the same data,
-  measured in the same run right before and after each estimator, median of a few repeats);
-* the Optimal Brain Damage saliency Σ ½ h_kk w_k² summed per layer (the predicted increase of the
-  training loss if the whole layer were zeroed, to second order without cross terms);
-* Spearman rank correlations against the exact Gauss–Newton diagonal (:class:`GGNDiagonal`): of the
-  diagonal itself and of the OBD saliencies it implies (the ranking that decides what is pruned).
+    out_dir/
+      report.md                   tables, figures, notes
+      accuracy_vs_params.png      test accuracy vs remaining parameters (log)
+      objective_increase.png      predicted vs actual increase of the training loss
+      run.json                    what `optbrain report` needs to rebuild the report
+      obd/history.json            one History per method
+      obd/model.pt                the pruned model after the last round
+      obd/model_selected.pt       the most compressed round within 1 point of the unpruned accuracy
+      magnitude/...               the same for magnitude pruning
 
-``run(...)`` returns a :class:`DemoResult`; it prints nothing (progress bars, when asked for, go to
-stderr through tqdm).
+``optbrain.masking.load_pruned(optbrain.models.digits.digits_mlp(), "out_dir/obd/model.pt")``
+loads a pruned model back. :func:`run` returns a :class:`DemoResult`; it prints nothing
+(progress bars, when asked for, go to stderr through tqdm).
 """
 
 from __future__ import annotations
 
-import json
+import copy
 import logging
-import math
-import statistics
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from .paramdict import ParamDict
+from .history import History
+from .masking import Mask, attach, current_mask, save_pruned
 from .problem import Problem
+from .report import write_report
 from .report.progress import Bars
+from .report.tables import Selection, history_table, label, largest_compression, selection_lines
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DemoEstimator", "DemoResult", "EstimatorRow", "default_estimators", "run", "spearman"]
+__all__ = ["DEFAULT_OUT", "METHODS", "DemoResult", "run"]
 
-Progress = Callable[[int, int], None]
-
-#: label of the estimator every other one is compared with
-REFERENCE = "GGN (exact)"
-
-
-@dataclass
-class DemoEstimator:
-    """One estimator of the demo: a table label, the estimator, and optionally the parameters it
-    is restricted to (for estimators too costly to run on all 50,610 parameters)."""
-
-    label: str
-    estimator: Any
-    params: Sequence[str] | None = None
-    note: str = ""
-
-
-@dataclass
-class EstimatorRow:
-    """One row of the demo table."""
-
-    label: str
-    estimator: str
-    seconds: float
-    ratio: float  # seconds / one gradient pass
-    n_params: int
-    layer_saliency: dict[str, float | None]
-    spearman_diag: float | None
-    spearman_saliency: float | None
-    min_diag: float
-    note: str = ""
+DEFAULT_OUT = Path("optbrain-runs") / "demo"
+METHODS = ("obd", "magnitude")
 
 
 @dataclass
 class DemoResult:
-    """Everything the demo measured; ``table`` is the formatted report (``str(result)``)."""
+    """What the demo measured and wrote; ``str(result)`` is the printed table."""
 
-    model: str
+    histories: dict[str, History]
+    selected: dict[str, Selection | None]
+    run_dir: Path
+    report: Path
+    files: list[Path]
     n_params: int
-    n_train: int
-    n_test: int
-    epochs: int
     train_seconds: float
-    train_accuracy: float
-    test_accuracy: float
-    gradient_seconds: float
-    layers: list[str]
-    rows: list[EstimatorRow]
-    total_seconds: float = 0.0
+    seconds: float = 0.0
     table: str = field(default="", repr=False)
 
     def __str__(self) -> str:
         return self.table
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
-    def save(self, directory: str | Path) -> list[Path]:
-        """Write ``demo.txt`` (the table) and ``demo.json`` (all numbers) into ``directory``."""
-        out = Path(directory)
-        out.mkdir(parents=True, exist_ok=True)
-        txt, js = out / "demo.txt", out / "demo.json"
-        txt.write_text(self.table + "\n", encoding="utf-8")
-        data = self.to_dict()
-        data.pop("table")
-        js.write_text(json.dumps(data, indent=2, allow_nan=True) + "\n", encoding="utf-8")
-        return [txt, js]
+def _pruner(method: str, seed: int):
+    from .pruners import make
+
+    return make(method, seed)
 
 
-# ------------------------------------------------------------------------------ statistics
-def _ranks(x: Tensor) -> Tensor:
-    """Ranks 0..n-1 of ``x`` (float64), ties given their average rank."""
-    x = x.reshape(-1)
-    order = torch.argsort(x, stable=True)
-    sorted_x = x[order]
-    _, counts = torch.unique_consecutive(sorted_x, return_counts=True)
-    ends = torch.cumsum(counts, 0).to(torch.float64)
-    avg = ends - (counts.to(torch.float64) + 1) / 2  # mean of the 0-based positions in each group
-    ranks = torch.empty(x.numel(), dtype=torch.float64)
-    ranks[order] = torch.repeat_interleave(avg, counts)
-    return ranks
+def _check(name: str, value: int, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
 
 
-def spearman(a: Tensor, b: Tensor) -> float:
-    """Spearman rank correlation of two equally long tensors (ties get average ranks).
-
-    Returns NaN when either input is constant.
-    """
-    a, b = a.detach().reshape(-1).cpu(), b.detach().reshape(-1).cpu()
-    if a.numel() != b.numel():
-        raise ValueError(f"spearman needs equally long inputs, got {a.numel()} and {b.numel()}")
-    ra, rb = _ranks(a), _ranks(b)
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    denom = math.sqrt(float((ra * ra).sum()) * float((rb * rb).sum()))
-    return float((ra * rb).sum()) / denom if denom > 0 else math.nan
-
-
-# ------------------------------------------------------------------------------ estimators
-def default_estimators(seed: int = 0, hutchinson_samples: int = 500) -> list[DemoEstimator]:
-    """The demo's estimators, the reference (:class:`GGNDiagonal`) first."""
-    from .curvature import (
-        EmpiricalFisherDiagonal,
-        ExactHessianDiagonal,
-        GGNDiagonal,
-        HutchinsonDiagonal,
-        LeCunDiagonal,
-        MCFisherDiagonal,
-    )
-
-    return [
-        DemoEstimator(REFERENCE, GGNDiagonal()),
-        DemoEstimator("LeCun (Gauss-Newton)", LeCunDiagonal(gauss_newton=True)),
-        DemoEstimator("LeCun (full)", LeCunDiagonal(gauss_newton=False)),
-        DemoEstimator("Hessian (exact)", ExactHessianDiagonal()),
-        DemoEstimator("Empirical Fisher", EmpiricalFisherDiagonal()),
-        DemoEstimator("MC Fisher (1 sample)", MCFisherDiagonal(samples=1, seed=seed)),
-        DemoEstimator(
-            f"Hutchinson ({hutchinson_samples})",
-            HutchinsonDiagonal(samples=hutchinson_samples, seed=seed),
-        ),
-    ]
-
-
-# ------------------------------------------------------------------------------ progress
-_Bars = Bars  # the progress bars live in optbrain.report.progress
-
-
-@contextmanager
-def _progress_attached(estimator: Any, progress: Progress | None) -> Iterator[None]:
-    """Temporarily point ``estimator.progress`` at ``progress`` (restored afterwards)."""
-    if progress is None or not hasattr(estimator, "progress"):
-        yield
-        return
-    old = estimator.progress
-    estimator.progress = progress
-    try:
-        yield
-    finally:
-        estimator.progress = old
-
-
-# ------------------------------------------------------------------------------ measurements
-def _gradient_pass(problem: Problem, params: list[nn.Parameter]) -> None:
-    grads = None
-    for x, y in problem.batches():
-        g = torch.autograd.grad(problem.batch_objective(problem.model(x), y), params)
-        grads = g if grads is None else [a + b for a, b in zip(grads, g)]
-
-
-def _time_gradient(problem: Problem, repeats: int) -> list[float]:
-    """Wall times of ``repeats`` gradient passes (forward + backward over all of the data)."""
-    params = list(problem.parameters().values())
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        _gradient_pass(problem, params)
-        times.append(time.perf_counter() - t0)
-    return times
-
-
-def _layer_of(name: str) -> str:
-    return name.rsplit(".", 1)[0] if "." in name else name
-
-
-def _obd(diag: ParamDict, weights: dict[str, Tensor]) -> ParamDict:
-    return {
-        k: 0.5 * h.detach().to(torch.float64) * weights[k].detach().to(torch.float64) ** 2
-        for k, h in diag.items()
-    }
-
-
-def _flat(d: ParamDict, names: Sequence[str]) -> Tensor:
-    return torch.cat([d[n].detach().reshape(-1).to(torch.float64) for n in names])
-
-
-# ------------------------------------------------------------------------------ the demo
 def run(
-    epochs: int = 40,
-    seed: int = 0,
-    progress: bool = False,
+    out_dir: str | Path = DEFAULT_OUT,
     *,
-    hutchinson_samples: int = 500,
-    estimators: Sequence[DemoEstimator] | None = None,
-    repeats: int = 3,
-    out: str | Path | None = None,
+    epochs: int = 40,
+    rounds: int = 8,
+    rate: float = 0.35,
+    retrain_epochs: int = 3,
+    seed: int = 0,
+    methods: Sequence[str] = METHODS,
+    hidden: Sequence[int] = (300, 100),
+    lr: float = 1e-3,
+    tolerance: float = 0.01,
+    progress: bool = False,
 ) -> DemoResult:
-    """Train the digits MLP for ``epochs`` epochs and compare the curvature estimators on it.
+    """Train the digits MLP, prune it with each of ``methods``, write the run directory.
 
-    ``estimators`` replaces :func:`default_estimators` (the first one is the reference of the rank
-    correlations); the time baseline of each estimator is the median of ``repeats`` gradient passes
-    right before and ``repeats`` right after it;
-    ``out`` names a directory to write ``demo.txt`` and ``demo.json`` into.
+    ``epochs``: training of the unpruned net (Adam, ``lr``, batch 64); ``rounds`` rounds of a
+    geometric schedule deleting ``rate`` of the remaining weights each (8 × 0.35 → 96.8 %);
+    ``retrain_epochs`` epochs of retraining per round (0: none); ``hidden``: the hidden layer
+    sizes (small ones make a quick test); ``tolerance``: the accuracy drop (a fraction: 0.01 = 1
+    point) within which the table's last lines look for the largest compression. Files are
+    written only under ``out_dir`` (relative paths are taken from the current directory).
     """
     from .data import load_digits_split, loaders
+    from .loop import iterative_prune
     from .models import digits_mlp
+    from .schedule import geometric
     from .train import evaluate, train
 
-    if epochs < 0:
-        raise ValueError(f"epochs must be >= 0, got {epochs!r}")
-    if repeats < 1:
-        raise ValueError(f"repeats must be >= 1, got {repeats!r}")
+    _check("epochs", epochs, 0)
+    _check("rounds", rounds, 1)
+    _check("retrain_epochs", retrain_epochs, 0)
+    if not methods:
+        raise ValueError("the demo needs at least one method")
+    schedule = geometric(rate)
+    pruners = {m: _pruner(m, seed) for m in methods}  # unknown methods fail before any work
     t_start = time.perf_counter()
-    bars = _Bars(progress)
-    loss_fn = nn.CrossEntropyLoss()
+    run_dir = Path(out_dir)
+    bars = Bars(progress)
 
     data = load_digits_split(seed=seed)
     train_loader, test_loader = loaders(data, batch_size=64, shuffle=True, seed=seed)
-    model = digits_mlp((300, 100), "tanh", seed=seed)
-    n_params = sum(p.numel() for p in model.parameters())
+    pruning_data = DataLoader(TensorDataset(data.x_train, data.y_train), batch_size=512)
+    loss_fn = nn.CrossEntropyLoss()
+    base = digits_mlp(tuple(hidden), "tanh", seed=seed)
+    n_params = sum(p.numel() for p in base.parameters())
+    arch = "-".join(str(s) for s in (data.n_features, *hidden, data.n_classes))
 
     t0 = time.perf_counter()
-    with bars.stage("training") as cb:
-        train(model, train_loader, loss_fn, epochs=epochs, lr=1e-3, seed=seed, progress=cb)
+    with bars.stage("training", total=epochs) as cb:
+        train(base, train_loader, loss_fn, epochs=epochs, lr=lr, seed=seed, progress=cb)
     train_seconds = time.perf_counter() - t0
-    train_eval = evaluate(
-        model, DataLoader(TensorDataset(data.x_train, data.y_train), 512), loss_fn
-    )
-    test_eval = evaluate(model, test_loader, loss_fn)
-    log.info("trained in %.2f s: test accuracy %.4f", train_seconds, test_eval["accuracy"])
 
-    curvature_loader = DataLoader(TensorDataset(data.x_train, data.y_train), batch_size=256)
-    problem = Problem(model, loss_fn, curvature_loader).check()
-    weights = problem.parameters()
-    names = list(weights)
-    layers = list(dict.fromkeys(_layer_of(n) for n in names))
+    def metrics(model: nn.Module) -> dict[str, float]:
+        tr = evaluate(model, pruning_data, loss_fn)
+        te = evaluate(model, test_loader, loss_fn)
+        return {
+            "train_loss": tr["loss"],
+            "train_accuracy": tr["accuracy"],
+            "test_loss": te["loss"],
+            "test_accuracy": te["accuracy"],
+        }
 
-    _time_gradient(problem, 1)  # warm-up
-    grad_times: list[float] = []
+    histories: dict[str, History] = {}
+    snapshots: dict[str, dict[int, tuple[Mask, dict[str, torch.Tensor]]]] = {}
+    for method, pruner in pruners.items():
+        model = copy.deepcopy(base)
+        snaps: dict[int, tuple[Mask, dict[str, torch.Tensor]]] = {}
 
-    entries = list(estimators) if estimators is not None else default_estimators(
-        seed=seed, hutchinson_samples=hutchinson_samples
-    )  # fmt: skip
-    if not entries:
-        raise ValueError("the demo needs at least one estimator")
+        def snapshot(r: int, model: nn.Module = model, snaps=snaps) -> None:
+            state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            snaps[r] = (current_mask(model), state)
 
-    reference: ParamDict | None = None
-    rows: list[EstimatorRow] = []
-    for entry in entries:
-        sub = problem
-        if entry.params is not None:
-            sub = Problem(model, loss_fn, curvature_loader, params=list(entry.params)).check()
-        # the baseline is timed right before and after each estimator, so that a machine whose
-        # load changes during the demo still gives fair ratios
-        local = _time_gradient(problem, repeats)
-        with bars.stage(entry.label) as cb, _progress_attached(entry.estimator, cb):
-            t0 = time.perf_counter()
-            diag = entry.estimator.diagonal(sub)
-            seconds = time.perf_counter() - t0
-        local += _time_gradient(problem, repeats)
-        grad_times += local
-        log.info(
-            "%s: %.3f s (gradient pass %.4f s)", entry.label, seconds, statistics.median(local)
-        )
-        if reference is None:
-            if entry.params is not None:
-                raise ValueError("the reference estimator (the first) must cover all parameters")
-            reference = diag
-        covered = [n for n in names if n in diag]
-        sal = _obd(diag, weights)
-        ref_sal = _obd({n: reference[n] for n in covered}, weights)
-        by_layer: dict[str, float | None] = {}
-        for layer in layers:
-            members = [n for n in names if _layer_of(n) == layer]
-            if all(n in diag for n in members):
-                by_layer[layer] = float(sum(float(sal[n].sum()) for n in members))
-            else:
-                by_layer[layer] = None
-        is_ref = entry is entries[0]
-        rows.append(
-            EstimatorRow(
-                label=entry.label,
-                estimator=repr(entry.estimator),
-                seconds=seconds,
-                ratio=seconds / statistics.median(local),
-                n_params=sum(diag[n].numel() for n in covered),
-                layer_saliency=by_layer,
-                spearman_diag=None
-                if is_ref
-                else spearman(_flat(diag, covered), _flat(reference, covered)),
-                spearman_saliency=None
-                if is_ref
-                else spearman(_flat(sal, covered), _flat(ref_sal, covered)),
-                min_diag=float(_flat(diag, covered).min()),
-                note=entry.note,
+        def retrain(model: nn.Module, r: int) -> None:
+            train(model, train_loader, loss_fn, epochs=retrain_epochs, lr=lr, seed=seed + 1000 * r)
+
+        config = {
+            "demo": "digits OBD vs magnitude",
+            "method": method,
+            "pruner": repr(pruner),
+            "model": f"digits_mlp {arch} tanh",
+            "schedule": repr(schedule),
+            "rounds": rounds,
+            "epochs": epochs,
+            "retrain_epochs": retrain_epochs,
+            "lr": lr,
+            "seed": seed,
+            "pruning_data": "training split",
+        }
+        snapshot(0)
+        with bars.stage(f"pruning {label(method)}", total=rounds) as stage:
+
+            def done(r: int, total: int, stage=stage, snapshot=snapshot) -> None:
+                snapshot(r)
+                if stage is not None:
+                    stage(r, total)
+
+            histories[method] = iterative_prune(
+                model,
+                pruner,
+                schedule,
+                rounds=rounds,
+                make_problem=lambda m: Problem(m, loss_fn, pruning_data),
+                retrain=retrain if retrain_epochs > 0 else None,
+                evaluate=metrics,
+                config=config,
+                progress=done,
             )
-        )
+        snapshots[method] = snaps
+        log.info("%s: %d rounds", method, len(histories[method].records) - 1)
 
-    result = DemoResult(
-        model="digits MLP 64-300-100-10 (tanh)",
-        n_params=n_params,
-        n_train=len(data.y_train),
-        n_test=len(data.y_test),
-        epochs=epochs,
-        train_seconds=train_seconds,
-        train_accuracy=train_eval["accuracy"],
-        test_accuracy=test_eval["accuracy"],
-        gradient_seconds=statistics.median(grad_times),
-        layers=layers,
-        rows=rows,
+    # ---------------------------------------------------------------- write the run directory
+    files: list[Path] = []
+    selected: dict[str, Selection | None] = {}
+    for method, history in histories.items():
+        folder = run_dir / method
+        history.save(folder / "history.json")
+        files.append(folder / "history.json")
+        snaps = snapshots[method]
+        for filename, r in (
+            ("model.pt", history.last.round),
+            ("model_selected.pt", None),
+        ):
+            if r is None:
+                sel = largest_compression(history, "metrics.test_accuracy", tolerance, method)
+                selected[method] = sel
+                if sel is None:
+                    continue
+                r = sel.record.round
+            mask, state = snaps[r]
+            fresh = digits_mlp(tuple(hidden), "tanh")
+            if len(mask):
+                attach(fresh, mask)
+            fresh.load_state_dict(state)
+            save_pruned(fresh, folder / filename)
+            files.append(folder / filename)
+
+    base_acc = histories[next(iter(histories))].records[0].metrics["test_accuracy"]
+    columns = {
+        m: ["round", "sparsity", "remaining_params", "metrics.test_accuracy", "metrics.test_loss"]
+        + (["predicted_increase"] if m == "obd" else [])
+        + ["actual_increase"]
+        for m in histories
+    }
+    names = " vs ".join(label(m) for m in histories)
+    arg = "" if tuple(hidden) == (300, 100) else repr(tuple(hidden))
+    load = f"optbrain.masking.load_pruned(optbrain.models.digits.digits_mlp({arg}), path)"
+    notes = [
+        f"{names} pruning of the {arch} tanh MLP ({n_params:,} parameters) trained for "
+        f"{epochs} epochs on {len(data.y_train)} scikit-learn digits (test: "
+        f"{len(data.y_test)} digits, accuracy {100 * base_acc:.2f}% unpruned).",
+        f"Every method ran the same schedule — {rounds} rounds, each deleting "
+        f"{100 * rate:g}% of the remaining weights, ranked globally — and the same retraining "
+        f"({retrain_epochs} epochs of Adam, lr {lr:g}, per round, deleted weights held at zero). "
+        "OBD's saliency is ½ h w² with h the exact Gauss–Newton diagonal of the training loss; "
+        "magnitude pruning ranks by ½ w² (OBD with h = 1), so its predicted increase is not in "
+        "loss units and is not shown.",
+        "OBD's prediction is a second-order expansion about a minimum that leaves out the cross "
+        "terms between deleted weights: when one round deletes thousands of weights, compare "
+        "the predicted and actual ΔE columns to see how far that approximation carries.",
+        f"Load a pruned model with `{load}` (`path`: one of the `model*.pt` files below).",
+    ]
+    report = write_report(
+        run_dir,
+        histories,
+        title=f"optbrain demo: {names} pruning on the digits MLP",
+        notes=notes,
+        columns=columns,
+        metric="metrics.test_accuracy",
+        tolerance=tolerance,
     )
-    result.total_seconds = time.perf_counter() - t_start
-    result.table = format_table(result)
-    if out is not None:
-        result.save(out)
-    return result
-
-
-# ------------------------------------------------------------------------------ formatting
-def _num(x: float | None, width: int, fmt: str) -> str:
-    if x is None:
-        return f"{'-':>{width}}"
-    if isinstance(x, float) and math.isnan(x):
-        return f"{'nan':>{width}}"
-    return f"{x:>{width}{fmt}}"
-
-
-def format_table(result: DemoResult) -> str:
-    """The fixed-width report of a :class:`DemoResult`."""
-    lines = [
-        f"optbrain curvature: {result.model}, {result.n_params:,} parameters,"
-        f" {result.n_train} train / {result.n_test} test digits",
-        f"trained {result.epochs} epochs (Adam, lr 1e-3, batch 64) in {result.train_seconds:.1f} s:"
-        f" accuracy train {100 * result.train_accuracy:.1f} %,"
-        f" test {100 * result.test_accuracy:.1f} %",
-        "curvature of the mean cross-entropy on the training digits;"
-        f" one gradient pass = {1e3 * result.gradient_seconds:.2f} ms",
+    files += [report, run_dir / "run.json"]
+    files += sorted(run_dir.glob("*.png"))
+    seconds = time.perf_counter() - t_start
+    head = [
+        f"optbrain demo: {names} pruning of the digits MLP {arch} (tanh), {n_params:,} parameters",
+        f"trained {epochs} epochs (Adam, lr {lr:g}) in {train_seconds:.1f} s on "
+        f"{len(data.y_train)} digits: test accuracy {100 * base_acc:.2f}% "
+        f"({len(data.y_test)} digits)",
+        f"schedule: {rounds} rounds, each deleting {100 * rate:g}% of the remaining weights, then "
+        f"retraining {retrain_epochs} epoch{'' if retrain_epochs == 1 else 's'}",
+        "OBD saliency 1/2 h w^2 with h the exact Gauss-Newton diagonal of the training loss",
+        "dE: increase of the training loss caused by the round's deletion (before retraining);",
+        "    pred: the sum of the deleted OBD saliencies. test acc/loss: after retraining.",
         "",
     ]
-    label_w = max(22, *(len(r.label) + 1 for r in result.rows))
-    lw = 11
-    layer_w = lw * len(result.layers)
-    head = f"{'estimator':<{label_w}} {'time s':>8} {'x grad':>7} {'diag':>7} {'OBD':>7}" + "".join(
-        f"{'layer ' + layer:>{lw}}" for layer in result.layers
+    table = "\n".join(
+        [
+            *head,
+            history_table(histories, columns),
+            *selection_lines(histories, "metrics.test_accuracy", tolerance),
+            f"total time {seconds:.1f} s (training, pruning, report)",
+        ]
     )
-    lines += [
-        f"{'':<{label_w}} {'':>8} {'':>7} {'rho vs GGN':>15}"
-        + f"{'OBD saliency sum 1/2 h w^2':>{layer_w}}",
-        head,
-        "-" * len(head),
-    ]
-    notes = []
-    for r in result.rows:
-        mark = ""
-        if r.note:
-            notes.append(r.note)
-            mark = "*" * len(notes)
-        lines.append(
-            f"{r.label + mark:<{label_w}} {r.seconds:>8.3f} {r.ratio:>7.1f}"
-            f" {_num(r.spearman_diag, 7, '.3f')} {_num(r.spearman_saliency, 7, '.3f')}"
-            + "".join(_num(r.layer_saliency.get(layer), lw, ".3e") for layer in result.layers)
+    return DemoResult(
+        histories=histories,
+        selected=selected,
+        run_dir=run_dir,
+        report=report,
+        files=files,
+        n_params=n_params,
+        train_seconds=train_seconds,
+        seconds=seconds,
+        table=table,
+    )
+
+
+_CURVATURE_NAMES = {
+    "DemoEstimator": "ReportEstimator",
+    "DemoResult": "CurvatureReport",
+    "EstimatorRow": "EstimatorRow",
+    "default_estimators": "default_estimators",
+    "format_table": "format_table",
+    "spearman": "spearman",
+}
+
+
+def __getattr__(name: str):
+    """Names of the curvature comparison, which lived here before it moved to
+    :mod:`optbrain.curvature_report` (``optbrain.demo.run`` is now the pruning demo)."""
+    if name in _CURVATURE_NAMES:
+        import warnings
+
+        from . import curvature_report
+
+        warnings.warn(
+            f"optbrain.demo.{name} has moved to optbrain.curvature_report.{_CURVATURE_NAMES[name]}",
+            DeprecationWarning,
+            stacklevel=2,
         )
-    lines.append("-" * len(head))
-    lines.append(
-        "x grad: time / one gradient pass. rho: Spearman rank correlation with the GGN diagonal"
-        " (diag)"
-    )
-    lines.append("and of the OBD saliencies with GGN-based ones (OBD), over all parameters.")
-    for i, note in enumerate(notes, 1):
-        lines.append(f"{'*' * i} {note}")
-    lines.append(f"total demo time {result.total_seconds:.1f} s")
-    return "\n".join(lines)
+        return getattr(curvature_report, _CURVATURE_NAMES[name])
+    if name == "PruningDemoResult":
+        return DemoResult
+    raise AttributeError(f"module 'optbrain.demo' has no attribute {name!r}")

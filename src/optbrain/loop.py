@@ -18,7 +18,8 @@ from .history import History, RoundRecord
 from .jsonio import atomic_write, write_text
 from .masking import Mask, attach, pruned_state, restore_pruned
 from .problem import Problem
-from .pruner import Pruner, default_mask
+from .pruners.base import PrunerProtocol as Pruner
+from .pruners.base import default_mask
 from .schedule import Schedule
 
 log = logging.getLogger(__name__)
@@ -90,7 +91,7 @@ def iterative_prune(
             return history
     if history is None:
         history = History(config=cfg)
-        mask = default_mask(model)
+        mask = _start_mask(pruner, model)
         metrics = dict(evaluate(model))
         history.append(
             RoundRecord(
@@ -108,7 +109,7 @@ def iterative_prune(
 
     for r in range(history.last.round + 1, rounds + 1):
         start = time.perf_counter()
-        mask = default_mask(model)
+        mask = _start_mask(pruner, model)
         problem = make_problem(model)
         target = float(schedule(r))
         scores = None
@@ -158,6 +159,12 @@ def iterative_prune(
         if history.stopped:
             break
     return history
+
+
+def _start_mask(pruner: Pruner, model: nn.Module) -> Mask:
+    """The mask a round starts from: the pruner's own default (one decision per pruner)."""
+    own = getattr(pruner, "default_mask", None)
+    return own(model) if own is not None else default_mask(model)
 
 
 def _checkpoint(ckdir: Path | None, model: nn.Module, pruner: Pruner, history: History) -> None:

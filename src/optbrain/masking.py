@@ -35,6 +35,7 @@ from torch.nn.utils import parametrize
 from optbrain import paramdict
 from optbrain.errors import ShapeMismatchError
 from optbrain.jsonio import atomic_write
+from optbrain.prunable import prunable_names
 
 __all__ = [
     "Mask",
@@ -91,13 +92,13 @@ class Mask(Mapping[str, Tensor]):
     def ones(cls, model: nn.Module, names: Sequence[str] | None = None) -> Mask:
         """All-kept mask for ``names`` (clean names; any parameter of ``model``).
 
-        By default: every trainable parameter whose last name component is ``weight`` or starts
-        with ``weight_`` (``Linear``/``Conv`` weights, ``weight_ih_l0`` of RNNs, ...). Biases are
-        left out, normalization-layer weights are not: pass ``names`` to choose.
+        By default the weights :func:`optbrain.prunable.prunable_names` chooses by layer kind
+        (Linear, Conv, Embedding, recurrent and attention weights; not biases, not normalisation
+        gains, not parameters of module kinds it does not know): pass ``names`` to choose.
         """
         if names is None:
             params = paramdict.named_parameters(model)
-            params = {n: p for n, p in params.items() if _is_weight_name(n)}
+            params = {n: params[n] for n in prunable_names(model)}
         else:
             params = paramdict.named_parameters(model, names, trainable_only=False)
         return cls._trusted(
@@ -376,11 +377,6 @@ def apply_(model: nn.Module, mask: Mask | Mapping[str, Tensor]) -> None:
 
 
 # --------------------------------------------------------------------------- helpers
-def _is_weight_name(name: str) -> bool:
-    last = name.rsplit(".", 1)[-1]
-    return last == "weight" or last.startswith("weight_")
-
-
 def _as_bool(name: str, value: object) -> Tensor:
     if not isinstance(value, Tensor):
         raise TypeError(f"mask for {name!r} must be a Tensor, got {type(value).__name__}")

@@ -12,6 +12,7 @@ mean over output components, exactly as PyTorch defines it.)
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from collections.abc import Iterable, Iterator, Sequence
@@ -89,6 +90,25 @@ class Problem:
     def parameters(self) -> dict[str, nn.Parameter]:
         """The parameters considered, keyed by clean name."""
         return named_parameters(self.model, self.params)
+
+    def restrict(self, names: Sequence[str]) -> Problem:
+        """The same model, loss and data with the estimators restricted to the parameters
+        ``names`` (clean names); the sample count and reduction are carried over, not re-probed."""
+        return self._derived(self.model, self.data, list(names))
+
+    def cast(self, dtype: torch.dtype) -> Problem:
+        """The problem on a copy of the model cast to ``dtype``, floating data cast on the fly
+        (results keep their keys); the problem itself when every parameter has that dtype."""
+        params = list(self.model.parameters())
+        if not params or all(p.dtype == dtype for p in params):
+            return self
+        model = copy.deepcopy(self.model).to(dtype)
+        return self._derived(model, _CastData(self, dtype), self.params)
+
+    def _derived(self, model: nn.Module, data: Any, params: Sequence[str] | None) -> Problem:
+        out = Problem(model, self.loss_fn, data, params)
+        out._n, out._reduction = self.n_samples, self.reduction
+        return out
 
     # ---------------------------------------------------------------- loss
     @property
@@ -187,6 +207,20 @@ class Problem:
             "cannot tell how loss_fn reduces over samples (neither mean nor sum of per-sample "
             "losses); give it a .reduction attribute of 'mean' or 'sum'"
         )
+
+
+class _CastData:
+    """Re-iterable view of a problem's batches with floating tensors cast to ``dtype``."""
+
+    def __init__(self, problem: Problem, dtype: torch.dtype):
+        self.problem, self.dtype = problem, dtype
+
+    def __iter__(self):
+        for x, y in self.problem.batches():
+            yield (
+                x.to(self.dtype) if x.is_floating_point() else x,
+                y.to(self.dtype) if y.is_floating_point() else y,
+            )
 
 
 class eval_mode:

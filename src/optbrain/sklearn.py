@@ -26,9 +26,9 @@ except ImportError as exc:  # missing, or older than 1.6 (no validate_data)
         "optbrain.sklearn needs scikit-learn >= 1.6: pip install 'optbrain[sklearn]'"
     ) from exc
 
-from .cell_pruner import CellPruner
 from .masking import Mask, attach, detach
 from .problem import Problem
+from .pruners.cell_pruner import CellPruner
 from .saliency.ocd import OCD
 
 __all__ = ["OCDSelector"]

@@ -48,6 +48,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import OptbrainError
+from .pruners.presets import METHODS as _METHOD_TABLE
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,7 @@ __all__ = [
     "METHODS",
     "PruneResult",
     "Task",
+    "prune_model",
     "TaskError",
     "as_task",
     "load_task",
@@ -64,7 +66,7 @@ __all__ = [
 ]
 
 DEFAULT_OUT = Path("optbrain-runs") / "prune"
-METHODS = ("obd", "magnitude", "random", "snip", "ocd", "obs", "layerwise_obs")
+METHODS = tuple(_METHOD_TABLE)  # the one table of named methods: optbrain.pruners.METHODS
 _KEYS = ("model", "loss_fn", "train_loader", "val_loader", "test_loader")
 _REQUIRED = ("model", "loss_fn", "train_loader")
 _EXPECTED = (
@@ -325,34 +327,21 @@ class PruneResult:
     """What :func:`prune` did and wrote; ``str(result)`` is the round table."""
 
     history: Any  # optbrain.history.History
-    run_dir: Path
-    report: Path
-    model_path: Path
+    run_dir: Path | None
+    report: Path | None
+    model_path: Path | None
     seconds: float
     table: str = field(default="", repr=False)
+    model: nn.Module | None = field(default=None, repr=False)
 
     def __str__(self) -> str:
         return self.table
 
 
 def _pruner(method: str, seed: int):
-    from . import pruner as presets
+    from .pruners import make
 
-    if method == "obd":
-        return presets.obd()
-    if method == "magnitude":
-        return presets.magnitude()
-    if method == "random":
-        return presets.random(seed)
-    if method == "snip":
-        return presets.snip(batches=None)  # all of the training data, like OBD's curvature
-    if method == "ocd":
-        return presets.ocd()  # whole input variables; sparsity = fraction of the inputs
-    if method == "obs":
-        return presets.obs()  # sequential OBS with weight compensation (dense inverse: small nets)
-    if method == "layerwise_obs":
-        return presets.layerwise_obs()  # per-layer reconstruction on the training inputs
-    raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    return make(method, seed, task=True)
 
 
 def make_schedule(name: str, sparsity: float, rounds: int):
@@ -448,7 +437,7 @@ def prune(
     config = {
         "task": task.name,
         "method": method,
-        "predicts_objective": method in ("obd", "ocd", "obs"),
+        "predicts_objective": _METHOD_TABLE[method].predicts_objective,
         "pruner": repr(pruner),
         "schedule": repr(sched),
         "sparsity": sparsity,
@@ -519,4 +508,52 @@ def prune(
             f"total time {seconds:.1f} s",
         ]
     )
-    return PruneResult(history, run_dir, report, model_path, seconds, table)
+    return PruneResult(history, run_dir, report, model_path, seconds, table, model)
+
+
+def prune_model(
+    model: nn.Module,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    train_data: Any,
+    *,
+    val_data: Any = None,
+    test_data: Any = None,
+    method: str = "obd",
+    sparsity: float = 0.9,
+    rounds: int = 5,
+    retrain_epochs: int = 1,
+    out_dir: str | Path | None = None,
+    **options: Any,
+) -> PruneResult:
+    """The Python form of ``optbrain prune``: prune ``model`` in place to ``sparsity`` in ``rounds``
+    rounds of ``method`` (a name of :data:`optbrain.pruners.METHODS`), retraining
+    ``retrain_epochs`` epochs after each, and return the :class:`PruneResult` (``.history``,
+    ``.model``, the round table as ``str(result)``).
+
+    Data are ``DataLoader``-like sources of ``(x, y)`` batches or one ``(X, Y)`` tuple of tensors;
+    validation and test data are evaluated every round. With ``out_dir`` the run directory of
+    :func:`prune` is written there (report, history, checkpoints, ``model.pt``); without it nothing
+    is written and the paths in the result are None. ``options`` go to :func:`prune`
+    (``schedule``, ``lr``, ``optimizer``, ``seed``, ``resume``, ``progress``).
+    """
+    import tempfile
+
+    task = as_task(
+        {
+            "model": model,
+            "loss_fn": loss_fn,
+            "train_loader": train_data,
+            "val_loader": val_data,
+            "test_loader": test_data,
+        },
+        name=type(model).__name__,
+    )
+    args = dict(
+        method=method, sparsity=sparsity, rounds=rounds, retrain_epochs=retrain_epochs, **options
+    )
+    if out_dir is not None:
+        return prune(task, out_dir=out_dir, **args)
+    with tempfile.TemporaryDirectory(prefix="optbrain-prune-") as tmp:
+        result = prune(task, out_dir=tmp, **args)
+    result.run_dir = result.report = result.model_path = None
+    return result

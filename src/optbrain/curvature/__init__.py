@@ -4,19 +4,19 @@ See :mod:`optbrain.curvature.base` for exact definitions of what each estimator 
 """
 
 from .base import DiagonalCurvature, DiagonalEstimator
+from .calibration import LayerHessian, LayerwiseHessian, calibration_hessians
 from .exact import ExactHessianDiagonal
 from .fisher import EmpiricalFisherDiagonal, MCFisherDiagonal
 from .ggn import GGNDiagonal
 from .hutchinson import HutchinsonDiagonal
-from .layerwise import LayerHessian, LayerwiseHessian, calibration_hessians
-from .lecun import LeCunDiagonal
-from .outer_product import (
+from .inverse import (
     AutoInverse,
     DirectInverse,
     InverseCurvature,
     InverseHessian,
     RecursiveInverse,
 )
+from .lecun import LeCunDiagonal
 from .rules import register, register_elementwise
 
 ESTIMATORS = {

@@ -26,7 +26,7 @@ from ..errors import NonFiniteLossError
 from ..paramdict import ParamDict
 from ..problem import Problem, eval_mode
 from . import losses
-from .base import _all_finite
+from ._checks import all_finite
 from .chain import Link, build_chain
 from .rules import (
     AvgPoolRule,
@@ -191,7 +191,7 @@ def run(
             chunk = _chunk_size(chain, probe, k0, mode)
         for x, y in _chunks(problem, chunk):
             xs, owned = _forward(chain, x)
-            if not _all_finite([xs[-1]]):
+            if not all_finite([xs[-1]]):
                 raise NonFiniteLossError(f"{estimator}: the model output contains NaN or inf")
             writable = _writable_inputs(chain, xs, owned, square_tolerant=mode == "lecun_gn")
             _sweep(

@@ -5,7 +5,7 @@ from __future__ import annotations
 from ..paramdict import ParamDict
 from ..problem import Problem
 from . import generic
-from .base import StructuredEstimator
+from .structured import StructuredEstimator
 
 
 class ExactHessianDiagonal(StructuredEstimator):

@@ -5,7 +5,8 @@ from __future__ import annotations
 from ..paramdict import ParamDict
 from ..problem import Problem
 from . import generic, losses
-from .base import StructuredEstimator, seeded_generator
+from .base import seeded_generator
+from .structured import StructuredEstimator
 
 
 class EmpiricalFisherDiagonal(StructuredEstimator):

@@ -135,7 +135,7 @@ def offdiag_mass(mat: Tensor) -> float:
 
 def _curvatures(problem) -> tuple[Tensor, Tensor, list[str]]:
     """Dense exact Hessian and Gauss–Newton matrix over the 9 parameters, with labels."""
-    from ..curvature.outer_product import DirectInverse
+    from ..curvature.inverse import DirectInverse
 
     hess, coords = DirectInverse(curvature="hessian").matrix(problem)
     ggn, _ = DirectInverse(curvature="ggn").matrix(problem)

@@ -182,7 +182,7 @@ def make_pruner(
     or hidden unit at once), ``"obd"`` (½ h w², ``obd_curvature`` ``"ggn"`` or ``"hessian"``
     diagonal), ``"magnitude"``. ``weight_decay`` is the λ the net was trained with (the
     weight-decay-aware saliencies of PAPERS.md §4)."""
-    from .. import pruner as presets
+    from ..pruners import presets
 
     if method == "obd":
         from ..curvature import ExactHessianDiagonal, GGNDiagonal
@@ -192,8 +192,8 @@ def make_pruner(
     if method == "magnitude":
         return presets.magnitude()
     if method in ("obs", "unit_obs"):
-        from ..curvature.outer_product import AutoInverse
-        from ..surgeon import OBSPruner
+        from ..curvature.inverse import AutoInverse
+        from ..pruners import OBSPruner
 
         # trained with decay λ: the inverse is (R + λI)⁻¹ (OBSPruner's default then); else α
         inverse = None if weight_decay > 0 else AutoInverse(alpha=alpha)

@@ -194,7 +194,7 @@ def _build(cfg: Config, model_name: str, seed: int) -> nn.Module:
 
 def _pruner(cfg: Config, method: str, seed: int):
     from ..curvature import ESTIMATORS
-    from ..pruner import magnitude, obd, random
+    from ..pruners import magnitude, obd, random
 
     if method.startswith("obd"):
         return obd(ESTIMATORS[cfg.curvature](), weight_decay=cfg.weight_decay)

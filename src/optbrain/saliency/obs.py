@@ -27,7 +27,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ..curvature.outer_product import AutoInverse, InverseHessian
+from ..curvature.inverse import AutoInverse, InverseHessian
 from ..errors import SingularCurvatureError
 from ..masking import Mask, current_mask
 from ..paramdict import ParamDict
@@ -62,7 +62,7 @@ def resolve_inverse(inverse, weight_decay: float):
 
 def check_regularizer(inv: InverseHessian, weight_decay: float) -> None:
     """ζ_q needs the inverse of R + λ·I exactly: raise when the estimator had to add more (a
-    :func:`~optbrain.curvature.outer_product.damped_inverse` fallback), rather than return a
+    :func:`~optbrain.curvature.inverse.damped_inverse` fallback), rather than return a
     silently wrong saliency. Inverses whose ``info`` records neither "alpha" nor "damping" are
     trusted (their ``regularizer`` was checked by :func:`resolve_inverse`)."""
     if weight_decay == 0 or not ({"alpha", "damping"} & set(inv.info)):

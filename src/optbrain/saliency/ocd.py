@@ -161,7 +161,7 @@ class OCD:
         if not found:
             raise ValueError(f"the model has no cells of kinds {self.kinds}")
         names = list(dict.fromkeys(s.name for c in found for s in c.fan_out))
-        sub = restrict(problem, names)
+        sub = problem.restrict(names)
         if self.method == "sum":
             obd = OBD(self.curvature)(sub)
             values = cell_sums(obd, found, "fan_out")
@@ -198,13 +198,6 @@ def _gate_matrix(curvature) -> str:
         "OCD(method='gate') computes sᵀGs (curvature='ggn' or a GGNDiagonal) or sᵀHs "
         f"(curvature='hessian' or an ExactHessianDiagonal); it cannot use {curvature!r}"
     )
-
-
-def restrict(problem: Problem, names: Sequence[str]) -> Problem:
-    """The problem restricted to ``names`` (sample count and reduction carried over)."""
-    sub = Problem(problem.model, problem.loss_fn, problem.data, list(names))
-    sub._n, sub._reduction = problem.n_samples, problem.reduction
-    return sub
 
 
 # --------------------------------------------------------------------------- gate curvature

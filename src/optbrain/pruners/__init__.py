@@ -1,0 +1,55 @@
+"""Every pruner, side by side.
+
+* :class:`Pruner` composes a saliency, a selector and an update (OBD, magnitude, random, SNIP);
+* :class:`OBSPruner` deletes one weight (or unit) at a time with the Optimal Brain Surgeon update;
+* :class:`LayerwiseOBS` solves each Linear/Conv layer's reconstruction problem (OBC, SparseGPT);
+* :class:`CellPruner` removes whole cells: inputs, hidden units, channels (Optimal Cell Damage).
+
+All honour one call contract (:mod:`optbrain.pruners.base`); :data:`METHODS` names them.
+"""
+
+from .base import PruneInfo, PrunerBase, PrunerProtocol, Stateless, default_mask
+from .cell_pruner import CellPruneInfo, CellPruner
+from .composed import Pruner, restricted
+from .layerwise import LayerwiseOBS
+from .presets import (
+    METHODS,
+    PRESETS,
+    Method,
+    layerwise_obs,
+    magnitude,
+    make,
+    obd,
+    obs,
+    ocd,
+    random,
+    snip,
+    unit_obs,
+)
+from .surgeon import OBSPruner
+
+__all__ = [
+    "METHODS",
+    "PRESETS",
+    "CellPruneInfo",
+    "CellPruner",
+    "LayerwiseOBS",
+    "Method",
+    "OBSPruner",
+    "PruneInfo",
+    "Pruner",
+    "PrunerBase",
+    "PrunerProtocol",
+    "Stateless",
+    "default_mask",
+    "layerwise_obs",
+    "magnitude",
+    "make",
+    "obd",
+    "obs",
+    "ocd",
+    "random",
+    "restricted",
+    "snip",
+    "unit_obs",
+]

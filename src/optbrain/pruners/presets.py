@@ -1,0 +1,169 @@
+"""The named pruning methods: one factory each, and the one table (:data:`METHODS`) that the
+command line, the tasks, the demo and the experiments read."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..curvature import GGNDiagonal
+from ..curvature.base import DiagonalCurvature
+from ..saliency import OBD, SNIP, Magnitude, Random
+from ..selection import GlobalSelector, LayerSelector
+from .cell_pruner import CellPruner
+from .composed import Pruner
+from .layerwise import LayerwiseOBS
+from .surgeon import OBSPruner
+
+
+def _selector(scope: str):
+    if scope == "global":
+        return GlobalSelector()
+    if scope == "layer":
+        return LayerSelector()
+    raise ValueError(f"scope must be 'global' or 'layer', not {scope!r}")
+
+
+def obd(
+    curvature: DiagonalCurvature | None = None,
+    weight_decay: float = 0.0,
+    scope: str = "global",
+) -> Pruner:
+    """Optimal Brain Damage: s = ½ h w² (default h: exact GGN diagonal), zero the deleted."""
+    return Pruner(OBD(curvature or GGNDiagonal(), weight_decay), _selector(scope))
+
+
+def magnitude(scope: str = "global") -> Pruner:
+    """Magnitude pruning (OBD with H = I)."""
+    return Pruner(Magnitude(), _selector(scope))
+
+
+def random(seed: int = 0, scope: str = "global") -> Pruner:
+    """Random deletion (a control)."""
+    return Pruner(Random(seed), _selector(scope))
+
+
+def snip(batches: int | None = 1, scope: str = "global") -> Pruner:
+    """SNIP connection sensitivity |w ∂E/∂w| (``batches=None``: all of the data)."""
+    return Pruner(SNIP(batches), _selector(scope))
+
+
+def ocd(
+    curvature: DiagonalCurvature | str | None = None,
+    kinds: tuple[str, ...] = ("input",),
+    method: str = "sum",
+    scope: str = "global",
+) -> CellPruner:
+    """Optimal Cell Damage: remove whole cells (default: input variables) of lowest saliency.
+
+    ``method="sum"``: a cell's saliency is the sum of the OBD saliencies of its fan-out weights
+    (Cibas et al.); ``"gate"``: ½ sᵀGs (or ½ sᵀHs with ``curvature="hessian"``) for its fan-out
+    weights s. ``sparsity`` counts cells (fraction or number); ``scope="layer"`` removes the same
+    fraction of every layer's cells. See :class:`~optbrain.pruners.CellPruner`.
+    """
+    from ..saliency.ocd import OCD
+
+    return CellPruner(OCD(curvature, kinds, method), scope=scope)
+
+
+def obs(inverse=None, weight_decay: float = 0.0, ghost_rule: bool = False) -> OBSPruner:
+    """Optimal Brain Surgeon: delete one weight at a time by L_q = w_q²/(2[H⁻¹]_qq), move all other
+    weights (biases included) by the OBS update, re-rank. See :class:`~optbrain.pruners.OBSPruner`.
+    """
+    return OBSPruner(inverse, weight_decay=weight_decay, ghost_rule=ghost_rule)
+
+
+def unit_obs(inverse=None) -> OBSPruner:
+    """Unit-OBS: delete whole inputs / hidden units (all their outgoing weights) by group OBS.
+    ``sparsity`` counts weights; ``pruner(problem, units=k)`` removes k cells."""
+    return OBSPruner(inverse, groups="unit")
+
+
+def layerwise_obs(**kwargs) -> LayerwiseOBS:
+    """Layer-wise OBS (OBC's exact greedy solver for small layers, SparseGPT's blocked solver for
+    large ones) on calibration inputs; ``kwargs`` go to :class:`~optbrain.pruners.LayerwiseOBS`
+    (``method``, ``nm``, ``damping``, ``blocksize``, ``sequential``, ...)."""
+    return LayerwiseOBS(**kwargs)
+
+
+@dataclass(frozen=True)
+class Method:
+    """A named method: its factory, a one-line summary, what ``sparsity`` counts (``"weights"``
+    or ``"cells"``), whether the factory takes a ``seed``, whether ``PruneInfo.predicted_increase``
+    predicts the change of the objective E (``predicts_objective``; layer-wise OBS predicts layer
+    reconstruction errors, magnitude and random predict nothing), and the options a whole-task
+    run (``optbrain prune``, :func:`optbrain.prune`) passes on top of the factory's defaults."""
+
+    name: str
+    factory: Callable[..., Any]
+    summary: str
+    counts: str = "weights"
+    seeded: bool = False
+    predicts_objective: bool = False
+    task_options: dict[str, Any] = field(default_factory=dict)
+
+    def make(self, seed: int = 0, *, task: bool = False, **options) -> Any:
+        """A fresh pruner; ``task=True`` applies :attr:`task_options` first."""
+        kwargs = dict(self.task_options) if task else {}
+        kwargs.update(options)
+        if self.seeded:
+            kwargs.setdefault("seed", seed)
+        return self.factory(**kwargs)
+
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method(
+            "obd",
+            obd,
+            "Optimal Brain Damage, s = ½hw² with the exact Gauss-Newton diagonal",
+            predicts_objective=True,
+        ),
+        Method("magnitude", magnitude, "magnitude pruning, s = ½w² (OBD with H = I)"),
+        Method("random", random, "random deletion (a control)", seeded=True),
+        Method(
+            "snip",
+            snip,
+            "SNIP connection sensitivity |w dE/dw|",
+            task_options={"batches": None},  # all of the training data, like OBD's curvature
+        ),
+        Method(
+            "ocd",
+            ocd,
+            "Optimal Cell Damage: whole input variables (sparsity = fraction of the inputs)",
+            counts="cells",
+            predicts_objective=True,
+        ),
+        Method(
+            "obs",
+            obs,
+            "Optimal Brain Surgeon with weight compensation (dense inverse)",
+            predicts_objective=True,
+        ),
+        Method(
+            "unit_obs",
+            unit_obs,
+            "Unit-OBS: whole inputs and hidden units by group OBS",
+            predicts_objective=True,
+        ),
+        Method(
+            "layerwise_obs",
+            layerwise_obs,
+            "layer-wise OBS (OBC / SparseGPT) on calibration inputs, weights updated",
+        ),
+    )
+}
+
+PRESETS: dict[str, Callable[..., Any]] = {name: m.factory for name, m in METHODS.items()}
+"""Name → factory (the table before :data:`METHODS` carried summaries)."""
+
+
+def make(name: str, seed: int = 0, *, task: bool = False, **options) -> Any:
+    """The pruner of the named method (see :data:`METHODS`); ``ValueError`` lists the names."""
+    try:
+        method = METHODS[name]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}") from None
+    return method.make(seed, task=task, **options)

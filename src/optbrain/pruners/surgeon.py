@@ -1,0 +1,369 @@
+"""The sequential Optimal Brain Surgeon pruner (Hassibi & Stork 1993; Unit-OBS, Stahlberger &
+Riedmiller 1997; NNSYSID's weight-decay and nuisance-parameter rules, PAPERS.md §2–4).
+
+One inverse curvature serves a whole sequence of deletions: delete the alive candidate of least
+saliency, move every alive coordinate by the OBS update (biases and other parameters outside the
+mask included: they compensate but are never deleted), shrink H⁻¹ to the remaining coordinates
+(:meth:`~optbrain.curvature.inverse.InverseHessian.eliminate`), re-rank, repeat. On a
+quadratic objective (least squares with a linear model, where the Gauss–Newton matrix is the exact
+and constant Hessian) every step's saliency is the exact increase of E.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from ..errors import TargetUnreachableError
+from ..masking import Mask
+from ..paramdict import ParamDict, named_parameters, restored_on_error
+from ..problem import Problem
+from ..saliency.obs import (
+    check_regularizer,
+    check_weight_decay,
+    group_saliency,
+    group_step,
+    obs_saliencies,
+    resolve_inverse,
+)
+from ..selection import TargetExceededError, target_count
+from .base import PruneInfo, PrunerBase
+
+log = logging.getLogger(__name__)
+
+GROUPS = ("weight", "unit")
+
+
+class _Session:
+    """One inverse and the coordinate vector it acts on, with the pruner's bookkeeping."""
+
+    def __init__(self, pruner: OBSPruner, problem: Problem, params, mask: Mask, cells):
+        self.inv = pruner.inverse.inverse(problem, mask)
+        check_regularizer(self.inv, pruner.weight_decay)
+        self.coords = self.inv.coords
+        self.theta = self.inv.gather(params)
+        dev = self.theta.device
+        self.mask_names = mask.names
+        self.prunable = torch.zeros(self.coords.size, dtype=torch.bool, device=dev)
+        for n in mask.names:
+            self.prunable[self.coords.rows[n][self.coords.positions[n]].to(dev)] = True
+        self.fan_in = [self._slab_rows(c.fan_in) for c in cells]
+        self.fan_out = [self._slab_rows(c.fan_out) for c in cells]
+        self.hidden = torch.tensor([c.kind != "input" for c in cells], dtype=torch.bool)
+        # the ghost rule's input connections: the producing layer's weight row (fan_in[0]), not
+        # the bias or a following BatchNorm's parameters
+        self.in_weights = [self._slab_rows(c.fan_in[:1]) for c in cells]
+        model_params = named_parameters(problem.model, trainable_only=False)
+        self.fixed_in = [self._fixed_live(c.fan_in[:1], model_params) for c in cells]
+
+    def _fixed_live(self, slabs, model_params) -> bool:
+        """Whether a slab outside the problem's parameters (held fixed) has a nonzero entry."""
+        return any(
+            bool((model_params[s.name].detach()[s.index()] != 0).any())
+            for s in slabs
+            if s.name not in self.coords.rows and s.name in model_params
+        )
+
+    def _slab_rows(self, slabs) -> Tensor:
+        """Rows of the alive coordinates in ``slabs`` (parameters outside the problem skipped)."""
+        parts = []
+        for s in slabs:
+            if s.name not in self.coords.rows:
+                continue  # not a coordinate (a restricted Problem.params): held fixed
+            shape = self.coords.shapes[s.name]
+            flat = torch.arange(int(torch.tensor(shape).prod()), device=self.theta.device)
+            rows = self.coords.rows[s.name].to(flat.device)[flat.reshape(shape)[s.index()]]
+            parts.append(rows.reshape(-1))
+        if not parts:
+            return torch.empty(0, dtype=torch.long, device=self.theta.device)
+        rows = torch.cat(parts)
+        return rows[rows >= 0]
+
+    def alive(self, rows: Tensor) -> Tensor:
+        return rows[self.inv.alive[rows]]
+
+    def delete(self, rows: Tensor, delta: Tensor | None) -> None:
+        """Apply δθ (if any), set ``rows`` exactly to 0 and eliminate them from H⁻¹."""
+        if delta is not None:
+            self.theta += delta
+        self.theta[rows] = 0
+        self.inv.eliminate(rows)
+
+    def deleted(self) -> dict[str, Tensor]:
+        """Flat positions, per masked parameter, of the rows eliminated so far."""
+        gone = ~self.inv.alive & self.prunable
+        out = {}
+        for n in self.mask_names:
+            rows = self.coords.rows[n][self.coords.positions[n]].to(gone.device)
+            out[n] = self.coords.positions[n][gone[rows].to(self.coords.positions[n].device)]
+        return out
+
+    def write_back(self, params) -> None:
+        """Store θ in the model's parameters (in place, in their dtype)."""
+        values = self.coords.scatter(self.theta)
+        with torch.no_grad():
+            for n in self.coords.names:
+                p, pos = params[n], self.coords.positions[n]
+                flat = p.detach().reshape(-1).clone()
+                flat[pos.to(p.device)] = (
+                    values[n]
+                    .reshape(-1)[pos.to(values[n].device)]
+                    .to(device=p.device, dtype=p.dtype)
+                )
+                p.copy_(flat.reshape(p.shape))
+
+
+class OBSPruner(PrunerBase):
+    """Sequential Optimal Brain Surgeon, with the interface of :class:`optbrain.pruner.Pruner`.
+
+    ``pruner(problem, mask=None, sparsity=0.5)`` computes H⁻¹ once (``inverse``, default
+    ``AutoInverse(alpha=1e-6)``; ``alpha=weight_decay`` when that is > 0), then repeatedly deletes
+    the alive candidate of least saliency, applies the OBS update to *all* alive parameters of the
+    problem in place (deleted entries exactly 0), shrinks H⁻¹, and re-ranks, until ``sparsity`` (a
+    total: fraction or count of the mask's entries, as everywhere) is reached. Returns
+    ``(new_mask, PruneInfo)``; ``info.predicted_increase`` is the sum of the step saliencies (exact
+    on quadratic problems). ``refresh=k`` recomputes H⁻¹ at the current weights every k deletions
+    (the paper's "go back to step 2").
+
+    ``groups="unit"`` is Unit-OBS: the candidates are the cells of
+    :func:`optbrain.cells.cells` (inputs and hidden units/channels) whose fan-out still has alive
+    weights; removing one is a group-OBS step on its alive fan-out weights
+    (ΔE = ½ wᵀM(MᵀH⁻¹M)⁻¹Mᵀw); a hidden unit's masked fan-in weights, which no longer reach the
+    output, are then zeroed and pruned as well (no ΔE). ``sparsity`` still counts weights (stop at
+    the first step reaching it); ``units=k`` removes k cells instead.
+
+    ``weight_decay=λ``: saliencies are the change of the unregularised E for a network at a
+    minimum of E + (λ/2)‖w‖², E the per-sample *mean* objective (:mod:`optbrain.saliency.obs`):
+    PyTorch's ``weight_decay=λ`` for a ``reduction="mean"`` loss, λ/b for ``reduction="sum"``
+    with batches of b samples. If the inverse had to fall back to more damping than λ,
+    :class:`~optbrain.errors.SingularCurvatureError` is raised.
+
+    ``ghost_rule=True`` applies NNSYSID's nuisance-parameter rule to the input weights of hidden
+    units (their layer's weight row; biases and BatchNorm parameters do not count): deleting the
+    last live input weight of a hidden unit deletes its alive output weights in the same
+    group-OBS step (the candidate is ranked by that group's ΔE), and the last alive output weight
+    of a hidden unit that still has a live input weight is never deleted alone. When one weight
+    is both (nets with >= 2 hidden layers) the protection wins. Parameters outside a restricted
+    ``Problem(params=...)`` are held fixed; their nonzero input weights count as live.
+    """
+
+    def __init__(
+        self,
+        inverse=None,
+        groups: str = "weight",
+        weight_decay: float = 0.0,
+        ghost_rule: bool = False,
+        refresh: int | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ):
+        if groups not in GROUPS:
+            raise ValueError(f"groups must be one of {GROUPS}, not {groups!r}")
+        if ghost_rule and groups != "weight":
+            raise ValueError("ghost_rule applies to single-weight deletion (groups='weight')")
+        if refresh is not None and (
+            isinstance(refresh, bool) or not isinstance(refresh, int) or refresh < 1
+        ):
+            raise ValueError(f"refresh must be None or an int >= 1, not {refresh!r}")
+        self.weight_decay = check_weight_decay(weight_decay)
+        self.inverse = resolve_inverse(inverse, self.weight_decay)
+        self.groups = groups
+        self.ghost_rule = bool(ghost_rule)
+        self.refresh = refresh
+        self.progress = progress
+
+    # ------------------------------------------------------------------ public
+    def __call__(
+        self,
+        problem: Problem,
+        mask: Mask | None = None,
+        sparsity: float | int | None = None,
+        *,
+        scores: ParamDict | None = None,
+        units: int | None = None,
+    ) -> tuple[Mask, PruneInfo]:
+        """``scores`` is accepted for interface compatibility and not used: OBS re-ranks after
+        every deletion from its own inverse."""
+        mask = mask if mask is not None else self.default_mask(problem.model)
+        params = self._params(problem, mask)
+        goal = self._goal(mask, sparsity, units)
+        with restored_on_error(params):
+            new, steps = self._run(problem, params, mask, goal)
+        with torch.no_grad():
+            for k in new.names:
+                params[k].mul_(new[k].to(device=params[k].device, dtype=params[k].dtype))
+        return new, PruneInfo.step(
+            problem.model, mask, new, sum(steps), max(steps) if steps else 0.0
+        )
+
+    def scores(self, problem: Problem, mask: Mask | None = None) -> ParamDict:
+        """Saliencies of the first deletion, per masked entry: the OBS saliency (weight mode; +inf
+        for entries the ghost rule keeps), or each fan-out weight's unit ΔE (unit mode; +inf for
+        weights of no candidate cell). Pruned entries get 0."""
+        mask = mask if mask is not None else self.default_mask(problem.model)
+        params = self._params(problem, mask)
+        s = _Session(self, problem, params, mask, self._cells(problem))
+        if self.groups == "unit":
+            vec = torch.full_like(s.theta, torch.inf)
+            _, rows, vals = self._unit_candidates(s)
+            for r, val in zip(rows, vals):
+                vec[r] = val
+        else:
+            vec, _ = self._weight_candidates(s)
+        vec = torch.where(s.inv.alive, vec, torch.zeros_like(vec))
+        out = s.coords.scatter(vec)
+        return {k: out[k] for k in mask.names}
+
+    def __repr__(self) -> str:
+        return (
+            f"OBSPruner(inverse={self.inverse!r}, groups={self.groups!r}, "
+            f"weight_decay={self.weight_decay!r}, ghost_rule={self.ghost_rule!r}, "
+            f"refresh={self.refresh!r})"
+        )
+
+    # ------------------------------------------------------------------ internals
+    @staticmethod
+    def _params(problem: Problem, mask: Mask):
+        params = problem.parameters()
+        missing = [n for n in mask.names if n not in params]
+        if missing:
+            raise KeyError(f"the problem's params exclude masked parameter(s) {missing}")
+        return params
+
+    def _goal(self, mask: Mask, sparsity, units) -> tuple[str, int]:
+        if units is not None:
+            if sparsity is not None:
+                raise ValueError("give either sparsity or units, not both")
+            if self.groups != "unit":
+                raise ValueError("units= needs groups='unit' (Unit-OBS)")
+            if isinstance(units, bool) or not isinstance(units, int) or units < 0:
+                raise ValueError(f"units must be an int >= 0, not {units!r}")
+            return "units", units
+        target = target_count(sparsity, mask.total())
+        already = mask.pruned()
+        if target < already:
+            raise TargetExceededError(
+                f"target of {target} pruned entries is below the {already} already pruned"
+            )
+        return "weights", target - already
+
+    def _cells(self, problem: Problem):
+        if self.groups == "weight" and not self.ghost_rule:
+            return []
+        from ..cells import cells
+
+        kinds = ("input", "unit", "channel") if self.groups == "unit" else ("unit", "channel")
+        return cells(problem.model, kinds)
+
+    def _weight_candidates(self, s: _Session) -> tuple[Tensor, dict[int, Tensor]]:
+        """Saliency per row (+inf: not a candidate) and the ghost groups keyed by trigger row.
+
+        Ghost rule, for each hidden unit with live input weights (alive coordinates of its
+        layer's weight row, or nonzero entries of it outside the problem): its last alive output
+        weight is protected (+inf). A unit whose only live input weight q is prunable gets the
+        candidate q ranked by ΔE of deleting q with its alive outputs. Protection wins: when q is
+        also another unit's protected last output (nets with >= 2 hidden layers), q stays +inf,
+        so no unit is ever left with live inputs and no output, whatever the loop order."""
+        sal = obs_saliencies(s.inv, s.theta, self.weight_decay)
+        sal = torch.where(s.prunable, sal, torch.inf)
+        groups: dict[int, Tensor] = {}
+        if not self.ghost_rule:
+            return sal, groups
+        protected: set[int] = set()
+        triggers: list[tuple[int, Tensor]] = []
+        for i, hidden in enumerate(s.hidden.tolist()):
+            if not hidden:
+                continue
+            out_alive = s.alive(s.fan_out[i])
+            in_alive = s.alive(s.in_weights[i])
+            live_in = in_alive.numel() + int(s.fixed_in[i])
+            if live_in and out_alive.numel() == 1:  # never deleted alone: it would make a ghost
+                protected.add(int(out_alive[0]))
+            if (
+                live_in == 1
+                and in_alive.numel() == 1
+                and bool(s.prunable[in_alive].all())
+                and out_alive.numel()
+                and bool(s.prunable[out_alive].all())
+            ):
+                triggers.append((int(in_alive[0]), torch.cat([in_alive, out_alive])))
+        if protected:
+            sal[torch.tensor(sorted(protected), device=sal.device)] = torch.inf
+        for q, group in triggers:
+            if q in protected:
+                continue
+            groups[q] = group
+            sal[q] = group_saliency(s.inv, s.theta, group, self.weight_decay)
+        return sal, groups
+
+    def _unit_candidates(self, s: _Session) -> tuple[list[int], list[Tensor], list[float]]:
+        """Candidate cells (index, alive fan-out rows, group ΔE)."""
+        idx, rows, vals = [], [], []
+        for i, fout in enumerate(s.fan_out):
+            alive = s.alive(fout)
+            if alive.numel() == 0 or not bool(s.prunable[alive].all()):
+                continue
+            idx.append(i)
+            rows.append(alive)
+            vals.append(group_saliency(s.inv, s.theta, alive, self.weight_decay))
+        return idx, rows, vals
+
+    def _run(self, problem: Problem, params, mask: Mask, goal: tuple[str, int]):
+        kind, wanted = goal
+        cells = self._cells(problem)
+        current = mask  # the mask the session's inverse excludes
+        s = _Session(self, problem, params, current, cells)
+        steps: list[float] = []
+        done = 0  # weights (kind "weights") or cells (kind "units") deleted
+        since_refresh = 0
+        while done < wanted:
+            if self.refresh is not None and since_refresh == self.refresh:
+                s.write_back(params)
+                current = current.with_pruned(s.deleted())
+                s = _Session(self, problem, params, current, cells)
+                since_refresh = 0
+            before = int((~s.inv.alive & s.prunable).sum())
+            if self.groups == "unit":
+                loss = self._unit_step(s)
+            else:
+                loss = self._weight_step(s)
+            if loss is None:
+                raise TargetUnreachableError(
+                    f"no candidate left after deleting {done} of the {wanted} requested "
+                    f"{kind} (the remaining ones are protected or outside the mask)"
+                )
+            steps.append(loss)
+            since_refresh += 1
+            gone = int((~s.inv.alive & s.prunable).sum()) - before
+            done += 1 if kind == "units" else gone
+            if self.progress is not None:
+                self.progress(min(done, wanted), wanted)
+        s.write_back(params)
+        return current.with_pruned(s.deleted()), steps
+
+    def _weight_step(self, s: _Session) -> float | None:
+        sal, groups = self._weight_candidates(s)
+        q = int(torch.argmin(sal))
+        if not bool(torch.isfinite(sal[q])):
+            return None
+        rows = groups.get(q, torch.tensor([q], device=s.theta.device))
+        loss, delta = group_step(s.inv, s.theta, rows, self.weight_decay)
+        s.delete(rows, delta)
+        return loss
+
+    def _unit_step(self, s: _Session) -> float | None:
+        cells, rows, vals = self._unit_candidates(s)
+        if not rows:
+            return None
+        best = min(range(len(vals)), key=lambda i: (vals[i], i))
+        loss, delta = group_step(s.inv, s.theta, rows[best], self.weight_decay)
+        s.delete(rows[best], delta)
+        c = cells[best]
+        if s.hidden[c]:  # its fan-in no longer reaches the output: zero and prune it too
+            dead = s.alive(s.fan_in[c])
+            dead = dead[s.prunable[dead]]
+            if dead.numel():
+                s.delete(dead, None)
+        return loss
