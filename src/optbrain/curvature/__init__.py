@@ -17,6 +17,7 @@ from .inverse import (
     RecursiveInverse,
 )
 from .lecun import LeCunDiagonal
+from .paths import Path, explain
 from .rules import register, register_elementwise
 
 ESTIMATORS = {
@@ -44,6 +45,8 @@ __all__ = [
     "LayerwiseHessian",
     "LeCunDiagonal",
     "MCFisherDiagonal",
+    "Path",
+    "explain",
     "RecursiveInverse",
     "calibration_hessians",
     "register",

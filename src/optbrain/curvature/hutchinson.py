@@ -6,6 +6,7 @@ from ..paramdict import ParamDict
 from ..problem import Problem
 from . import generic
 from .base import DiagonalEstimator, in_dtype, seeded_generator
+from .paths import Path
 
 
 class HutchinsonDiagonal(DiagonalEstimator):
@@ -20,6 +21,10 @@ class HutchinsonDiagonal(DiagonalEstimator):
         if samples < 1:
             raise ValueError(f"samples must be >= 1, not {samples}")
         self.samples, self.seed = samples, seed
+
+    def path(self, problem: Problem) -> Path:
+        """Always ``generic``: the probes are Hessian-vector products by ``torch.func``."""
+        return Path("generic", "Hutchinson's probes are Hessian-vector products (torch.func)")
 
     def diagonal(self, problem: Problem) -> ParamDict:
         work = in_dtype(problem, self.dtype)

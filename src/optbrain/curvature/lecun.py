@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from ..errors import UnsupportedModuleError
 from ..paramdict import ParamDict
 from ..problem import Problem
 from . import backprop
 from .base import DiagonalEstimator, in_dtype
+from .graph import sweep
+from .paths import Path, choose
+from .rules import GENERIC_ESTIMATORS
 
 
 class LeCunDiagonal(DiagonalEstimator):
@@ -27,8 +31,12 @@ class LeCunDiagonal(DiagonalEstimator):
     The recursion drops the cross-unit terms of the back-propagated curvature, so it is **not** the
     exact diagonal of the Hessian (or of the Gauss–Newton matrix) in general. It is exact for the
     last layer when the loss Hessian at the output is diagonal (MSE), and for a one-layer model.
-    Costs about one gradient pass. Only models made of registry layers
-    (:mod:`optbrain.curvature.rules`) nested in ``nn.Sequential`` are supported.
+    On a graph (residual additions, concatenations, a custom ``forward``) the diagonals of a node
+    used at several places **add** — the diagonal approximation again, consistent with the
+    shared-weight rule — and the functions between layers pass it by their squared Jacobian
+    entries (:mod:`optbrain.curvature.graph.glue`). Costs about one gradient pass. Models made of
+    registry layers (:mod:`optbrain.curvature.rules`), in an ``nn.Sequential`` or any module
+    torch.fx can trace, are supported; others raise ``UnsupportedModuleError`` naming why.
     """
 
     generic = False
@@ -37,15 +45,34 @@ class LeCunDiagonal(DiagonalEstimator):
         super().__init__(**kwargs)
         self.gauss_newton = gauss_newton
 
+    @property
+    def mode(self) -> str:
+        return "lecun_gn" if self.gauss_newton else "lecun"
+
+    def path(self, problem: Problem) -> Path:
+        """The engine the recursion runs on (``chain`` or ``graph``; ``generic`` means it
+        cannot run, and why)."""
+        return choose(problem, type(self).__name__, self.mode)
+
     def diagonal(self, problem: Problem) -> ParamDict:
         work = in_dtype(problem, self.dtype)
         params = problem.parameters()
-        mode = "lecun_gn" if self.gauss_newton else "lecun"
-        out = backprop.run(
-            work,
-            mode,
-            estimator=type(self).__name__,
-            tick=self.progress,
-            wanted=params if work is problem else None,
-        )
+        name = type(self).__name__
+        path = self.path(work)
+        if path.engine == "chain":
+            out = backprop.run(
+                work, self.mode, estimator=name, tick=self.progress, chain=path.chain,
+                wanted=work.parameters(),
+            )  # fmt: skip
+        elif path.engine == "graph":
+            out = sweep.run(
+                work, path.graph, self.mode, estimator=name, wanted=work.parameters(),
+                tick=self.progress,
+            )  # fmt: skip
+        else:
+            raise UnsupportedModuleError(
+                f"{name}: LeCun's recursion is defined on layers and has no torch.func form; "
+                f"this model cannot be read as a graph of registry layers ({path.reason}). Use one "
+                f"of {', '.join(GENERIC_ESTIMATORS)}"
+            )
         return self._finish(problem, out, params)

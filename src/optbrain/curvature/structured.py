@@ -1,5 +1,5 @@
-"""Estimators with a structured path (the second-order back-propagation of :mod:`.backprop`) and
-a generic ``torch.func`` path; ``method`` picks one."""
+"""Estimators with a structured path (the second-order back-propagation over a chain or a graph)
+and a generic ``torch.func`` path; ``method`` picks one."""
 
 from __future__ import annotations
 
@@ -11,14 +11,18 @@ from ..problem import Problem
 from . import backprop
 from .base import DiagonalEstimator, in_dtype
 from .chain import build_chain, shared_parameters
+from .graph import sweep
+from .graph.reader import GraphReadError
+from .paths import Path, choose
 
 log = logging.getLogger(__name__)
 
 
 class StructuredEstimator(DiagonalEstimator):
-    """An estimator with a structured path (``backprop.run`` in ``mode``) for chains of registry
-    layers and a generic ``torch.func`` path for any module; ``method`` picks one, ``"auto"`` the
-    structured path whenever it applies (:func:`structured_chain`)."""
+    """An estimator with a structured path (the second-order back-propagation in ``mode``, over
+    an ``nn.Sequential`` chain or any torch.fx-traceable graph of registry layers) and a generic
+    ``torch.func`` path for any module; ``method`` picks one, ``"auto"`` the structured path
+    whenever it applies (:func:`optbrain.curvature.paths.choose`, which also says why not)."""
 
     mode: str = ""
     methods: tuple[str, ...] = ("auto", "backprop", "func")
@@ -35,51 +39,62 @@ class StructuredEstimator(DiagonalEstimator):
     def _generic(self, work: Problem) -> ParamDict:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def path(self, problem: Problem) -> Path:
+        """The engine this estimator takes on ``problem`` and why (see :mod:`.paths`)."""
+        if self.method not in ("auto", "backprop"):
+            return Path("generic", f"method={self.method!r} asks for it")
+        return choose(problem, type(self).__name__, self.mode)
+
     def diagonal(self, problem: Problem) -> ParamDict:
         work = in_dtype(problem, self.dtype)
         params = problem.parameters()
         name = type(self).__name__
-        chain = None
-        if self.method == "backprop":
-            chain = build_chain(work.model, name)
-            shared = shared_parameters(chain)
-            if shared:
-                # the sweep squares each use's per-sample gradient separately: the cross terms
-                # between the uses of a tied parameter would be missing
-                tied = sorted(
-                    n for lk in chain for n, p, _ in lk.params.values() if id(p) in shared
-                )
-                raise UnsupportedModuleError(
-                    f"{name}(method='backprop') cannot take tied parameters "
-                    f"({', '.join(dict.fromkeys(tied))}, used by several layers); use "
-                    "method='auto' or the torch.func method"
-                )
-        elif self.method == "auto":
-            chain = structured_chain(work, name)
-        if chain is not None:
-            opts = self._backprop_options()
-            wanted = params if work is problem else None
+        path = self.path(work)
+        if self.method == "backprop" and path.engine == "generic":
+            raise UnsupportedModuleError(
+                f"{name}(method='backprop') has no structured path for this model: "
+                f"{path.reason}; use method='auto' or the torch.func method"
+            )
+        wanted = work.parameters()
+        out = None
+        if path.engine == "chain":
             out = backprop.run(
                 work,
                 self.mode,
                 estimator=name,
                 tick=self.progress,
-                chain=chain,
+                chain=path.chain,
                 wanted=wanted,
-                **opts,
+                **self._backprop_options(),
             )
-        else:
+        elif path.engine == "graph":
+            try:
+                out = sweep.run(
+                    work,
+                    path.graph,
+                    self.mode,
+                    estimator=name,
+                    wanted=wanted,
+                    tick=self.progress,
+                    **self._backprop_options(),
+                )
+            except GraphReadError as exc:
+                if self.method == "backprop":
+                    raise
+                path = Path("generic", exc.reason)
+        if out is None:
+            if path.engine == "generic" and self.method == "auto":
+                log.info("%s takes the torch.func path: %s", name, path.reason)
             out = self._generic(work)
         return self._finish(problem, out, params)
 
 
 def structured_chain(problem: Problem, estimator: str) -> list | None:
-    """The model's chain of registry layers when the structured back-propagation handles it
-    exactly (every layer registered, no parameter used twice); None when the generic
-    ``torch.func`` path is needed."""
+    """The model's chain of registry layers when the chain sweep handles it exactly (every layer
+    registered, no parameter used twice); None otherwise."""
     try:
         chain = build_chain(problem.model, estimator)
     except UnsupportedModuleError as exc:
-        log.debug("%s falls back to torch.func: %s", estimator, exc)
+        log.debug("%s: no chain: %s", estimator, exc)
         return None
     return None if shared_parameters(chain) else chain

@@ -3,16 +3,34 @@
 * :mod:`.base` — the :class:`Rule` interface, :func:`register` and :func:`rule_for`;
 * :mod:`.layers` — Linear, Conv1d/2d, pooling, reshape-like layers;
 * :mod:`.activations` — element-wise activations (closed forms and forward-mode AD);
+* :mod:`.embedding`, :mod:`.norm` — Embedding, LayerNorm, BatchNorm (eval);
+* :mod:`.attention` — multi-head attention, read by the graph engine as its decomposition;
 * :mod:`.fusion` — opt-in oneDNN kernel fusion for the sweep's forward pass (no math).
 """
 
 from .activations import ElementwiseRule, register_elementwise
-from .base import GENERIC_ESTIMATORS, Derivatives, Rule, hooked, register, rule_for, stock_forward
+from .attention import AttentionRule
+from .base import (
+    GENERIC_ESTIMATORS,
+    Derivatives,
+    Rule,
+    hooked,
+    register,
+    registered_rule,
+    rule_for,
+    stock_forward,
+)
+from .embedding import EmbeddingRule
 from .layers import AvgPoolRule, ConvRule, LinearRule, MaxPoolRule, ReshapeRule
+from .norm import BatchNormRule, LayerNormRule
 
 __all__ = [
     "GENERIC_ESTIMATORS",
+    "AttentionRule",
     "AvgPoolRule",
+    "BatchNormRule",
+    "EmbeddingRule",
+    "LayerNormRule",
     "ConvRule",
     "Derivatives",
     "ElementwiseRule",
@@ -23,6 +41,7 @@ __all__ = [
     "hooked",
     "register",
     "register_elementwise",
+    "registered_rule",
     "rule_for",
     "stock_forward",
 ]

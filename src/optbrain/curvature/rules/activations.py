@@ -28,6 +28,15 @@ class ElementwiseRule(Rule):
     Modules built with ``inplace=True`` are evaluated out of place."""
 
     reads_output = True
+    last_dim = True
+
+    def lecun(self, m, x, y, d, g, need_input):
+        """f'(a)²·d (+ f''(a)·g in the full variant); no parameters."""
+        f1, f2 = self.derivatives(m, x, y, second=g is not None)
+        d_in = d * f1.square()
+        if g is None:
+            return {}, d_in, None
+        return {}, d_in + f2 * g, g * f1
 
     def forward(self, m: nn.Module, x: Tensor) -> Tensor:
         return _out_of_place(m)(x)

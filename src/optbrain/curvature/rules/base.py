@@ -68,6 +68,35 @@ class Rule:
     reads_output: bool = False
     squares_input: bool = False
     square_output_ok: bool = False
+    #: the layer acts on the last dimension only (Linear, LayerNorm, Embedding, element-wise):
+    #: the graph engine may hand it inputs with extra leading dimensions (positions, a batch
+    #: dimension that is not the first, samples merged with positions)
+    last_dim: bool = False
+
+    def param_names(self, m: nn.Module) -> tuple[str, ...]:
+        """Attribute paths (``"weight"``, ``"out_proj.weight"``) of the parameters the rule
+        differentiates on this module (attributes that are None are skipped by the reader)."""
+        return self.params
+
+    # ------------------------------------------------------------------ graph engine
+    def graph_forward(self, m: nn.Module, args: tuple, kwargs: dict):
+        """The module's output for a call ``m(*args, **kwargs)`` in the graph engine."""
+        if len(args) == 1 and not kwargs:
+            return self.forward(m, args[0])
+        return m(*args, **kwargs)
+
+    def lecun(
+        self, m: nn.Module, x: Tensor, y: Tensor, d: Tensor, g: Tensor | None, need_input: bool
+    ) -> tuple[dict[str, Tensor], Tensor | None, Tensor | None]:
+        """One step of LeCun's recursion for a single-input layer: the parameter diagonals
+        (LeCun's connection rule), the diagonal at the input (J∘J)ᵀ·d (None unless
+        ``need_input``) and, in the full variant (``g``: the gradient at the output), the
+        gradient at the input. Rules of non-linear layers add their second-order residual."""
+        x2 = x.square() if self.squares_input else x
+        contrib = self.diag_params(m, x2, d) if self.params else {}
+        d_in = self.sq_vjp(m, x, d) if need_input else None
+        g_in = self.vjp(m, x, g[None])[0] if (g is not None and need_input) else None
+        return contrib, d_in, g_in
 
     def forward(self, m: nn.Module, x: Tensor) -> Tensor:
         """The module's output, as the sweep's forward pass computes it."""
@@ -141,6 +170,14 @@ _REGISTRY: dict[type, Rule] = {}
 def register(cls: type, rule: Rule) -> None:
     """Teach the structured estimators a layer kind (subclasses inherit the rule)."""
     _REGISTRY[cls] = rule
+
+
+def registered_rule(m: nn.Module) -> Rule | None:
+    """The rule of a module's class (or nearest registered base class), or None."""
+    for cls in type(m).__mro__:
+        if cls in _REGISTRY:
+            return _REGISTRY[cls]
+    return None
 
 
 def rule_for(m: nn.Module, estimator: str = "this estimator") -> Rule:

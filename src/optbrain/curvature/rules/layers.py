@@ -37,6 +37,9 @@ def _column_square_sum(cols: Tensor, sign: Tensor | None) -> Tensor:
 class ReshapeRule(Rule):
     """Identity-like layers (Flatten, Unflatten, Identity, Dropout in eval mode)."""
 
+    def graph_forward(self, m: nn.Module, args: tuple, kwargs: dict):
+        return m(*args, **kwargs)
+
     reads_input = False  # shapes only
 
     def vjp(self, m: nn.Module, x: Tensor, cols: Tensor) -> Tensor:
@@ -52,6 +55,7 @@ class ReshapeRule(Rule):
 class LinearRule(Rule):
     params = ("weight", "bias")
     squares_input = True
+    last_dim = True
 
     def fresh_output(self, m: nn.Module) -> bool:
         return stock_forward(m, nn.Linear)

@@ -1,0 +1,442 @@
+"""The graph engine: every structured estimator on custom modules (residual, concatenating,
+embedding, normalisation, attention, parameters read by ``forward``) equals float64 oracles, and
+LeCun's recursion equals a slow dense-Jacobian transcription over the same graph."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import zlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import reference
+import reference_graph
+from cases import assert_diag_close
+from optbrain import Mask, Problem, attach
+from optbrain.curvature import (
+    EmpiricalFisherDiagonal,
+    ExactHessianDiagonal,
+    GGNDiagonal,
+    HutchinsonDiagonal,
+    LeCunDiagonal,
+    MCFisherDiagonal,
+    backprop,
+    explain,
+)
+from optbrain.curvature.graph import sweep
+from optbrain.curvature.paths import graph_of
+from optbrain.errors import UnsupportedModuleError
+
+D = torch.float64
+
+
+# --------------------------------------------------------------------------- models
+class ResMLP(nn.Module):
+    """Residual additions, a parameter read by forward, slices, cat, functional activations."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2, self.l3 = nn.Linear(4, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+        self.act = nn.Tanh()
+        self.shift = nn.Parameter(0.1 * torch.randn(6))
+
+    def forward(self, x):
+        h = torch.tanh(self.l1(x)) + self.shift
+        h = h + self.act(self.l2(h))
+        h = torch.cat([h[:, :2], h[:, 2:] * 0.5], dim=1)
+        return self.l3(F.relu(h) - 0.3 * torch.sigmoid(h))
+
+
+class InPlace(nn.Module):
+    """In-place updates in a custom forward (evaluated out of place by the engine)."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2, self.l3 = nn.Linear(4, 5), nn.Linear(5, 5), nn.Linear(5, 3)
+        self.inplace = True  # the oracles (autograd) run the out-of-place twin
+
+    def forward(self, x):
+        h = torch.tanh(self.l1(x))
+        if self.inplace:
+            h += torch.sigmoid(self.l2(h))
+            h = h.mul_(0.5)
+        else:
+            h = (h + torch.sigmoid(self.l2(h))) * 0.5
+        return self.l3(F.relu(h, inplace=self.inplace))
+
+
+class ResCNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(1, 2, 3, padding=1)
+        self.c2 = nn.Conv2d(2, 2, 3, padding="same")
+        self.pool = nn.AvgPool2d(2)
+        self.fc = nn.Linear(2 * 2 * 2, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.c1(x))
+        h = h + torch.sigmoid(self.c2(h))
+        return self.fc(self.pool(h).flatten(1))
+
+
+class Concat(nn.Module):
+    """Two branches concatenated; a gated unit through chunk (a tuple-valued node)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 3), nn.Linear(4, 5)
+        self.gate = nn.Linear(8, 6)
+        self.out = nn.Linear(3, 3)
+
+    def forward(self, x):
+        h = torch.cat([torch.tanh(self.a(x)), self.b(x)], -1)
+        u, v = self.gate(h).chunk(2, dim=-1)
+        return self.out(u * torch.sigmoid(v))
+
+
+class EmbedMean(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(6, 4, padding_idx=0)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(torch.tanh(self.emb(x)).mean(1))
+
+
+class Norms(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l1, self.ln, self.l2 = nn.Linear(4, 5), nn.LayerNorm(5), nn.Linear(5, 5)
+        self.bn, self.out = nn.BatchNorm1d(5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.ln(self.l1(x)))
+        h = h + F.relu(self.bn(self.l2(h)))
+        return self.out(h)
+
+
+class Sequence(nn.Module):
+    """Per-position Linear on (N, T, F), samples merged with positions by a reshape, the last
+    position selected."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.mix, self.out = nn.Linear(2, 4), nn.Linear(4, 4), nn.Linear(4, 3)
+        self.shift = nn.Parameter(0.1 * torch.randn(4))
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))  # N × T × 4
+        flat = self.mix(h.reshape(-1, 4)) * self.shift  # (N·T) × 4: samples merged with positions
+        h = h + torch.sigmoid(flat.reshape(h.shape))
+        return self.out(h[:, -1])
+
+
+class Block(nn.Module):
+    """A transformer block: token and positional embedding, attention (batch_first either
+    way, a causal mask), LayerNorm, a GELU MLP, mean pooling."""
+
+    def __init__(self, batch_first: bool = True):
+        super().__init__()
+        self.emb = nn.Embedding(7, 8)
+        self.pos = nn.Parameter(0.1 * torch.randn(4, 8))
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=batch_first)
+        self.ln, self.ff, self.out = nn.LayerNorm(8), nn.Linear(8, 8), nn.Linear(8, 3)
+        self.register_buffer("mask", torch.triu(torch.ones(4, 4, dtype=torch.bool), 1))
+
+    def forward(self, x):
+        h = self.emb(x) + self.pos
+        q = h if self.attn.batch_first else h.transpose(0, 1)
+        a, _ = self.attn(q, q, q, attn_mask=self.mask, need_weights=False)
+        a = a if self.attn.batch_first else a.transpose(0, 1)
+        h = self.ln(h + a)
+        h = h + F.gelu(self.ff(h))
+        return self.out(h.mean(1))
+
+
+class OwnWeights(nn.Module):
+    """Parameters used through F.linear and @ in a custom forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(5, 4) / 2)
+        self.b = nn.Parameter(0.1 * torch.randn(5))
+        self.v = nn.Parameter(torch.randn(5, 3) / 2)
+
+    def forward(self, x):
+        return torch.tanh(F.linear(x, self.w, self.b)) @ self.v
+
+
+CASES = {
+    "res_mlp": (ResMLP, (4,), "float"),
+    "res_cnn": (ResCNN, (1, 4, 4), "float"),
+    "concat": (Concat, (4,), "float"),
+    "embed": (EmbedMean, (5,), "index6"),
+    "norms": (Norms, (4,), "float"),
+    "sequence": (Sequence, (3, 2), "float"),
+    "block": (lambda: Block(True), (4,), "index7"),
+    "block_tf": (lambda: Block(False), (4,), "index7"),
+    "own_weights": (OwnWeights, (4,), "float"),
+    "in_place": (InPlace, (4,), "float"),
+}
+
+
+def _seed(*parts) -> int:
+    return zlib.crc32("/".join(map(str, parts)).encode())
+
+
+def make(case: str, loss: str, sizes=(5, 3)):
+    build, shape, kind = CASES[case]
+    with torch.random.fork_rng():
+        torch.manual_seed(_seed("model", case))
+        model = build().to(D).eval()
+        if any(isinstance(m, nn.BatchNorm1d) for m in model.modules()):
+            for m in model.modules():
+                if isinstance(m, nn.BatchNorm1d):
+                    m.running_mean.normal_()
+                    m.running_var.uniform_(0.5, 2.0)
+                    m.weight.data.normal_()
+                    m.bias.data.normal_()
+    g = torch.Generator().manual_seed(_seed("data", case, loss))
+    n = sum(sizes)
+    if kind.startswith("index"):
+        x = torch.randint(0, int(kind[5:]), (n, *shape), generator=g)
+    else:
+        x = torch.randn(n, *shape, generator=g, dtype=D)
+    if loss.startswith("ce"):
+        y = torch.randint(0, 3, (n,), generator=g)
+        loss_fn = nn.CrossEntropyLoss(reduction=loss[3:])
+    else:
+        y = torch.randn(n, 3, generator=g, dtype=D)
+        loss_fn = nn.MSELoss(reduction=loss[4:])
+    batches, i = [], 0
+    for b in sizes:
+        batches.append((x[i : i + b], y[i : i + b]))
+        i += b
+    return model, loss_fn, batches
+
+
+LOSSES = ("ce_mean", "mse_sum")
+
+
+def twin(model: nn.Module) -> nn.Module:
+    """The model itself, or for in-place forwards an out-of-place copy autograd can handle."""
+    if not getattr(model, "inplace", False):
+        return model
+    out = copy.deepcopy(model)
+    out.inplace = False
+    return out
+
+
+# --------------------------------------------------------------------------- oracles
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_ggn_and_empirical_fisher_equal_the_oracles_on_graphs(case, loss):
+    model, loss_fn, batches = make(case, loss)
+    problem = Problem(model, loss_fn, batches)
+    assert GGNDiagonal().path(problem).engine == "graph"
+    assert_diag_close(
+        GGNDiagonal(method="backprop").diagonal(problem),
+        reference.ggn_diag(twin(model), loss_fn, batches),
+    )
+    assert_diag_close(
+        EmpiricalFisherDiagonal(method="backprop").diagonal(problem),
+        reference.empirical_fisher_diag(twin(model), loss_fn, batches),
+    )
+
+
+@pytest.mark.parametrize("gauss_newton", [True, False])
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_lecun_on_a_graph_equals_the_slow_transcription(case, loss, gauss_newton):
+    model, loss_fn, batches = make(case, loss)
+    problem = Problem(model, loss_fn, batches)
+    est = LeCunDiagonal(gauss_newton=gauss_newton)
+    assert est.path(problem).engine == "graph"
+    oracle = twin(model)
+    slow = reference_graph.lecun_graph_slow(
+        graph_of(oracle).module, oracle, loss_fn, batches, gauss_newton
+    )
+    assert_diag_close(est.diagonal(problem), slow)
+    if gauss_newton:
+        assert all(bool((v >= 0).all()) for v in est.diagonal(problem).values())
+
+
+@pytest.mark.parametrize("case", ["res_mlp", "norms", "own_weights"])
+def test_exact_hessian_and_hutchinson_on_graphs(case):
+    model, loss_fn, batches = make(case, "ce_mean")
+    problem = Problem(model, loss_fn, batches)
+    assert_diag_close(
+        ExactHessianDiagonal().diagonal(problem), reference.hessian_diag(model, loss_fn, batches)
+    )
+    h = HutchinsonDiagonal(samples=4, seed=0).diagonal(problem)
+    assert set(h) == set(problem.parameters())
+
+
+def test_graph_sweep_equals_the_chain_sweep_on_a_sequential():
+    """The same model through both engines, every mode (MC with the same draws)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3))
+    model = model.to(D).eval()
+    _, loss_fn, batches = make("res_mlp", "ce_mean")
+    problem = Problem(model, loss_fn, batches)
+    graph = graph_of(model)
+    assert graph.is_chain()
+    for mode in ("lecun", "lecun_gn", "ggn", "ef", "mc"):
+        opts = {"samples": 3} if mode == "mc" else {}
+        a = sweep.run(
+            problem, graph, mode, estimator="t", wanted=problem.parameters(),
+            generator=torch.Generator().manual_seed(1), **opts,
+        )  # fmt: skip
+        b = backprop.run(
+            problem, mode, estimator="t", generator=torch.Generator().manual_seed(1), **opts
+        )
+        assert_diag_close(a, b)
+
+
+def test_masks_attached_to_a_graph_model():
+    """Derivatives are taken with respect to the stored weights of w ⊙ m."""
+    model, loss_fn, batches = make("block", "ce_mean")
+    names = ["attn.in_proj_weight", "ff.weight", "emb.weight"]
+    g = torch.Generator().manual_seed(3)
+    masks = {n: torch.rand(p.shape, generator=g) > 0.3 for n, p in model.named_parameters()
+             if n in names}  # fmt: skip
+    effective = copy.deepcopy(model)
+    with torch.no_grad():
+        for n, p in effective.named_parameters():
+            if n in masks:
+                p.mul_(masks[n])
+    attach(model, Mask(masks))
+    problem = Problem(model, loss_fn, batches)
+    assert GGNDiagonal().path(problem).engine == "graph"
+    ref = reference.ggn_diag(effective, loss_fn, batches)
+    ref = {k: v * masks[k] if k in masks else v for k, v in ref.items()}
+    out = GGNDiagonal().diagonal(problem)
+    assert_diag_close({k: out[k] for k in ref}, ref)
+    lecun = LeCunDiagonal().diagonal(problem)
+    slow = reference_graph.lecun_graph_slow(
+        graph_of(effective).module, effective, loss_fn, batches, True
+    )
+    slow = {k: v * masks[k] if k in masks else v for k, v in slow.items()}
+    assert_diag_close({k: lecun[k] for k in slow}, slow)
+
+
+def test_unequal_batches_give_the_same_result():
+    model, loss_fn, batches = make("res_mlp", "ce_sum", sizes=(1, 6, 1))
+    merged = [(torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches]))]
+    for est in (GGNDiagonal(), LeCunDiagonal(), EmpiricalFisherDiagonal()):
+        assert_diag_close(
+            est.diagonal(Problem(model, loss_fn, batches)),
+            est.diagonal(Problem(model, loss_fn, merged)),
+        )
+
+
+@pytest.mark.slow
+def test_mc_fisher_on_a_graph_converges_to_the_ggn():
+    model, loss_fn, batches = make("concat", "ce_mean")
+    problem = Problem(model, loss_fn, batches)
+    mc = MCFisherDiagonal(samples=4000, seed=0).diagonal(problem)
+    ggn = reference.ggn_diag(model, loss_fn, batches)
+    for k in ggn:
+        torch.testing.assert_close(mc[k], ggn[k], rtol=0.15, atol=0.02 * float(ggn[k].abs().max()))
+
+
+# --------------------------------------------------------------------------- paths and errors
+def test_explain_names_the_engine_of_every_estimator():
+    model, loss_fn, batches = make("res_mlp", "ce_mean")
+    paths = explain(Problem(model, loss_fn, batches))
+    assert paths["ggn"].engine == paths["lecun"].engine == "graph"
+    assert paths["hessian"].engine == "generic" and "second derivatives" in paths["hessian"].reason
+    seq = nn.Sequential(nn.Linear(4, 3)).to(D)
+    assert explain(Problem(seq, loss_fn, batches))["ggn"].engine == "chain"
+
+
+class _Branchy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.l(x)
+        for _ in range(x.shape[1] - 3):  # a loop over a shape: torch.fx cannot trace it
+            h = torch.tanh(h)
+        return h
+
+
+def test_untraceable_model_falls_back_and_says_why(caplog):
+    model = _Branchy().to(D)
+    _, loss_fn, batches = make("res_mlp", "ce_mean")
+    problem = Problem(model, loss_fn, batches)
+    path = GGNDiagonal().path(problem)
+    assert path.engine == "generic" and "cannot trace" in path.reason
+    with caplog.at_level(logging.INFO, logger="optbrain.curvature.structured"):
+        out = GGNDiagonal().diagonal(problem)
+    assert "torch.func path" in caplog.text and "cannot trace" in caplog.text
+    assert_diag_close(out, reference.ggn_diag(model, loss_fn, batches))
+    with pytest.raises(UnsupportedModuleError, match="cannot trace"):
+        LeCunDiagonal().diagonal(problem)
+
+
+class _Unknown(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.GroupNorm(2, 4)  # a torch module with parameters and no rule
+        self.l = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.l(self.norm(x))
+
+
+def test_module_without_rule_takes_the_generic_path_named():
+    model = _Unknown().to(D)
+    _, loss_fn, batches = make("res_mlp", "ce_mean")
+    problem = Problem(model, loss_fn, batches)
+    path = GGNDiagonal().path(problem)
+    assert path.engine == "generic" and "GroupNorm" in path.reason
+    assert_diag_close(GGNDiagonal().diagonal(problem), reference.ggn_diag(model, loss_fn, batches))
+    with pytest.raises(UnsupportedModuleError, match="GroupNorm"):
+        LeCunDiagonal().diagonal(problem)
+
+
+class _TwoKinds(nn.Module):
+    """One parameter used by a Linear layer and by F.linear: the column estimators need the
+    cross terms (generic path), LeCun sums over the connections."""
+
+    def __init__(self):
+        super().__init__()
+        self.l = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return F.linear(torch.tanh(self.l(x)), self.l.weight)[:, :3]
+
+
+def test_parameter_used_by_two_layer_kinds_is_exact():
+    model = _TwoKinds().to(D)
+    _, loss_fn, batches = make("res_mlp", "ce_mean")
+    problem = Problem(model, loss_fn, batches)
+    assert_diag_close(GGNDiagonal().diagonal(problem), reference.ggn_diag(model, loss_fn, batches))
+    assert_diag_close(
+        EmpiricalFisherDiagonal().diagonal(problem),
+        reference.empirical_fisher_diag(model, loss_fn, batches),
+    )
+    with pytest.raises(UnsupportedModuleError, match="tied"):
+        GGNDiagonal(method="backprop").diagonal(problem)
+
+
+def test_samples_that_interact_are_refused():
+    class Mixer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l = nn.Linear(4, 3)
+
+        def forward(self, x: Tensor):
+            return self.l(x - x.mean(0))  # every sample depends on the others
+
+    model = Mixer().to(D)
+    _, loss_fn, batches = make("res_mlp", "ce_mean")
+    with pytest.raises(UnsupportedModuleError, match="not independent"):
+        GGNDiagonal(method="backprop").diagonal(Problem(model, loss_fn, batches))
