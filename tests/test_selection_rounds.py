@@ -223,3 +223,27 @@ def test_load_round_replaces_a_mask_that_is_attached(tmp_path):
     assert current_mask(net).pruned() == 3
     restored = load_round(net, tmp_path, 0)
     assert len(restored) == 0 and len(current_mask(net)) == 0
+
+
+# ------------------------------------------------------------------------------ report
+def test_report_plots_and_names_the_selected_rounds(tmp_path):
+    pytest.importorskip("matplotlib")
+    from optbrain import report
+
+    _, history, _ = _run(tmp_path / "run", estimate_fpe=True)
+    fpe_round = history.select("fpe")
+    val_round = history.select("validation")
+    out = tmp_path / "rep"
+    path = report.write_report(out, {"gamma_obd": history}, "t")
+    text = path.read_text()
+    assert (out / "generalization_vs_params.png").read_bytes()[:4] == b"\x89PNG"
+    assert "![generalization vs params](generalization_vs_params.png)" in text
+    assert f"FPE selects round {fpe_round.round} " in text
+    assert f"validation loss selects round {val_round.round} " in text
+    assert "| gamma_obd FPE | gamma_obd N_eff |" in text
+    # a run without FPE gets neither the figure nor the lines
+    plain = History.from_dict(history.to_dict())
+    for r in plain.records:
+        r.generalization = {}
+    text = report.write_report(tmp_path / "plain", {"obd": plain}, "t").read_text()
+    assert "generalization_vs_params" not in text and "FPE selects" not in text
