@@ -219,7 +219,9 @@ def _generalization_plot(histories: Mapping[str, History], path: Path) -> Path:
                 rec = h.select(criterion)
             except ValueError:
                 continue
-            ax.axvline(rec.remaining_params, color=color, ls=":", lw=1.0)
+            ax.axvline(
+                rec.remaining_params, color=color, ls=":", lw=1.0, label=f"{criterion} selects"
+            )
         ax.set_xlabel("remaining parameters")
         ax.set_ylabel("error (the loss's units)")
         ax.set_yscale("log")
