@@ -173,7 +173,7 @@ def _diagonal_gammas(
             f"{est!r} gave negative curvature: FPE needs a positive semi-definite curvature "
             "(the Gauss-Newton diagonal, GGNDiagonal)"
         )
-    r = fraction_determined(h, lam)
+    r = fraction_determined(h, lam.to(h.device))
     return float(r.square().sum()), float(r.sum())
 
 
