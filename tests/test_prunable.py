@@ -86,7 +86,8 @@ def test_every_pruner_and_the_loop_start_from_the_same_default_mask(method):
     model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3))
     model.eval()
     x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
-    pruner = ob.pruners.make(method)
+    extra = {"validation": (x, y)} if ob.METHODS[method].needs_validation else {}
+    pruner = ob.pruners.make(method, **extra)
     direct = pruner.default_mask(model)
     history = ob.iterative_prune(
         model,

@@ -16,6 +16,7 @@ from optbrain import masking
 from optbrain.curvature import ExactHessianDiagonal, GGNDiagonal
 from optbrain.masking import Mask
 from optbrain.problem import Problem
+from optbrain.pruners import METHODS as ob_methods
 from optbrain.pruners import PRESETS, PruneInfo, Pruner, magnitude, obd
 from optbrain.saliency import OBD, Magnitude
 from optbrain.selection import LayerSelector, TargetExceededError
@@ -31,6 +32,11 @@ PRESET_ARGS = {
     "unit_obs": {},
     "ocd": {},
     "layerwise_obs": {},
+    "gamma_obd": {"weight_decay": 0.01},
+    "gamma_obs": {"weight_decay": 0.01},
+    "esp": {},
+    "ebd": {},
+    "validation_obd": {},  # + the validation data, given in the test
 }
 # presets whose selection is weight by weight and whose update only zeroes (the others move the
 # kept weights or delete whole cells: tests/test_obs.py, test_ocd.py, test_layerwise.py)
@@ -191,7 +197,8 @@ def test_magnitude_preset_prunes_smallest_abs_weights_globally():
 @pytest.mark.parametrize("preset", list(PRESETS))
 def test_pruned_weights_stay_zero_when_re_pruning_after_training(preset):
     s, problem = setup("mlp_tanh", "mse_mean")
-    pruner = PRESETS[preset](**PRESET_ARGS[preset])
+    extra = {"validation": s.merged()} if ob_methods[preset].needs_validation else {}
+    pruner = PRESETS[preset](**PRESET_ARGS[preset], **extra)
     mask1, _ = pruner(problem, sparsity=0.3)
     masking.attach(s.model, mask1)
     opt = torch.optim.SGD(s.model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-2)

@@ -12,6 +12,7 @@ import fixtures_task as fx
 from optbrain import tasks
 from optbrain.history import History
 from optbrain.masking import current_mask, load_pruned
+from optbrain.pruners import METHODS as ob_methods
 from optbrain.tasks import Task, TaskError
 
 FIXTURE = Path(__file__).with_name("fixtures_task.py")
@@ -152,9 +153,10 @@ def test_as_task_checks(tmp_path):
 @pytest.mark.parametrize("method", tasks.METHODS)
 def test_prune_every_method(method, tmp_path):
     out = tmp_path / "run"
-    res = tasks.prune(
-        "fixtures_task:task", method=method, sparsity=0.6, rounds=2, retrain_epochs=1, out_dir=out
+    spec = (
+        "fixtures_task:task_dict" if ob_methods[method].needs_validation else "fixtures_task:task"
     )
+    res = tasks.prune(spec, method=method, sparsity=0.6, rounds=2, retrain_epochs=1, out_dir=out)
     h = res.history
     assert [r.round for r in h.records] == [0, 1, 2]
     if method == "ocd":  # the target counts input cells: 5 of 8 inputs, 16 fan-out weights each
@@ -168,7 +170,12 @@ def test_prune_every_method(method, tmp_path):
     mask = load_pruned(fx.make_model(), out / method / "model.pt")
     assert mask.sparsity() == pytest.approx(h.records[-1].sparsity)
     assert (out / "report.md").is_file() and str(res) == res.table
-    assert ("dE pred" in res.table) == (method in ("obd", "ocd", "obs", "unit_obs"))
+    assert ("dE pred" in res.table) == ob_methods[method].predicts_objective
+
+
+def test_a_method_needing_validation_data_names_the_missing_loader(tmp_path):
+    with pytest.raises(tasks.TaskError, match="val_loader"):
+        tasks.prune("fixtures_task:task", method="validation_obd", rounds=1, out_dir=tmp_path)
 
 
 def test_prune_regression_task_and_schedules(tmp_path):

@@ -18,6 +18,9 @@ class RoundRecord:
     ``predicted_increase`` is the sum of the saliencies deleted this round; ``actual_increase`` is
     the measured change of the problem's objective caused by the deletion (before retraining).
     ``metrics_pruned`` are the user's metrics right after deletion, ``metrics`` after retraining.
+    ``generalization`` holds the FPE estimate of the retrained model when the loop was asked for
+    it (``fpe``, ``n_eff``, ``train_error``, ``gamma2``, ``n_params``, ``damping``; see
+    :mod:`optbrain.generalization`).
     """
 
     round: int
@@ -33,6 +36,7 @@ class RoundRecord:
     metrics_pruned: dict[str, float] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
+    generalization: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -55,6 +59,61 @@ class History:
             group, key = name.split(".", 1)
             return [getattr(r, group).get(key, math.nan) for r in self.records]
         return [getattr(r, name) for r in self.records]
+
+    def select(
+        self, criterion: str = "fpe", tolerance: float = 0.0, metric: str | None = None
+    ) -> RoundRecord:
+        """The round a model-selection rule chooses (after retraining, round 0 included).
+
+        * ``"fpe"``: the smallest FPE (``generalization.fpe``, recorded by ``iterative_prune``
+          with ``estimate_fpe``);
+        * ``"validation"``: the best ``metric`` (default ``"metrics.val_loss"``; lower is better,
+          higher for an accuracy);
+        * ``"smallest_within"``: the round with the fewest remaining parameters whose ``metric``
+          (default ``"metrics.val_loss"``; ``"generalization.fpe"`` works too) is within
+          ``tolerance`` (absolute, ≥ 0) of the best round's — Gorodkin et al.'s "smallest
+          successful architecture".
+
+        Ties go to the smaller network. Rounds whose value is missing or NaN are skipped. A
+        metric naming the test set is refused: selecting on it biases the test error.
+        """
+        key = self._selection_key(criterion, tolerance, metric)
+        higher = "accuracy" in key
+        rows = [
+            (r, float(v))
+            for r, v in zip(self.records, self.column(key))
+            if isinstance(v, (int, float)) and math.isfinite(v)
+        ]
+        if not rows:
+            raise ValueError(f"no round has a finite {key!r}: nothing to select on")
+        sign = -1.0 if higher else 1.0
+        best = min(sign * v for _, v in rows)
+        slack = tolerance if criterion == "smallest_within" else 0.0
+        ok = [r for r, v in rows if sign * v <= best + slack]
+        return min(ok, key=lambda r: (r.remaining_params, -r.round))
+
+    @staticmethod
+    def _selection_key(criterion: str, tolerance: float, metric: str | None) -> str:
+        criteria = ("fpe", "validation", "smallest_within")
+        if criterion not in criteria:
+            raise ValueError(f"criterion must be one of {criteria}, not {criterion!r}")
+        if not (isinstance(tolerance, (int, float)) and tolerance >= 0):
+            raise ValueError(f"tolerance must be a number >= 0, not {tolerance!r}")
+        if tolerance and criterion != "smallest_within":
+            raise ValueError(f"tolerance applies to criterion='smallest_within', not {criterion!r}")
+        if criterion == "fpe":
+            if metric is not None:
+                raise ValueError("criterion='fpe' takes no metric")
+            return "generalization.fpe"
+        key = metric or "metrics.val_loss"
+        if "." not in key:
+            key = f"metrics.{key}"
+        if "test" in key:
+            raise ValueError(
+                f"refusing to select on {key!r}: choosing the round on the test set biases its "
+                "test error; select on a validation metric or on FPE"
+            )
+        return key
 
     def to_dict(self) -> dict[str, Any]:
         return to_jsonable(

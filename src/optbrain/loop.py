@@ -6,7 +6,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +14,10 @@ import torch
 from torch import nn
 
 from .errors import OptbrainError
+from .generalization import FPEUndefinedError, check_decay, fpe
 from .history import History, RoundRecord
 from .jsonio import atomic_write, write_text
-from .masking import Mask, attach, pruned_state, restore_pruned
+from .masking import Mask, attach, detach, load_pruned, pruned_state, restore_pruned, save_pruned
 from .problem import Problem
 from .pruners.base import PrunerProtocol as Pruner
 from .pruners.base import default_mask
@@ -26,6 +27,8 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
 HISTORY = "history.json"
+ROUNDS = "rounds"
+"""Folder of the checkpoint directory holding every round's model with ``keep_rounds=True``."""
 _FORMAT = "optbrain-checkpoint-2"
 
 
@@ -58,6 +61,8 @@ def iterative_prune(
     checkpoint_dir: str | Path | None = None,
     config: dict[str, Any] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    estimate_fpe: bool | Mapping[str, Any] = False,
+    keep_rounds: bool = False,
 ) -> History:
     """Alternate deletion and retraining for ``rounds`` rounds; return the :class:`History`.
 
@@ -72,6 +77,14 @@ def iterative_prune(
     round and gives the same history as an uninterrupted run when ``retrain`` is seeded by round.
     A directory holding another configuration's checkpoint, or a corrupt one, raises
     :class:`CheckpointError` and is left untouched.
+
+    ``estimate_fpe`` (``True``, or a dict of keyword arguments of
+    :func:`optbrain.generalization.fpe`: ``weight_decay``, ``form``...) records FPE and N_eff of
+    every round's final model on ``make_problem(model)`` — which must then be the *training* data —
+    in ``RoundRecord.generalization`` (NaN where FPE is undefined, e.g. N ≤ p without decay);
+    :meth:`History.select` picks a round from them. ``keep_rounds=True`` (needs
+    ``checkpoint_dir``) also saves every round's model as ``rounds/round_NNNN.pt``, so that
+    :func:`load_round` can restore the selected one.
     """
     if not isinstance(rounds, int) or rounds < 0:
         raise ValueError(f"rounds must be a non-negative int, not {rounds!r}")
@@ -81,7 +94,13 @@ def iterative_prune(
             raise ValueError(f"schedule({r}) = {s!r} is outside [0, 1)")
     cfg = _json_config(config)
     ckdir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    if keep_rounds and ckdir is None:
+        raise ValueError("keep_rounds=True needs a checkpoint_dir to write the rounds into")
+    fpe_options = _fpe_options(estimate_fpe)
     evaluate = evaluate or (lambda m: {})
+
+    def estimates(m: nn.Module) -> dict[str, float]:
+        return {} if fpe_options is None else _estimate(make_problem(m), fpe_options)
 
     history: History | None = None
     if ckdir is not None and (ckdir / CHECKPOINT).exists():
@@ -103,9 +122,10 @@ def iterative_prune(
                 remaining_params=_remaining_params(model, mask),
                 metrics_pruned=metrics,
                 metrics=metrics,
+                generalization=estimates(model),
             )
         )
-        _checkpoint(ckdir, model, pruner, history)
+        _checkpoint(ckdir, model, pruner, history, keep_rounds)
 
     for r in range(history.last.round + 1, rounds + 1):
         start = time.perf_counter()
@@ -122,7 +142,7 @@ def iterative_prune(
             )
             if smallest > stop_saliency:
                 history.stopped = f"smallest saliency {smallest:.3g} > {stop_saliency:.3g}"
-                _checkpoint(ckdir, model, pruner, history)
+                _checkpoint(ckdir, model, pruner, history, keep_rounds)
                 break
         before = problem.objective()
         new, info = pruner(problem, mask, target, scores=scores)
@@ -149,11 +169,12 @@ def iterative_prune(
                 metrics_pruned=metrics_pruned,
                 metrics=metrics,
                 seconds=time.perf_counter() - start,
+                generalization=estimates(model),
             )
         )
         if stop_val_loss is not None and metrics.get("val_loss", -math.inf) > stop_val_loss:
             history.stopped = f"val_loss {metrics['val_loss']:.4g} > {stop_val_loss:.4g}"
-        _checkpoint(ckdir, model, pruner, history)
+        _checkpoint(ckdir, model, pruner, history, keep_rounds)
         if progress is not None:
             progress(r, rounds)
         if history.stopped:
@@ -167,9 +188,65 @@ def _start_mask(pruner: Pruner, model: nn.Module) -> Mask:
     return own(model) if own is not None else default_mask(model)
 
 
-def _checkpoint(ckdir: Path | None, model: nn.Module, pruner: Pruner, history: History) -> None:
+def _fpe_options(estimate_fpe: bool | Mapping[str, Any]) -> dict[str, Any] | None:
+    if estimate_fpe is False or estimate_fpe is None:
+        return None
+    if estimate_fpe is True:
+        return {}
+    if not isinstance(estimate_fpe, Mapping):
+        raise TypeError(
+            f"estimate_fpe must be a bool or a dict of fpe() options, not {estimate_fpe!r}"
+        )
+    options = dict(estimate_fpe)
+    check_decay(options.get("weight_decay", 0.0))  # fail before any work
+    return options
+
+
+def _estimate(problem: Problem, options: dict[str, Any]) -> dict[str, float]:
+    """FPE and N_eff of the model on ``problem`` (NaN for FPE where it is undefined)."""
+    try:
+        est = fpe(problem, **options)
+    except FPEUndefinedError as exc:
+        log.warning("no FPE for this round: %s", exc)
+        return {"fpe": math.nan, "train_error": problem.objective()}
+    return {
+        "fpe": est.fpe,
+        "n_eff": est.n_eff,
+        "train_error": est.train_error,
+        "gamma2": est.gamma2,
+        "n_params": float(est.n_params),
+        "damping": est.damping,
+    }
+
+
+def round_path(checkpoint_dir: str | Path, round: int) -> Path:
+    """Where ``keep_rounds=True`` saves the model of ``round``."""
+    return Path(checkpoint_dir) / ROUNDS / f"round_{int(round):04d}.pt"
+
+
+def load_round(model: nn.Module, checkpoint_dir: str | Path, round: int) -> Mask:
+    """Restore the model of ``round`` (as :meth:`History.select` returns it, or its number) from
+    a run written with ``keep_rounds=True`` into ``model`` (same architecture): any attached mask
+    is removed first (masks only shrink), then the round's weights and mask are loaded. Returns
+    the mask now attached."""
+    number = getattr(round, "round", round)
+    path = round_path(checkpoint_dir, number)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} does not exist: round {number} was not kept (run iterative_prune with "
+            "keep_rounds=True and this checkpoint_dir)"
+        )
+    detach(model)
+    return load_pruned(model, path)
+
+
+def _checkpoint(
+    ckdir: Path | None, model: nn.Module, pruner: Pruner, history: History, keep: bool = False
+) -> None:
     if ckdir is None:
         return
+    if keep and history.last is not None:
+        save_pruned(model, round_path(ckdir, history.last.round))
     payload = {
         "format": _FORMAT,
         "history": history.to_dict(),

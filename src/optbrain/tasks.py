@@ -338,10 +338,14 @@ class PruneResult:
         return self.table
 
 
-def _pruner(method: str, seed: int):
+def _pruner(method: str, seed: int, task: Task | None = None):
     from .pruners import make
 
-    return make(method, seed, task=True)
+    if not _METHOD_TABLE[method].needs_validation:
+        return make(method, seed, task=True)
+    if task is None or task.val_loader is None:
+        raise TaskError(f"method {method!r} needs a validation loader: return 'val_loader' too")
+    return make(method, seed, task=True, validation=task.val_loader)
 
 
 def make_schedule(name: str, sparsity: float, rounds: int):
@@ -417,7 +421,7 @@ def prune(
         raise ValueError(f"retrain_epochs must be an int >= 0, not {retrain_epochs!r}")
     sched = make_schedule(schedule, sparsity, rounds)
     task = load_task(task) if isinstance(task, str) else as_task(task)
-    pruner = _pruner(method, seed)
+    pruner = _pruner(method, seed, task)
     run_dir = Path(out_dir)
     folder = run_dir / method
     if not resume:

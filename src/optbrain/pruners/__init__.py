@@ -11,6 +11,7 @@ All honour one call contract (:mod:`optbrain.pruners.base`); :data:`METHODS` nam
 from .base import PruneInfo, PrunerBase, PrunerProtocol, Stateless, default_mask
 from .cell_pruner import CellPruneInfo, CellPruner
 from .composed import Pruner, restricted
+from .generalization import GAMMA_STOP, all_positive, ebd, esp, gamma_obd, gamma_obs, validation_obd
 from .layerwise import LayerwiseOBS
 from .presets import (
     METHODS,
@@ -29,6 +30,7 @@ from .presets import (
 from .surgeon import OBSPruner
 
 __all__ = [
+    "GAMMA_STOP",
     "METHODS",
     "PRESETS",
     "CellPruneInfo",
@@ -41,7 +43,12 @@ __all__ = [
     "PrunerBase",
     "PrunerProtocol",
     "Stateless",
+    "all_positive",
     "default_mask",
+    "ebd",
+    "esp",
+    "gamma_obd",
+    "gamma_obs",
     "layerwise_obs",
     "magnitude",
     "make",
@@ -52,4 +59,5 @@ __all__ = [
     "restricted",
     "snip",
     "unit_obs",
+    "validation_obd",
 ]

@@ -10,19 +10,11 @@ from typing import Any
 from ..curvature import GGNDiagonal
 from ..curvature.base import DiagonalCurvature
 from ..saliency import OBD, SNIP, Magnitude, Random
-from ..selection import GlobalSelector, LayerSelector
 from .cell_pruner import CellPruner
 from .composed import Pruner
+from .generalization import _selector, ebd, esp, gamma_obd, gamma_obs, validation_obd
 from .layerwise import LayerwiseOBS
 from .surgeon import OBSPruner
-
-
-def _selector(scope: str):
-    if scope == "global":
-        return GlobalSelector()
-    if scope == "layer":
-        return LayerSelector()
-    raise ValueError(f"scope must be 'global' or 'layer', not {scope!r}")
 
 
 def obd(
@@ -92,8 +84,9 @@ class Method:
     """A named method: its factory, a one-line summary, what ``sparsity`` counts (``"weights"``
     or ``"cells"``), whether the factory takes a ``seed``, whether ``PruneInfo.predicted_increase``
     predicts the change of the objective E (``predicts_objective``; layer-wise OBS predicts layer
-    reconstruction errors, magnitude and random predict nothing), and the options a whole-task
-    run (``optbrain prune``, :func:`optbrain.prune`) passes on top of the factory's defaults."""
+    reconstruction errors, magnitude and random predict nothing), whether it needs a
+    ``validation`` set (validation-set OBD), and the options a whole-task run (``optbrain prune``,
+    :func:`optbrain.prune`) passes on top of the factory's defaults."""
 
     name: str
     factory: Callable[..., Any]
@@ -101,6 +94,7 @@ class Method:
     counts: str = "weights"
     seeded: bool = False
     predicts_objective: bool = False
+    needs_validation: bool = False
     task_options: dict[str, Any] = field(default_factory=dict)
 
     def make(self, seed: int = 0, *, task: bool = False, **options) -> Any:
@@ -152,6 +146,25 @@ METHODS: dict[str, Method] = {
             "layerwise_obs",
             layerwise_obs,
             "layer-wise OBS (OBC / SparseGPT) on calibration inputs, weights updated",
+        ),
+        Method(
+            "gamma_obd",
+            gamma_obd,
+            "γOBD: the estimated change of the test error (Pedersen, Hansen & Larsen)",
+        ),
+        Method("gamma_obs", gamma_obs, "γOBS ranking (NNSYSID's weight-decay OBS saliency)"),
+        Method(
+            "esp",
+            esp,
+            "ESP: OBD plus the first-order term, for nets not at a minimum (Tresp et al.)",
+            predicts_objective=True,
+        ),
+        Method("ebd", ebd, "Early Brain Damage: ESP plus ½g²/h (Tresp et al.)"),
+        Method(
+            "validation_obd",
+            validation_obd,
+            "validation-set OBD: the change of the validation error (Larsen et al.)",
+            needs_validation=True,
         ),
     )
 }

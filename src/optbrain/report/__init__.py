@@ -22,10 +22,13 @@ from ..history import History
 from ..jsonio import write_text
 from .tables import (
     DEFAULT_COLUMNS,
+    FPE,
+    has_fpe,
     history_table,
     label,
     largest_compression,
     markdown_table,
+    model_selection_lines,
     predicts_objective,
     primary_metric,
     selection_lines,
@@ -45,6 +48,7 @@ __all__ = [
     "largest_compression",
     "load_run",
     "markdown_table",
+    "model_selection_lines",
     "plot_histories",
     "regenerate",
     "selection_lines",
@@ -85,6 +89,8 @@ def default_columns(histories: Mapping[str, History]) -> dict[str, list[str]]:
         if predicts_objective(h):
             keys.append("predicted_increase")
         keys.append("actual_increase")
+        if has_fpe(h):
+            keys += [FPE, "generalization.n_eff"]
         cols[name] = keys
     return cols
 
@@ -165,6 +171,10 @@ def write_report(
     for name, h in histories.items():
         if h.stopped:
             lines += [f"{label(name) or 'The run'} stopped early: {h.stopped}.", ""]
+    chosen = model_selection_lines(histories, markdown=True)
+    if chosen:
+        lines += ["Model selection (training-data FPE, or the validation set; never the test set):"]
+        lines += ["", *chosen, ""]
     sel = selection_lines(histories, metric, tolerance, markdown=True)
     if sel:
         lines += [sel[0], "", *sel[1:]]

@@ -12,13 +12,22 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from ..history import History
-from .tables import label, predicts_objective, primary_metric
+from .tables import FPE, has_fpe, label, predicts_objective, primary_metric
 
-__all__ = ["ACCURACY_PNG", "INCREASE_PNG", "LOSS_PNG", "plot_histories"]
+__all__ = ["ACCURACY_PNG", "GENERALIZATION_PNG", "INCREASE_PNG", "LOSS_PNG", "plot_histories"]
 
 ACCURACY_PNG = "accuracy_vs_params.png"
 LOSS_PNG = "loss_vs_params.png"
 INCREASE_PNG = "objective_increase.png"
+GENERALIZATION_PNG = "generalization_vs_params.png"
+
+#: NNSYSID's pruning figure: (label, column candidates, marker)
+_GENERALIZATION_CURVES = (
+    ("training error", ("generalization.train_error", "metrics.train_loss"), "x"),
+    ("FPE", (FPE,), "+"),
+    ("validation error", ("metrics.val_loss",), "s"),
+    ("test error", ("metrics.test_loss",), "o"),
+)
 
 
 def new_figure(width: float, height: float, **kwargs):
@@ -191,6 +200,38 @@ def _linthresh(histories: Mapping[str, History]) -> float:
     return min(vals) if vals else 1e-6
 
 
+def _generalization_plot(histories: Mapping[str, History], path: Path) -> Path:
+    """NNSYSID's figure, one panel per history that recorded FPE: training error, FPE,
+    validation and test error against the remaining parameters; dotted lines mark the rounds
+    FPE and the validation error select."""
+    shown = {n: h for n, h in histories.items() if has_fpe(h)}
+    fig = new_figure(6.4 * len(shown), 4.2)
+    axes = fig.subplots(1, len(shown), squeeze=False)[0]
+    for ax, (name, h) in zip(axes, shown.items()):
+        for i, (text, keys, marker) in enumerate(_GENERALIZATION_CURVES):
+            for key in keys:
+                x, y = _finite(h.column("remaining_params"), h.column(key))
+                if x:
+                    ax.plot(x, y, f"{marker}-", color=f"C{i}", label=text, ms=5, lw=0.8)
+                    break
+        for criterion, color in (("fpe", "C1"), ("validation", "C2")):
+            try:
+                rec = h.select(criterion)
+            except ValueError:
+                continue
+            ax.axvline(
+                rec.remaining_params, color=color, ls=":", lw=1.0, label=f"{criterion} selects"
+            )
+        ax.set_xlabel("remaining parameters")
+        ax.set_ylabel("error (the loss's units)")
+        ax.set_yscale("log")
+        ax.set_title(f"{label(name) or 'run'}: training, FPE, validation and test error")
+        ax.grid(True, which="both", alpha=0.3)
+        _legend(ax)
+    fig.savefig(path, dpi=120)
+    return path
+
+
 def plot_histories(
     histories: Mapping[str, History] | History,
     out_dir: str | Path,
@@ -203,7 +244,9 @@ def plot_histories(
       remaining parameters on a log axis, after retraining and right after each deletion;
     * ``objective_increase.png``: the objective increase each deletion caused, against the
       increase the saliencies predicted (for methods whose saliency estimates it: OBD-like), and
-      per round for every method.
+      per round for every method;
+    * ``generalization_vs_params.png`` for runs that recorded FPE (``estimate_fpe``): training
+      error, FPE, validation and test error against the remaining parameters (NNSYSID's figure).
     """
     if isinstance(histories, History):
         histories = {"": histories}
@@ -217,4 +260,6 @@ def plot_histories(
         name = ACCURACY_PNG if "accuracy" in metric else LOSS_PNG
         paths.append(_metric_plot(histories, metric, out / name))
     paths.append(_increase_plot(histories, out / INCREASE_PNG))
+    if any(has_fpe(h) for h in histories.values()):
+        paths.append(_generalization_plot(histories, out / GENERALIZATION_PNG))
     return paths

@@ -28,6 +28,8 @@ __all__ = [
     "markdown_table",
     "primary_metric",
     "predicts_objective",
+    "has_fpe",
+    "model_selection_lines",
     "selection_lines",
 ]
 
@@ -48,7 +50,7 @@ DEFAULT_COLUMNS = (
 )
 
 #: methods whose saliency estimates the increase of the objective (so "predicted" has its units)
-OBJECTIVE_METHODS = frozenset({"obd", "obs", "ocd", "gobd", "ebd"})
+OBJECTIVE_METHODS = frozenset({"obd", "obs", "ocd", "gobd", "ebd", "esp"})
 
 _LABELS = {"obd": "OBD", "obs": "OBS", "ocd": "OCD", "snip": "SNIP"}
 
@@ -67,6 +69,14 @@ _FIELDS: dict[str, tuple[str, str]] = {  # key -> (column label, kind)
 }
 
 _MD_LABELS = {"predicted_increase": "ΔE predicted", "actual_increase": "ΔE actual"}
+
+#: columns recorded by ``iterative_prune(estimate_fpe=...)`` (RoundRecord.generalization)
+FPE = "generalization.fpe"
+_GENERALIZATION_LABELS = {
+    FPE: "FPE",
+    "generalization.n_eff": "N_eff",
+    "generalization.train_error": "train E",
+}
 
 
 def label(name: str) -> str:
@@ -114,6 +124,8 @@ def _kind(key: str) -> str:
 def _column_label(key: str, markdown: bool = False) -> str:
     if markdown and key in _MD_LABELS:
         return _MD_LABELS[key]
+    if key in _GENERALIZATION_LABELS:
+        return _GENERALIZATION_LABELS[key]
     if key in _FIELDS:
         return _FIELDS[key][0]
     group, _, name = key.partition(".")
@@ -392,4 +404,30 @@ def selection_lines(
         )
         name = label(n) or "run"
         lines.append(f"- **{name}**: {what}" if markdown else f"  {name:<{width}}  {what}")
+    return lines
+
+
+def has_fpe(history: History) -> bool:
+    """Whether some round of ``history`` has a finite FPE (``estimate_fpe`` was on)."""
+    return any(isinstance(v, (int, float)) and math.isfinite(v) for v in history.column(FPE))
+
+
+def model_selection_lines(histories: Mapping[str, History], markdown: bool = False) -> list[str]:
+    """One line per history that recorded FPE, naming the round FPE selects and (if it has a
+    validation loss) the round the validation loss selects (:meth:`History.select`)."""
+    lines = []
+    for name, h in histories.items():
+        if not has_fpe(h):
+            continue
+        picks = []
+        for what, criterion in (("FPE", "fpe"), ("validation loss", "validation")):
+            try:
+                rec = h.select(criterion)
+            except ValueError:
+                continue
+            picks.append(f"{what} selects round {rec.round} ({rec.remaining_params:,} params)")
+        if picks:
+            who = label(name) or "run"
+            text = "; ".join(picks)
+            lines.append(f"- **{who}**: {text}" if markdown else f"  {who}  {text}")
     return lines
