@@ -128,7 +128,9 @@ def _forward(graph: ModelGraph, x: Tensor) -> dict[str, object]:
         else:
             args = map_arg(node.args, value)
             kwargs = map_arg(node.kwargs, value)
-            if gn.kind == "leaf":
+            if gn.kind == "leaf" and getattr(gn.rule, "composite", False):
+                env[gn.name], env[gn.name + "#ctx"] = gn.rule.forward_ctx(gn.module, args, kwargs)
+            elif gn.kind == "leaf":
                 env[gn.name] = gn.rule.graph_forward(gn.module, args, kwargs)
             else:
                 env[gn.name] = gn.glue.call(args, kwargs)
@@ -171,6 +173,11 @@ def _layouts(graph: ModelGraph, x: Tensor) -> tuple[dict[str, Layout], int, int]
                 )
         out[gn.name] = Layout(d, mult)
         width = max(width, v1.numel())
+    for gn in graph.leaves():  # per-sample gradients a rule holds (recurrent weights, kernels)
+        arg = gn.node.args[0] if gn.node.args else None
+        x = e1.get(arg.name) if hasattr(arg, "name") else None
+        if isinstance(x, Tensor):
+            width = max(width, gn.rule.column_cost(gn.module, x))
     result = _output(graph).name
     out_width = e1[result].numel() if isinstance(e1.get(result), Tensor) else 1
     return out, width, out_width
@@ -326,6 +333,7 @@ class _Sweep:
             else:
                 self.glue(gn, st)
             self.env.pop(gn.name, None)
+            self.env.pop(gn.name + "#ctx", None)
 
     def args_of(self, gn: GNode) -> tuple[tuple, dict]:
         def value(n):
@@ -347,6 +355,35 @@ class _Sweep:
             return
         parts = self.state.setdefault(node.name, {})
         parts[index] = value if index not in parts else self.merge(parts[index], value)
+
+    def give_arg(self, arg, state) -> None:
+        """Hand ``state`` to a call argument: a node, or a tuple of nodes (an LSTM's (h0, c0))."""
+        if state is None:
+            return
+        if isinstance(arg, (tuple, list)):
+            for a, s in zip(arg, state):
+                self.give_arg(a, s)
+        elif hasattr(arg, "name"):
+            self.give(arg, state)
+
+    def need(self, arg) -> bool:
+        if isinstance(arg, (tuple, list)):
+            return any(self.need(a) for a in arg)
+        return hasattr(arg, "name") and arg.name in self.plan.leads
+
+    def wanted_attrs(self, gn: GNode) -> set[str]:
+        return {a for a, (_, p, _) in gn.params.items() if id(p) in self.plan.wanted_ids}
+
+    def composite(self, gn: GNode, st, run) -> None:
+        """A layer with several inputs and outputs (recurrent layers): its rule does the step."""
+        args, kwargs = self.args_of(gn)
+        ctx = self.env[gn.name + "#ctx"]
+        need = [self.need(a) for a in gn.node.args]
+        states, params = run(gn.module, args, ctx, st, need, self.wanted_attrs(gn))
+        for attr, v in params.items():
+            _accumulate(self.acc, gn.params[attr], v)
+        for arg, s in zip(gn.node.args, states):
+            self.give_arg(arg, s)
 
     def element(self, gn: GNode, st) -> bool:
         """``getitem`` of a tuple-valued node: hand the state to that element."""
@@ -384,6 +421,14 @@ class _LeCunSweep(_Sweep):
             _accumulate(self.acc, gn.param, st[0])
 
     def leaf(self, gn: GNode, st) -> None:
+        if getattr(gn.rule, "composite", False):
+            full = self.full
+
+            def run(m, args, ctx, st, need, want):
+                return gn.rule.graph_lecun(m, args, ctx, st, full, need, want)
+
+            self.composite(gn, st, run)
+            return
         args, kwargs = self.args_of(gn)
         if len(gn.node.args) != 1 or kwargs:
             raise GraphReadError(f"{type(gn.module).__name__} called with several inputs", gn.name)
@@ -523,6 +568,14 @@ class _ColumnSweep(_Sweep):
         self.state[node.name] = (sq, cover) if prev is None else (prev[0] + sq, prev[1] + cover)
 
     def leaf(self, gn: GNode, cols) -> None:
+        if getattr(gn.rule, "composite", False):
+            sign = self.sign
+
+            def run(m, args, ctx, st, need, want):
+                return gn.rule.graph_columns(m, args, ctx, st, sign, need, want)
+
+            self.composite(gn, cols, run)
+            return
         if gn.name in self.plan.static:
             raise GraphReadError("a registry layer applied to parameters only", gn.name)
         args, kwargs = self.args_of(gn)

@@ -5,6 +5,7 @@
 * :mod:`.activations` — element-wise activations (closed forms and forward-mode AD);
 * :mod:`.embedding`, :mod:`.norm` — Embedding, LayerNorm, BatchNorm (eval);
 * :mod:`.attention` — multi-head attention, read by the graph engine as its decomposition;
+* :mod:`.recurrent` — RNN, GRU, LSTM through time (:mod:`.recurrent_backward`);
 * :mod:`.fusion` — opt-in oneDNN kernel fusion for the sweep's forward pass (no math).
 """
 
@@ -23,6 +24,7 @@ from .base import (
 from .embedding import EmbeddingRule
 from .layers import AvgPoolRule, ConvRule, LinearRule, MaxPoolRule, ReshapeRule
 from .norm import BatchNormRule, LayerNormRule
+from .recurrent import GRURule, LSTMRule, RecurrentRule, RNNRule
 
 __all__ = [
     "GENERIC_ESTIMATORS",
@@ -34,6 +36,10 @@ __all__ = [
     "ConvRule",
     "Derivatives",
     "ElementwiseRule",
+    "GRURule",
+    "LSTMRule",
+    "RNNRule",
+    "RecurrentRule",
     "LinearRule",
     "MaxPoolRule",
     "ReshapeRule",
