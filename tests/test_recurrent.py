@@ -232,9 +232,9 @@ def _problem(model, x):
 
 def test_proj_size_is_refused_by_name():
     model = _Wrap(nn.LSTM(3, 4, proj_size=2, batch_first=True))
+    data = (torch.randn(2, 3, 3, dtype=D), torch.zeros(2, 2, dtype=D))
     with pytest.raises(UnsupportedModuleError, match="proj_size"):
-        LeCunDiagonal().diagonal(Problem(model.to(D), nn.MSELoss(),
-                                         (torch.randn(2, 3, 3, dtype=D), torch.zeros(2, 2, dtype=D))))  # fmt: skip
+        LeCunDiagonal().diagonal(Problem(model.to(D), nn.MSELoss(), data))
 
 
 def test_a_hidden_state_of_the_wrong_shape_is_named():

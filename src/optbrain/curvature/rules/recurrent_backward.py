@@ -133,7 +133,7 @@ def run_backward(rule, m, args, ctx, st_out, need, want, mode, sign, full):
     """See :func:`optbrain.curvature.rules.recurrent._backward`."""
     cols_step, lecun_step = _STEPS[type(rule).__name__]
     lstm = isinstance(m, nn.LSTM)
-    layers, n, dirs = ctx["layers"], ctx["n"], ctx["dirs"]
+    layers, dirs = ctx["layers"], ctx["dirs"]
     out_st, fin = (st_out.get(0), st_out.get(1)) if isinstance(st_out, dict) else (st_out, None)
     h_fin, c_fin = ((fin.get(0), fin.get(1)) if isinstance(fin, dict) else (None, None)) if lstm \
         else (fin, None)  # fmt: skip
