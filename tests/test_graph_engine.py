@@ -158,6 +158,16 @@ class Block(nn.Module):
         return self.out(h.mean(1))
 
 
+class BlockLM(Block):
+    """The block as a sequence model: logits for every position, (N, classes, T)."""
+
+    def forward(self, x):
+        h = self.emb(x) + self.pos
+        a, _ = self.attn(h, h, h, attn_mask=self.mask, need_weights=False)
+        h = self.ln(h + a)
+        return self.out(h + torch.tanh(self.ff(h))).transpose(1, 2)
+
+
 class OwnWeights(nn.Module):
     """Parameters used through F.linear and @ in a custom forward."""
 
@@ -181,6 +191,7 @@ CASES = {
     "block": (lambda: Block(True), (4,), "index7"),
     "block_tf": (lambda: Block(False), (4,), "index7"),
     "own_weights": (OwnWeights, (4,), "float"),
+    "block_lm": (BlockLM, (4,), "index7"),
     "in_place": (InPlace, (4,), "float"),
 }
 
@@ -207,11 +218,13 @@ def make(case: str, loss: str, sizes=(5, 3)):
         x = torch.randint(0, int(kind[5:]), (n, *shape), generator=g)
     else:
         x = torch.randn(n, *shape, generator=g, dtype=D)
+    with torch.no_grad():
+        out_shape = model(x[:1]).shape[1:]
     if loss.startswith("ce"):
-        y = torch.randint(0, 3, (n,), generator=g)
+        y = torch.randint(0, 3, (n, *out_shape[1:]), generator=g)  # a class per position
         loss_fn = nn.CrossEntropyLoss(reduction=loss[3:])
     else:
-        y = torch.randn(n, 3, generator=g, dtype=D)
+        y = torch.randn(n, *out_shape, generator=g, dtype=D)
         loss_fn = nn.MSELoss(reduction=loss[4:])
     batches, i = [], 0
     for b in sizes:
