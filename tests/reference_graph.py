@@ -154,7 +154,7 @@ def _step(gm, node, vals, gval, dn, d, gauss_newton, result, names):
         x = _get(args, path)
         if not isinstance(x, Tensor) or not x.is_floating_point():
             continue
-
+        x = x.clone()  # an expanded view shares memory between entries
         def f(t, path=path):
             return _call(gm, node, _substitute(args, path, t), kwargs)
 

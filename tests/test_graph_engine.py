@@ -168,6 +168,27 @@ class BlockLM(Block):
         return self.out(h + torch.tanh(self.ff(h))).transpose(1, 2)
 
 
+class GlueZoo(nn.Module):
+    """Shape functions with fast rules: permute, transpose, t, expand, sum (with and without
+    keepdim), masked_fill with a broadcast mask, indexing with None / Ellipsis / ints, squeeze,
+    unsqueeze, view, movedim (generic rule)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.out = nn.Linear(4, 6), nn.Linear(3, 3), nn.Linear(6, 3)
+        self.register_buffer("mask", torch.tensor([True, False, False, True, False, False]))
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x)).view(-1, 2, 3)  # N × 2 × 3
+        p = h[:, None].permute(0, 2, 3, 1).squeeze(-1)  # a permutation that is not its inverse
+        p = p.permute(0, 2, 1).transpose(1, 2)
+        s = p.sum(-1, keepdim=True).expand(-1, 2, 3) * 0.1 + p.sum(1)[:, None, :]
+        s = torch.sigmoid(self.b(s)).flatten(1).masked_fill(self.mask, 0.0)
+        u = s[..., None][:, :, 0].unsqueeze(1).squeeze(1)
+        v = torch.movedim(u.view(-1, 2, 3), 1, 2).reshape(-1, 6)
+        return self.out(v + u.t().t())
+
+
 class OwnWeights(nn.Module):
     """Parameters used through F.linear and @ in a custom forward."""
 
@@ -192,6 +213,7 @@ CASES = {
     "block_tf": (lambda: Block(False), (4,), "index7"),
     "own_weights": (OwnWeights, (4,), "float"),
     "block_lm": (BlockLM, (4,), "index7"),
+    "glue_zoo": (GlueZoo, (4,), "float"),
     "in_place": (InPlace, (4,), "float"),
 }
 

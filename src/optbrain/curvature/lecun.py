@@ -59,14 +59,15 @@ class LeCunDiagonal(DiagonalEstimator):
         params = problem.parameters()
         name = type(self).__name__
         path = self.path(work)
+        wanted = params if work is problem else work.parameters()
         if path.engine == "chain":
             out = backprop.run(
                 work, self.mode, estimator=name, tick=self.progress, chain=path.chain,
-                wanted=work.parameters(),
+                wanted=wanted,
             )  # fmt: skip
         elif path.engine == "graph":
             out = sweep.run(
-                work, path.graph, self.mode, estimator=name, wanted=work.parameters(),
+                work, path.graph, self.mode, estimator=name, wanted=wanted,
                 tick=self.progress,
             )  # fmt: skip
         else:

@@ -55,7 +55,7 @@ class StructuredEstimator(DiagonalEstimator):
                 f"{name}(method='backprop') has no structured path for this model: "
                 f"{path.reason}; use method='auto' or the torch.func method"
             )
-        wanted = work.parameters()
+        wanted = params if work is problem else work.parameters()
         out = None
         if path.engine == "chain":
             out = backprop.run(

@@ -60,9 +60,11 @@ class Glue:
         return self.fn(*args, **kwargs)
 
     # ------------------------------------------------------------------ columns (exact)
-    def vjp(self, args: tuple, kwargs: dict, slots: list[int], cols: Tensor) -> list[Tensor]:
+    def vjp(
+        self, args: tuple, kwargs: dict, slots: list[int], cols: Tensor, out: Tensor | None = None
+    ) -> list[Tensor]:
         """Jᵀ·c for each tensor argument in ``slots`` (positions in ``args``), columns along the
-        leading axis of ``cols``."""
+        leading axis of ``cols``; ``out`` is the call's value when the caller has it."""
         return _generic_vjp(self, args, kwargs, slots, cols)
 
     # ------------------------------------------------------------------ LeCun
@@ -109,6 +111,92 @@ def unbroadcast(t: Tensor, shape: torch.Size, lead: int = 0) -> Tensor:
     return t.sum(dims, keepdim=True) if dims else t
 
 
+def _dim(d: int, ndim: int) -> int:
+    return d % ndim
+
+
+def _same_shape(args, kwargs, cols):
+    x = args[0]
+    return cols.reshape(cols.shape[0], *x.shape).to(x.dtype)
+
+
+def _transpose(args, kwargs, cols):
+    x = args[0]
+    if len(args) < 3:
+        return cols.transpose(1, 2)  # t()
+    a, b = _dim(args[1], x.dim()), _dim(args[2], x.dim())
+    return cols.transpose(a + 1, b + 1)
+
+
+def _permute(args, kwargs, cols):
+    x = args[0]
+    dims = args[1] if len(args) == 2 and isinstance(args[1], (tuple, list)) else args[1:]
+    dims = [_dim(d, x.dim()) for d in (dims or kwargs["dims"])]
+    inverse = [0] * len(dims)
+    for i, d in enumerate(dims):
+        inverse[d] = i
+    return cols.permute(0, *[i + 1 for i in inverse])
+
+
+def _getitem(args, kwargs, cols):
+    x, idx = args[0], args[1]
+    idx = idx if isinstance(idx, tuple) else (idx,)
+    if any(isinstance(i, (Tensor, list)) for i in idx):
+        return None  # advanced indexing may repeat entries: the generic rule adds them up
+    out = cols.new_zeros((cols.shape[0], *x.shape))
+    out[(slice(None), *idx)] = cols
+    return out
+
+
+def _expand(args, kwargs, cols):
+    return unbroadcast(cols, args[0].shape, 1)
+
+
+def _masked_fill(args, kwargs, cols):
+    mask = args[1] if len(args) > 1 else kwargs["mask"]
+    return unbroadcast(cols.masked_fill(mask, 0), args[0].shape, 1)
+
+
+def _reduce_dims(args, kwargs, x):
+    dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
+    keep = kwargs.get("keepdim", args[2] if len(args) > 2 else False)
+    if dim is None:
+        return list(range(x.dim())), False
+    dims = [dim] if isinstance(dim, int) else list(dim)
+    return [d % x.dim() for d in dims], keep
+
+
+def _sum(args, kwargs, cols, scale=1.0):
+    x = args[0]
+    if not isinstance(x, Tensor) or "dtype" in kwargs:
+        return None
+    dims, keep = _reduce_dims(args, kwargs, x)
+    if not keep:
+        for d in sorted(dims):
+            cols = cols.unsqueeze(d + 1)
+    cols = cols.expand(cols.shape[0], *x.shape)
+    return cols * scale if scale != 1.0 else cols.contiguous()
+
+
+def _mean(args, kwargs, cols):
+    x = args[0]
+    dims, _ = _reduce_dims(args, kwargs, x)
+    n = 1
+    for d in dims:
+        n *= x.shape[d]
+    return _sum(args, kwargs, cols, 1.0 / n)
+
+
+_ROUTE_VJP = {
+    **{n: _same_shape for n in ("view", "reshape", "flatten", "unflatten", "contiguous", "clone",
+                                "view_as", "reshape_as", "squeeze", "unsqueeze", "to", "float",
+                                "double", "type_as", "dropout", "identity")},
+    "transpose": _transpose, "swapaxes": _transpose, "t": _transpose, "permute": _permute,
+    "getitem": _getitem, "expand": _expand, "expand_as": _expand, "masked_fill": _masked_fill,
+    "sum": _sum,
+}  # fmt: skip
+
+
 class Route(Glue):
     """Every output entry is an input entry or a sum of input entries (coefficient 1)."""
 
@@ -117,6 +205,14 @@ class Route(Glue):
     def __init__(self, fn, name, keeps_diagonal: bool = False):
         super().__init__(fn, name)
         self.keeps_diagonal = keeps_diagonal
+
+    def vjp(self, args, kwargs, slots, cols, out=None):
+        fast = _ROUTE_VJP.get(self.name)
+        if fast is not None and slots == [0] and isinstance(args[0], Tensor):
+            got = fast(args, kwargs, cols)
+            if got is not None:
+                return [got]
+        return _generic_vjp(self, args, kwargs, slots, cols)
 
     def sq_vjp(self, args, kwargs, out, slots, d, g):
         return [c[0] for c in self.vjp(args, kwargs, slots, d[None])]
@@ -134,7 +230,7 @@ class Add(Glue):
     def _coef(self, kwargs: dict, slot: int) -> float:
         return 1.0 if slot == 0 else self.sign * float(kwargs.get("alpha", 1.0))
 
-    def vjp(self, args, kwargs, slots, cols):
+    def vjp(self, args, kwargs, slots, cols, out=None):
         return [
             unbroadcast(cols * self._coef(kwargs, s) if self._coef(kwargs, s) != 1.0 else cols,
                         args[s].shape, 1)
@@ -158,7 +254,7 @@ class Scale(Glue):
             return 1.0 / other
         return other
 
-    def vjp(self, args, kwargs, slots, cols):
+    def vjp(self, args, kwargs, slots, cols, out=None):
         out = []
         for s in slots:
             if self.divide and s == 1:  # d(x/y)/dy = −x/y²
@@ -189,14 +285,32 @@ class Mean(Glue):
 
     kind = "mean"
 
+    def vjp(self, args, kwargs, slots, cols, out=None):
+        if slots == [0]:
+            got = _mean(args, kwargs, cols)
+            if got is not None:
+                return [got]
+        return _generic_vjp(self, args, kwargs, slots, cols)
+
     def sq_vjp(self, args, kwargs, out, slots, d, g):
         (cols,) = self.vjp(args, kwargs, slots, d[None])
         n = args[0].numel() / max(out.numel(), 1)
         return [cols[0] / n]
 
 
+_ATEN = torch.ops.aten
+#: PyTorch's fused backward kernels: grad ↦ grad ⊙ f'(a), from (grad, a, f(a))
+_FUSED = {
+    "tanh": lambda grad, a, y: _ATEN.tanh_backward(grad, y),
+    "sigmoid": lambda grad, a, y: _ATEN.sigmoid_backward(grad, y),
+    "gelu": lambda grad, a, y: _ATEN.gelu_backward(grad, a),
+    "relu": lambda grad, a, y: _ATEN.threshold_backward(grad, y, 0),
+}
+
+
 class Elementwise(Glue):
-    """f applied entry by entry: f', f'' in closed form where given, else forward-mode AD."""
+    """f applied entry by entry: f', f'' in closed form where given, else forward-mode AD; the
+    products with f' by PyTorch's fused backward kernels where there is one."""
 
     kind = "elementwise"
     keeps_diagonal = True
@@ -204,11 +318,27 @@ class Elementwise(Glue):
     def __init__(self, fn, name, derivs=None):
         super().__init__(fn, name)
         self._derivs = derivs
+        self._fused = _FUSED.get(name)
+
+    def _scale(self, args, kwargs, t, out):
+        """f'(a) ⊙ t (t may carry a leading column axis), or None without a fused kernel."""
+        if self._fused is None or _options(args, kwargs):
+            return None
+        a = args[0]
+        y = (
+            out
+            if out is not None
+            else (None if self.name in ("gelu",) else self.call(args, kwargs))
+        )
+        if t.dim() > a.dim():
+            a = a.expand(t.shape)
+            y = None if y is None else y.expand(t.shape)
+        return self._fused(t, a, y)
 
     def derivatives(self, args, kwargs, out, second):
         """f'(a), f''(a) at a = ``args[0]`` (further arguments: the function's options)."""
         a = args[0]
-        if self._derivs is not None:
+        if self._derivs is not None and not _options(args, kwargs):
             return self._derivs(a, out, second)
         ones = torch.ones_like(a)
 
@@ -226,24 +356,54 @@ class Elementwise(Glue):
         kwargs = {k: v for k, v in kwargs.items() if k != "inplace"}
         return self.fn(args[0], **kwargs) if len(args) == 1 else self.fn(*args, **kwargs)
 
-    def vjp(self, args, kwargs, slots, cols):
+    def vjp(self, args, kwargs, slots, cols, out=None):
         if slots != [0]:
             return _generic_vjp(self, args, kwargs, slots, cols)
+        fused = self._scale(args, kwargs, cols, out)
+        if fused is not None:
+            return [fused]
         f1, _ = self.derivatives(args, kwargs, None, False)
         return [cols * f1]
 
     def sq_vjp(self, args, kwargs, out, slots, d, g):
         if slots != [0]:
             raise NotImplementedError(f"{self.name} of two tensors")
+        if g is None:
+            once = self._scale(args, kwargs, d, out)
+            if once is not None:
+                return [self._scale(args, kwargs, once, out)]
         f1, f2 = self.derivatives(args, kwargs, out, g is not None)
         r = d * f1.square()
         return [r if g is None else r + f2 * g]
+
+
+def _options(args: tuple, kwargs: dict) -> bool:
+    """Whether an element-wise call sets options its closed form does not know (GELU's
+    ``approximate="tanh"``, a slope, ...)."""
+    kw = {
+        k: v
+        for k, v in kwargs.items()
+        if k != "inplace" and not (k == "approximate" and v == "none")
+    }
+    return len(args) > 1 or bool(kw)
 
 
 class MatMul(Glue):
     """``a @ b`` (matmul / bmm) of two tensors; LeCun: d·(b²)ᵀ and (a²)ᵀ·d."""
 
     kind = "matmul"
+
+    def vjp(self, args, kwargs, slots, cols, out=None):
+        a, b = args[0], args[1]
+        if a.dim() < 2 or b.dim() < 2:
+            return _generic_vjp(self, args, kwargs, slots, cols)
+        res = []
+        for s in slots:
+            if s == 0:
+                res.append(unbroadcast(cols @ b.transpose(-2, -1), a.shape, 1))
+            else:
+                res.append(unbroadcast(a.transpose(-2, -1) @ cols, b.shape, 1))
+        return res
 
     def sq_vjp(self, args, kwargs, out, slots, d, g):
         a, b = args[0], args[1]
@@ -264,7 +424,7 @@ class Softmax(Glue):
     def _dim(self, args, kwargs) -> int:
         return kwargs.get("dim", args[1] if len(args) > 1 else None)
 
-    def vjp(self, args, kwargs, slots, cols):
+    def vjp(self, args, kwargs, slots, cols, out=None):
         p = self.call(args, kwargs)
         dim = self._dim(args, kwargs) % p.dim() + 1
         return [p * (cols - (cols * p).sum(dim, keepdim=True))]
@@ -296,6 +456,13 @@ def _relu(a, y, second):
     return (a > 0).to(a.dtype), (torch.zeros_like(a) if second else None)
 
 
+def _gelu(a, y, second):
+    """Exact GELU, f = x Φ(x): f' = Φ + xφ, f'' = φ(2 − x²)."""
+    phi = torch.exp(-0.5 * a * a) * (2 * math.pi) ** -0.5
+    cdf = 0.5 * (1 + torch.erf(a * 2**-0.5))
+    return cdf + a * phi, (phi * (2 - a * a) if second else None)
+
+
 def _exp(a, y, second):
     y = torch.exp(a) if y is None else y
     return y, (y if second else None)
@@ -309,7 +476,7 @@ _ELEMENTWISE: dict[Any, tuple[str, Any]] = {
     F.tanh: ("tanh", _tanh),
     F.sigmoid: ("sigmoid", _sigmoid),
     torch.exp: ("exp", _exp),
-    F.gelu: ("gelu", None),
+    F.gelu: ("gelu", _gelu),
     F.silu: ("silu", None),
     F.elu: ("elu", None),
     F.leaky_relu: ("leaky_relu", None),
@@ -462,7 +629,7 @@ class _Neg(Glue):
     kind = "route"
     keeps_diagonal = True
 
-    def vjp(self, args, kwargs, slots, cols):
+    def vjp(self, args, kwargs, slots, cols, out=None):
         return [-cols]
 
     def sq_vjp(self, args, kwargs, out, slots, d, g):
@@ -496,7 +663,7 @@ class LinearFn(Glue):
         b = args[2] if len(args) > 2 else kwargs.get("bias")
         return x, w, b
 
-    def vjp(self, args, kwargs, slots, cols):
+    def vjp(self, args, kwargs, slots, cols, out=None):
         if slots == [0]:
             w = self.parts(args, kwargs)[1]
             return [cols @ w]
@@ -525,7 +692,7 @@ class Where(Glue):
     kind = "route"
     keeps_diagonal = True
 
-    def vjp(self, args, kwargs, slots, cols):
+    def vjp(self, args, kwargs, slots, cols, out=None):
         cond = args[0]
         out = []
         for s in slots:

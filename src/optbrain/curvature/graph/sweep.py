@@ -82,6 +82,18 @@ class _Plan:
         self.layouts, self.width, self.out_width = _layouts(graph, x)
 
 
+def _plan(graph: ModelGraph, wanted: dict[str, Tensor], x: Tensor) -> _Plan:
+    """The plan for this graph, parameters and input shape (kept on the graph: the probe runs
+    once per input shape, not once per call)."""
+    key = (tuple(x.shape[1:]), x.dtype, x.device, tuple(sorted(id(p) for p in wanted.values())))
+    cache = graph.__dict__.setdefault("_plans", {})
+    if key not in cache:
+        if len(cache) > 8:
+            cache.clear()
+        cache[key] = _Plan(graph, wanted, x)
+    return cache[key]
+
+
 def _inputs(gn: GNode) -> list:
     return [n for n in gn.node.all_input_nodes]
 
@@ -215,7 +227,7 @@ def run(
     with torch.no_grad(), eval_mode(problem.model):
         for x, y in problem.batches():
             if plan is None:
-                plan = _Plan(graph, wanted, x)
+                plan = _plan(graph, wanted, x)
                 if not mode.startswith("lecun"):
                     k = {"ef": 1, "mc": samples}.get(mode, plan.out_width)
                     chunk = max(1, _BUDGET // max(1, k * plan.width))
@@ -468,7 +480,11 @@ class _LeCunSweep(_Sweep):
             )
         try:
             ds = gn.glue.sq_vjp(args, kwargs, out, slots, d, g)
-            gs = gn.glue.vjp(args, kwargs, slots, g[None]) if g is not None else [None] * len(slots)
+            gs = (
+                gn.glue.vjp(args, kwargs, slots, g[None], out=out)
+                if g is not None
+                else [None] * len(slots)
+            )
         except NotImplementedError as exc:
             raise GraphReadError(f"LeCun's recursion cannot pass {exc}", gn.name) from exc
         for s, di, gi in zip(slots, ds, gs):
@@ -628,7 +644,7 @@ class _ColumnSweep(_Sweep):
             sq = self._param_squares(gn, args, kwargs, s, cols)
             self._static_give(nodes[s], sq, torch.ones_like(sq))
         if dyn:
-            for s, c in zip(dyn, gn.glue.vjp(args, kwargs, dyn, cols)):
+            for s, c in zip(dyn, gn.glue.vjp(args, kwargs, dyn, cols, out=out)):
                 self.give(nodes[s], c)
 
     def _listed(self, gn, args, kwargs, cols) -> None:

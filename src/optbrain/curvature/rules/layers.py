@@ -34,6 +34,28 @@ def _column_square_sum(cols: Tensor, sign: Tensor | None) -> Tensor:
     return acc
 
 
+_SAMPLES_PER_BLOCK = 32
+
+
+def squared_sample_grads(cols: Tensor, x: Tensor, sign: Tensor | None) -> Tensor:
+    """Σ_k Σ_n σ_kn (Σ_t cols_kntᵀ x_nt)² (out × in) for columns K × N × T × out and inputs
+    N × T × in: each sample's gradient of a weight shared by its T positions (or time steps),
+    summed before it is squared. One batched matrix product per column and block of samples,
+    squared in place while it is in cache (no K × N × out × in tensor)."""
+    k, n = cols.shape[0], cols.shape[1]
+    acc = None
+    for kk in range(k):
+        for start in range(0, n, _SAMPLES_PER_BLOCK):
+            sl = slice(start, start + _SAMPLES_PER_BLOCK)
+            g = torch.bmm(cols[kk, sl].transpose(1, 2), x[sl])  # block × out × in
+            g.square_()
+            if sign is not None:
+                g.mul_(sign[kk, sl].reshape(-1, 1, 1))
+            part = g.sum(0)
+            acc = part if acc is None else acc.add_(part)
+    return acc
+
+
 class ReshapeRule(Rule):
     """Identity-like layers (Flatten, Unflatten, Identity, Dropout in eval mode)."""
 
@@ -100,11 +122,9 @@ class LinearRule(Rule):
             cols = cols * factor
         xs = x.reshape(n, -1, x.shape[-1])
         gs = cols.reshape(k, n, -1, cols.shape[-1])
-        gw = torch.einsum("knto,nti->knoi", gs, xs)
-        gb = gs.sum(2)
         return {
-            "weight": _column_square_sum(gw, sign).sum(0),
-            "bias": _column_square_sum(gb, sign).sum(0),
+            "weight": squared_sample_grads(gs, xs, sign),
+            "bias": _column_square_sum(gs.sum(2), sign).sum(0),
         }
 
     def grads_from_square_sum(self, x2: Tensor, g2: Tensor, factor: Tensor | None = None):

@@ -47,21 +47,10 @@ class _Layer:
     saved: dict[str, Tensor] = field(default_factory=dict)
 
 
-def _sig_d(s: Tensor) -> tuple[Tensor, Tensor]:
-    d1 = s * (1 - s)
-    return d1, d1 * (1 - 2 * s)
-
-
-def _tanh_d(t: Tensor) -> tuple[Tensor, Tensor]:
-    d1 = 1 - t * t
-    return d1, -2 * t * d1
-
-
 class RecurrentRule(Rule):
     """Common machinery; subclasses give one step forward and its two backward forms."""
 
     composite = True  # several inputs and outputs: the graph engine calls the methods below
-    gates = 1
 
     # ------------------------------------------------------------------ structure
     def param_names(self, m: nn.RNNBase) -> tuple[str, ...]:
@@ -158,28 +147,30 @@ class RecurrentRule(Rule):
         return h0, c0
 
     def _run(self, seq, h, c, w_ih, w_hh, b_ih, b_hh):
+        """One layer and direction: the hidden states by PyTorch's own kernel (one native call),
+        then every step's gates at once from them (two matrix products; LSTM: a scan of the
+        cell state)."""
+        out, h_last, c_last = self.native(seq, h, c, w_ih, w_hh, b_ih, b_hh)
+        h_prev = torch.cat([h[:, None], out[:, :-1]], 1)
+        lay = _Layer(seq, h_prev=h_prev, c_prev=None)
         xp = seq @ w_ih.T
         if b_ih is not None:
             xp = xp + b_ih
-        lay = _Layer(
-            seq, h_prev=seq.new_empty(seq.shape[0], seq.shape[1], h.shape[-1]), c_prev=None
-        )
-        outs = []
-        steps: list[dict[str, Tensor]] = []
-        if c is not None:
-            lay.c_prev = torch.empty_like(lay.h_prev)
-        for t in range(seq.shape[1]):
-            lay.h_prev[:, t] = h
-            if c is not None:
-                lay.c_prev[:, t] = c
-            h, c, saved = self.step(xp[:, t], h, c, w_hh, b_hh)
-            steps.append(saved)
-            outs.append(h)
-        lay.saved = {k: torch.stack([s[k] for s in steps], 1) for k in steps[0]}
-        return lay, torch.stack(outs, 1), h, c
+        hp = h_prev @ w_hh.T
+        if b_hh is not None:
+            hp = hp + b_hh
+        lay.saved, lay.c_prev = self.gates(xp, hp, h_prev, c, out)
+        return lay, out, h_last, c_last
 
-    def step(self, xp, h, c, w_hh, b_hh):  # pragma: no cover - abstract
+    def native(self, seq, h, c, w_ih, w_hh, b_ih, b_hh):  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def gates(self, xp, hp, h_prev, c0, out):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @staticmethod
+    def _params(w_ih, w_hh, b_ih, b_hh) -> list[Tensor]:
+        return [w_ih, w_hh] + ([b_ih, b_hh] if b_ih is not None else [])
 
     # ------------------------------------------------------------------ shared backward
     def _flows(self, m, ctx, st_out, lead: bool):
@@ -206,51 +197,50 @@ def _parts(st):
 
 
 class RNNRule(RecurrentRule):
-    gates = 1
-
-    def step(self, xp, h, c, w_hh, b_hh):
-        a = xp + h @ w_hh.T
-        if b_hh is not None:
-            a = a + b_hh
-        return (hn := self._act(a)), None, {"h": hn, "a": a}
-
-    def _act(self, a):
-        return torch.tanh(a) if self.nonlinearity == "tanh" else torch.relu(a)
-
     nonlinearity = "tanh"
 
-    def derivs(self, saved):
-        if self.nonlinearity == "tanh":
-            return _tanh_d(saved["h"])
-        return (saved["a"] > 0).to(saved["a"].dtype), torch.zeros_like(saved["a"])
+    def native(self, seq, h, c, w_ih, w_hh, b_ih, b_hh):
+        fn = torch.rnn_tanh if self.nonlinearity == "tanh" else torch.rnn_relu
+        params = self._params(w_ih, w_hh, b_ih, b_hh)
+        out, hn = fn(seq, h[None], params, b_ih is not None, 1, 0.0, False, False, True)
+        return out, hn[0], None
+
+    def gates(self, xp, hp, h_prev, c0, out):
+        return {"h": out, "a": xp + hp}, None
 
 
 class LSTMRule(RecurrentRule):
-    gates = 4
+    def native(self, seq, h, c, w_ih, w_hh, b_ih, b_hh):
+        params = self._params(w_ih, w_hh, b_ih, b_hh)
+        out, hn, cn = torch.lstm(
+            seq, (h[None], c[None]), params, b_ih is not None, 1, 0.0, False, False, True
+        )
+        return out, hn[0], cn[0]
 
-    def step(self, xp, h, c, w_hh, b_hh):
-        a = xp + h @ w_hh.T
-        if b_hh is not None:
-            a = a + b_hh
-        ai, af, ag, ao = a.chunk(4, -1)
+    def gates(self, xp, hp, h_prev, c0, out):
+        ai, af, ag, ao = (xp + hp).chunk(4, -1)
         i, f, g, o = torch.sigmoid(ai), torch.sigmoid(af), torch.tanh(ag), torch.sigmoid(ao)
-        c_new = f * c + i * g
-        tc = torch.tanh(c_new)
-        return o * tc, c_new, {"i": i, "f": f, "g": g, "o": o, "tc": tc}
+        ig = i * g
+        cs = torch.empty_like(ig)
+        c = c0
+        for t in range(ig.shape[1]):  # the cell-state scan: one fused op a step
+            c = torch.addcmul(ig[:, t], f[:, t], c)
+            cs[:, t] = c
+        c_prev = torch.cat([c0[:, None], cs[:, :-1]], 1)
+        return {"i": i, "f": f, "g": g, "o": o, "tc": torch.tanh(cs)}, c_prev
 
 
 class GRURule(RecurrentRule):
-    gates = 3
+    def native(self, seq, h, c, w_ih, w_hh, b_ih, b_hh):
+        params = self._params(w_ih, w_hh, b_ih, b_hh)
+        out, hn = torch.gru(seq, h[None], params, b_ih is not None, 1, 0.0, False, False, True)
+        return out, hn[0], None
 
-    def step(self, xp, h, c, w_hh, b_hh):
-        hp = h @ w_hh.T
-        if b_hh is not None:
-            hp = hp + b_hh
+    def gates(self, xp, hp, h_prev, c0, out):
         xr, xz, xn = xp.chunk(3, -1)
         hr, hz, q = hp.chunk(3, -1)
         r, z = torch.sigmoid(xr + hr), torch.sigmoid(xz + hz)
-        n = torch.tanh(xn + r * q)
-        return (1 - z) * n + z * h, None, {"r": r, "z": z, "n": n, "q": q}
+        return {"r": r, "z": z, "n": torch.tanh(xn + r * q), "q": q}, None
 
 
 def _backward(rule, m, args, ctx, st_out, need, want, mode, sign=None, full=False):

@@ -7,131 +7,164 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .layers import _column_square_sum
+from .layers import _column_square_sum, squared_sample_grads
 
 
-def _sig(s: Tensor) -> tuple[Tensor, Tensor]:
-    d1 = s * (1 - s)
-    return d1, d1 * (1 - 2 * s)
+# ============================================================================ per-time coefficients
+# The backward steps are linear in the incoming cotangents (and in LeCun's (d, g)); every factor
+# that depends only on the forward values is computed for all time steps at once, so that a
+# step is a handful of tensor operations.
+def _d1(kind: str, y: Tensor) -> Tensor:
+    return y * (1 - y) if kind == "sig" else 1 - y * y
 
 
-def _tanh(t: Tensor) -> tuple[Tensor, Tensor]:
-    d1 = 1 - t * t
-    return d1, -2 * t * d1
+def _d2(kind: str, y: Tensor) -> Tensor:
+    d1 = _d1(kind, y)
+    return d1 * (1 - 2 * y) if kind == "sig" else -2 * y * d1
 
 
-def _at(saved: dict[str, Tensor], t: int) -> dict[str, Tensor]:
-    return {k: v[:, t] for k, v in saved.items()}
-
-
-# ============================================================================ columns: one step
-def _cols_rnn(rule, s, h_prev, c_prev, dh, dc, w_hh):
-    d1 = _tanh(s["h"])[0] if rule.nonlinearity == "tanh" else (s["a"] > 0).to(dh.dtype)
-    da = dh * d1
-    return da, da, da @ w_hh, None
-
-
-def _cols_lstm(rule, s, h_prev, c_prev, dh, dc, w_hh):
-    i, f, g, o, tc = s["i"], s["f"], s["g"], s["o"], s["tc"]
-    dcc = dh * o * (1 - tc * tc)
-    if dc is not None:
-        dcc = dcc + dc
-    da = torch.cat(
-        [dcc * g * _sig(i)[0], dcc * c_prev * _sig(f)[0], dcc * i * (1 - g * g),
-         dh * tc * _sig(o)[0]], -1,
-    )  # fmt: skip
-    return da, da, da @ w_hh, dcc * f
-
-
-def _cols_gru(rule, s, h_prev, c_prev, dh, dc, w_hh):
-    r, z, n, q = s["r"], s["z"], s["n"], s["q"]
-    dan = dh * (1 - z) * (1 - n * n)
-    dar = dan * q * _sig(r)[0]
-    daz = dh * (h_prev - n) * _sig(z)[0]
-    da_hh = torch.cat([dar, daz, dan * r], -1)
-    return torch.cat([dar, daz, dan], -1), da_hh, dh * z + da_hh @ w_hh, None
-
-
-# ============================================================================ LeCun: one step
-def _lecun_rnn(rule, s, h_prev, c_prev, dh, gh, dc, gc, w_hh, w2, full):
+def _act_coefs(rule, s):
     if rule.nonlinearity == "tanh":
-        d1, d2 = _tanh(s["h"])
-    else:
-        d1, d2 = (s["a"] > 0).to(dh.dtype), torch.zeros_like(dh)
-    da = d1.square() * dh
-    ga = None
-    if gh is not None:
-        ga = d1 * gh
-        if full:
-            da = da + d2 * gh
-    return da, da, ga, ga, da @ w2, (None if ga is None else ga @ w_hh), None, None
+        return _d1("tanh", s["h"]), _d2("tanh", s["h"])
+    a = s["a"]
+    return (a > 0).to(a.dtype), torch.zeros_like(a)
 
 
-def _act(d1d2, d, g, full):
-    d1, d2 = d1d2
-    out = d1.square() * d
-    if full and g is not None:
-        out = out + d2 * g
-    return out, (None if g is None else d1 * g)
-
-
-def _mul(a, g):
-    return None if g is None else a * g
-
-
-def _lecun_lstm(rule, s, h_prev, c_prev, dh, gh, dc, gc, w_hh, w2, full):
-    i, f, g, o, tc = s["i"], s["f"], s["g"], s["o"], s["tc"]
-    d_o, d_tc = tc.square() * dh, o.square() * dh
-    g_o, g_tc = _mul(tc, gh), _mul(o, gh)
-    d_c, g_c = _act(_tanh(tc), d_tc, g_tc, full)
-    if dc is not None:
-        d_c = d_c + dc
-    if gc is not None:
-        g_c = gc if g_c is None else g_c + gc
-    d_f, d_cp, d_i, d_g = (
-        c_prev.square() * d_c,
-        f.square() * d_c,
-        g.square() * d_c,
-        i.square() * d_c,
-    )
-    g_f, g_cp, g_i, g_g = _mul(c_prev, g_c), _mul(f, g_c), _mul(g, g_c), _mul(i, g_c)
-    parts = [_act(_sig(i), d_i, g_i, full), _act(_sig(f), d_f, g_f, full),
-             _act(_tanh(g), d_g, g_g, full), _act(_sig(o), d_o, g_o, full)]  # fmt: skip
-    da = torch.cat([p[0] for p in parts], -1)
-    ga = None if gh is None else torch.cat([p[1] for p in parts], -1)
-    return da, da, ga, ga, da @ w2, (None if ga is None else ga @ w_hh), d_cp, g_cp
-
-
-def _lecun_gru(rule, s, h_prev, c_prev, dh, gh, dc, gc, w_hh, w2, full):
-    """h = (1 − z) ⊙ n + z ⊙ h₋: two products (z feeds both)."""
+def _coefs_cols(rule, lay):
+    s, kind = lay.saved, type(rule).__name__
+    if kind == "RNNRule":
+        return {"A": _act_coefs(rule, s)[0]}
+    if kind == "LSTMRule":
+        i, f, g, o, tc = s["i"], s["f"], s["g"], s["o"], s["tc"]
+        return {
+            "A": o * _d1("tanh", tc),
+            "S": torch.cat(
+                [
+                    g * _d1("sig", i),
+                    lay.c_prev * _d1("sig", f),
+                    i * _d1("tanh", g),
+                    tc * _d1("sig", o),
+                ],
+                -1,
+            ),  # fmt: skip
+            "F": f,
+        }
     r, z, n, q = s["r"], s["z"], s["n"], s["q"]
-    d_n, d_z, d_hd = (1 - z).square() * dh, (n.square() + h_prev.square()) * dh, z.square() * dh
-    g_n, g_z, g_hd = _mul(1 - z, gh), _mul(h_prev - n, gh), _mul(z, gh)
-    d_an, g_an = _act(_tanh(n), d_n, g_n, full)
-    d_r, d_q = q.square() * d_an, r.square() * d_an
-    g_r, g_q = _mul(q, g_an), _mul(r, g_an)
-    d_ar, g_ar = _act(_sig(r), d_r, g_r, full)
-    d_az, g_az = _act(_sig(z), d_z, g_z, full)
-    da_ih, da_hh = torch.cat([d_ar, d_az, d_an], -1), torch.cat([d_ar, d_az, d_q], -1)
-    ga_ih = ga_hh = None
-    g_hp = None
-    if gh is not None:
-        ga_ih, ga_hh = torch.cat([g_ar, g_az, g_an], -1), torch.cat([g_ar, g_az, g_q], -1)
-        g_hp = g_hd + ga_hh @ w_hh
-    return da_ih, da_hh, ga_ih, ga_hh, d_hd + da_hh @ w2, g_hp, None, None
+    c1 = (1 - z) * _d1("tanh", n)
+    c2 = c1 * q * _d1("sig", r)
+    c3 = (lay.h_prev - n) * _d1("sig", z)
+    return {"IH": torch.cat([c2, c3, c1], -1), "HH": torch.cat([c2, c3, c1 * r], -1), "Z": z}
 
 
-_STEPS = {
-    "RNNRule": (_cols_rnn, _lecun_rnn),
-    "LSTMRule": (_cols_lstm, _lecun_lstm),
-    "GRURule": (_cols_gru, _lecun_gru),
-}
+def _step_cols(kind, c, t, cur, dc, w_hh, out_ih, out_hh):
+    """One step, columns K × N × …: writes the gate cotangents for W_ih and W_hh into
+    ``out_ih`` / ``out_hh`` and returns (dh₋, dc₋)."""
+    if kind == "RNNRule":
+        torch.mul(cur, c["A"][:, t], out=out_ih)
+        return out_ih @ w_hh, None
+    h = cur.shape[-1]
+    if kind == "LSTMRule":
+        dcc = cur * c["A"][:, t] if dc is None else torch.addcmul(dc, cur, c["A"][:, t])
+        s = c["S"][:, t]
+        gates = out_ih.unflatten(-1, (4, h))
+        torch.mul(dcc.unsqueeze(-2), s[..., : 3 * h].unflatten(-1, (3, h)), out=gates[..., :3, :])
+        torch.mul(cur, s[..., 3 * h :], out=gates[..., 3, :])
+        return out_ih @ w_hh, dcc * c["F"][:, t]
+    ih, hh = out_ih.unflatten(-1, (3, h)), out_hh.unflatten(-1, (3, h))
+    torch.mul(cur.unsqueeze(-2), c["IH"][:, t].unflatten(-1, (3, h)), out=ih)
+    torch.mul(cur.unsqueeze(-2), c["HH"][:, t].unflatten(-1, (3, h)), out=hh)
+    return _addmm_like(cur * c["Z"][:, t], out_hh, w_hh), None
+
+
+def _coefs_lecun(rule, lay, full):
+    """Coefficients of LeCun's step: D_a = P·(d) + Q·(g) per gate, g_a = G·(g)."""
+    s, kind = lay.saved, type(rule).__name__
+    if kind == "RNNRule":
+        d1, d2 = _act_coefs(rule, s)
+        return {"P": d1 * d1, "Q": d2, "G": d1}
+    if kind == "LSTMRule":
+        i, f, g, o, tc, cp = s["i"], s["f"], s["g"], s["o"], s["tc"], lay.c_prev
+        t1 = _d1("tanh", tc)
+        gate = torch.cat([g * _d1("sig", i), cp * _d1("sig", f), i * _d1("tanh", g),
+                          tc * _d1("sig", o)], -1)  # fmt: skip
+        out = {"Ac": (t1 * o).square(), "Gc": t1 * o, "F2": f * f, "F": f,
+               "P": gate.square(), "G": gate}  # fmt: skip
+        if full:
+            out["Bc"] = _d2("tanh", tc) * o
+            out["Q"] = torch.cat([_d2("sig", i) * g, _d2("sig", f) * cp, _d2("tanh", g) * i,
+                                  _d2("sig", o) * tc], -1)  # fmt: skip
+        return out
+    r, z, n, q, hp = s["r"], s["z"], s["n"], s["q"], lay.h_prev
+    dn, dr, dz = _d1("tanh", n), _d1("sig", r), _d1("sig", z)
+    gn = dn * (1 - z)
+    pn = gn.square()
+    pz = dz.square() * (n * n + hp * hp)
+    out = {
+        "P_ih": torch.cat([(dr * q).square() * pn, pz, pn], -1),
+        "P_hh": torch.cat([(dr * q).square() * pn, pz, r * r * pn], -1),
+        "G_ih": torch.cat([dr * q * gn, dz * (hp - n), gn], -1),
+        "G_hh": torch.cat([dr * q * gn, dz * (hp - n), r * gn], -1),
+        "Z2": z * z, "Z": z,
+    }  # fmt: skip
+    if full:
+        qn = _d2("tanh", n) * (1 - z)
+        out["Q_ih"] = torch.cat(
+            [(dr * q).square() * qn + _d2("sig", r) * q * gn, _d2("sig", z) * (hp - n), qn], -1
+        )
+        out["Q_hh"] = torch.cat(
+            [(dr * q).square() * qn + _d2("sig", r) * q * gn, _d2("sig", z) * (hp - n), r * r * qn],
+            -1,
+        )
+    return out
+
+
+def _step_lecun(kind, c, t, d, g, dc, gc, w_hh, w2, full):
+    """LeCun's step: (D_a for W_ih, D_a for W_hh, g_a for W_ih, D_h₋, g_h₋, D_c₋, g_c₋)."""
+    if kind == "RNNRule":
+        da = d * c["P"][:, t]
+        if full:
+            da = torch.addcmul(da, g, c["Q"][:, t])
+        ga = None if g is None else g * c["G"][:, t]
+        return da, da, ga, da @ w2, (None if ga is None else ga @ w_hh), None, None
+    if kind == "LSTMRule":
+        d_c = d * c["Ac"][:, t] if dc is None else torch.addcmul(dc, d, c["Ac"][:, t])
+        g_c = None
+        if g is not None:
+            g_c = g * c["Gc"][:, t] if gc is None else torch.addcmul(gc, g, c["Gc"][:, t])
+            if full:
+                d_c = torch.addcmul(d_c, g, c["Bc"][:, t])
+        da = torch.cat([d_c, d_c, d_c, d], -1).mul_(c["P"][:, t])
+        ga = None
+        if g is not None:
+            both = torch.cat([g_c, g_c, g_c, g], -1)
+            ga = both * c["G"][:, t]
+            if full:
+                da.addcmul_(both, c["Q"][:, t])
+        return (da, da, ga, da @ w2, (None if ga is None else ga @ w_hh), d_c * c["F2"][:, t],
+                None if g_c is None else g_c * c["F"][:, t])  # fmt: skip
+    rep = torch.cat([d, d, d], -1)
+    da_ih, da_hh = rep * c["P_ih"][:, t], rep * c["P_hh"][:, t]
+    ga_ih = g_h = None
+    if g is not None:
+        grep = torch.cat([g, g, g], -1)
+        ga_ih, ga_hh = grep * c["G_ih"][:, t], grep * c["G_hh"][:, t]
+        g_h = _addmm_like(g * c["Z"][:, t], ga_hh, w_hh)
+        if full:
+            da_ih.addcmul_(grep, c["Q_ih"][:, t])
+            da_hh.addcmul_(grep, c["Q_hh"][:, t])
+    d_h = _addmm_like(d * c["Z2"][:, t], da_hh, w2)
+    return da_ih, da_hh, ga_ih, d_h, g_h, None, None
+
+
+def _addmm_like(base: Tensor, a: Tensor, w: Tensor) -> Tensor:
+    """base + a @ w for a with any leading dimensions."""
+    return base + a @ w
 
 
 # ============================================================================ the sweep
 def run_backward(rule, m, args, ctx, st_out, need, want, mode, sign, full):
     """See :func:`optbrain.curvature.rules.recurrent._backward`."""
-    cols_step, lecun_step = _STEPS[type(rule).__name__]
+    kind = type(rule).__name__
     lstm = isinstance(m, nn.LSTM)
     layers, dirs = ctx["layers"], ctx["dirs"]
     out_st, fin = (st_out.get(0), st_out.get(1)) if isinstance(st_out, dict) else (st_out, None)
@@ -154,12 +187,12 @@ def run_backward(rule, m, args, ctx, st_out, need, want, mode, sign, full):
             fin_h = _index(h_fin, k, pair)
             fin_c = _index(c_fin, k, pair)
             if mode == "columns":
-                res = _bptt_cols(cols_step, rule, lay, incoming, fin_h, fin_c, w_hh)
+                res = _bptt_cols(kind, rule, lay, incoming, fin_h, fin_c, w_hh)
                 da_ih, da_hh, carry_h, carry_c = res
                 _col_params(params, want, sfx, lay, da_ih, da_hh, b_ih, b_hh, sign)
                 dx = da_ih @ w_ih
             else:
-                res = _bptt_lecun(lecun_step, rule, lay, incoming, fin_h, fin_c, w_hh, full)
+                res = _bptt_lecun(kind, rule, lay, incoming, fin_h, fin_c, w_hh, full)
                 da_ih, da_hh, ga_ih, carry_h, carry_c = res
                 _lecun_params(params, want, sfx, lay, da_ih, da_hh, b_ih, b_hh)
                 dx = (da_ih @ w_ih.square(), None if ga_ih is None else ga_ih @ w_ih)
@@ -215,26 +248,29 @@ def _index(st, k, pair):
     return st[:, k]
 
 
-def _bptt_cols(step, rule, lay, incoming, fin_h, fin_c, w_hh):
+def _bptt_cols(kind, rule, lay, incoming, fin_h, fin_c, w_hh):
     """Columns through time; returns the gate cotangents of every step (K, N, T, G) and the
     carries left at the initial states."""
     t_len = lay.x.shape[1]
-    dh = fin_h
-    dc = fin_c
+    coef = _coefs_cols(rule, lay)
+    dh, dc = fin_h, fin_c
     k = next(v.shape[0] for v in (incoming, fin_h, fin_c) if v is not None)
     if dh is None:
         dh = lay.x.new_zeros(k, lay.x.shape[0], lay.h_prev.shape[-1])
-    da_ih, da_hh = [None] * t_len, [None] * t_len
+    g = w_hh.shape[0]
+    da_ih = dh.new_empty(k, lay.x.shape[0], t_len, g)
+    da_hh = da_ih if kind != "GRURule" else torch.empty_like(da_ih)
     for t in range(t_len - 1, -1, -1):
         cur = dh if incoming is None else dh + incoming[:, :, t]
-        s = _at(lay.saved, t)
-        cp = None if lay.c_prev is None else lay.c_prev[:, t]
-        da_ih[t], da_hh[t], dh, dc = step(rule, s, lay.h_prev[:, t], cp, cur, dc, w_hh)
-    return torch.stack(da_ih, 2), torch.stack(da_hh, 2), dh, dc
+        dh, dc = _step_cols(kind, coef, t, cur, dc, w_hh, da_ih[:, :, t], da_hh[:, :, t])
+    return da_ih, da_hh, dh, dc
 
 
-def _bptt_lecun(step, rule, lay, incoming, fin_h, fin_c, w_hh, full):
+def _bptt_lecun(kind, rule, lay, incoming, fin_h, fin_c, w_hh, full):
+    """LeCun's (d, g) through time; returns D_a for W_ih and W_hh and g_a for W_ih of every step
+    (N, T, G) and the carries left at the initial states."""
     t_len = lay.x.shape[1]
+    coef = _coefs_lecun(rule, lay, full)
     zeros = lay.x.new_zeros(lay.x.shape[0], lay.h_prev.shape[-1])
     dh, gh = fin_h if fin_h is not None else (zeros, None)
     dc, gc = fin_c if fin_c is not None else (None, None)
@@ -248,10 +284,8 @@ def _bptt_lecun(step, rule, lay, incoming, fin_h, fin_c, w_hh, full):
             d_cur = d_cur + incoming[0][:, t]
             if incoming[1] is not None:
                 g_cur = g_cur + incoming[1][:, t]
-        s = _at(lay.saved, t)
-        cp = None if lay.c_prev is None else lay.c_prev[:, t]
-        out = step(rule, s, lay.h_prev[:, t], cp, d_cur, g_cur, dc, gc, w_hh, w2, full)
-        da_ih[t], da_hh[t], ga_ih[t], _, dh, gh, dc, gc = out
+        out = _step_lecun(kind, coef, t, d_cur, g_cur, dc, gc, w_hh, w2, full)
+        da_ih[t], da_hh[t], ga_ih[t], dh, gh, dc, gc = out
     ga = None if ga_ih[0] is None else torch.stack(ga_ih, 1)
     return (
         torch.stack(da_ih, 1),
@@ -265,11 +299,9 @@ def _bptt_lecun(step, rule, lay, incoming, fin_h, fin_c, w_hh, full):
 def _col_params(params, want, sfx, lay, da_ih, da_hh, b_ih, b_hh, sign):
     """Per-sample gradients summed over time, then squared (K, N, T, G columns)."""
     if "weight_ih" + sfx in want:
-        g = torch.einsum("kntg,nti->kngi", da_ih, lay.x)
-        params["weight_ih" + sfx] = _column_square_sum(g, sign).sum(0)
+        params["weight_ih" + sfx] = squared_sample_grads(da_ih, lay.x, sign)
     if "weight_hh" + sfx in want:
-        g = torch.einsum("kntg,nth->kngh", da_hh, lay.h_prev)
-        params["weight_hh" + sfx] = _column_square_sum(g, sign).sum(0)
+        params["weight_hh" + sfx] = squared_sample_grads(da_hh, lay.h_prev, sign)
     if b_ih is not None and "bias_ih" + sfx in want:
         params["bias_ih" + sfx] = _column_square_sum(da_ih.sum(2), sign).sum(0)
     if b_hh is not None and "bias_hh" + sfx in want:
