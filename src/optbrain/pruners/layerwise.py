@@ -403,6 +403,7 @@ class LayerwiseOBS(PrunerBase):
     """
 
     methods = ("auto", "exact", "blocked")
+    _why_no_scores = "its solvers re-rank after every deletion"
 
     def __init__(
         self,
@@ -441,9 +442,12 @@ class LayerwiseOBS(PrunerBase):
         sparsity: float | int | None = None,
         *,
         scores: ParamDict | None = None,
+        units: float | int | None = None,
     ) -> tuple[Mask, PruneInfo]:
-        """Prune in place; ``scores`` is accepted for interface compatibility and not used (the
-        solvers recompute their saliencies after every deletion)."""
+        """Prune in place. ``scores`` and ``units`` are refused with
+        :class:`~optbrain.errors.UnsupportedArgumentError` (the solvers re-rank after every
+        deletion; this pruner removes weights, not cells)."""
+        self._check_arguments(scores, units)
         model = problem.model
         mask = mask if mask is not None else self.default_mask(model)
         layers = self._layers(model, mask)
