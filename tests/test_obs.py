@@ -13,7 +13,6 @@ from torch import nn
 import cases
 from optbrain import pruners as presets
 from optbrain.curvature import DirectInverse, GGNDiagonal, RecursiveInverse
-from optbrain.errors import TargetUnreachableError
 from optbrain.loop import iterative_prune
 from optbrain.masking import Mask, attach
 from optbrain.problem import Problem
