@@ -51,3 +51,7 @@ class UnsupportedArgumentError(OptbrainError, TypeError):
 
 class NonFiniteDataError(OptbrainError, ValueError):
     """A data batch holds NaN or infinity; the message names the split and the batch."""
+
+
+class UnsafeFileError(OptbrainError, ValueError):
+    """A file holds pickled code or objects; optbrain loads tensors only (weights_only=True)."""
