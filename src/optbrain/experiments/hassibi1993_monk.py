@@ -144,20 +144,24 @@ def _delete(cfg: Config, method: str, model: nn.Module, data, targets, wd: float
     traj = [{"remaining": mask.kept(), "train_acc": a_tr, "test_acc": a_te, "saliency": 0.0}]
     stop = {"mask": mask, "state": copy.deepcopy(work.state_dict())}
     intact = True
-    for new, info, _ in delete_one_at_a_time(work, problem, pruner, mask):
+
+    def after(step) -> None:
+        nonlocal intact, stop
         tr = accuracy(work, data.x_train, data.y_train)
         te = accuracy(work, data.x_test, data.y_test)
         traj.append(
             {
-                "remaining": new.kept(),
+                "remaining": step.new.kept(),
                 "train_acc": tr,
                 "test_acc": te,
-                "saliency": info.predicted_increase,
+                "saliency": step.info.predicted_increase,
             }
         )
         intact &= tr >= traj[0]["train_acc"] - 1e-12 and te >= traj[0]["test_acc"] - 1e-12
         if intact:
-            stop = {"mask": new, "state": copy.deepcopy(work.state_dict())}
+            stop = {"mask": step.new, "state": copy.deepcopy(work.state_dict())}
+
+    delete_one_at_a_time(work, problem, pruner, mask, after=after)
     final = copy.deepcopy(model)
     final.load_state_dict(stop["state"])
     return traj, stop["mask"], final

@@ -262,14 +262,31 @@ def _sweep(
     n_params = sum(p.numel() for p in work.parameters())
     ones = Mask.ones(work)
     rows: list[dict[str, Any]] = []
-    if method == "obd_reestimate":
-        mask, predicted = ones, 0.0
-        for f in fractions:
-            if f > 0:
-                mask, info = pruner(problem, mask, f)  # zeroes the deleted weights in place
-                apply_(work, mask)
-                predicted += info.predicted_increase
-            rows.append(_row(f, mask, n_params, problem.objective(), predicted, work, data))
+    if method == "obd_reestimate":  # re-estimate after every deletion: the elimination loop
+        from ..elimination import eliminate
+
+        rows = [
+            _row(f, ones, n_params, problem.objective(), 0.0, work, data)
+            for f in fractions
+            if f <= 0
+        ]
+        positive = [f for f in fractions if f > 0]
+        total = [0.0]
+
+        def after(step) -> None:
+            total[0] += step.info.predicted_increase
+            obj = problem.objective()
+            rows.append(_row(step.target, step.new, n_params, obj, total[0], work, data))
+
+        eliminate(
+            work,
+            pruner,
+            lambda r, m: positive[r - 1] if r <= len(positive) else None,
+            make_problem=lambda m: problem,
+            mask=ones,
+            after=after,
+            apply=apply_,
+        )
         return rows
     scores = pruner.scores(problem, ones)
     state = {k: v.clone() for k, v in work.state_dict().items()}
