@@ -18,6 +18,11 @@ __all__ = ["build_parser", "main"]
 
 log = logging.getLogger("optbrain.cli")
 
+QUICK_BANNER = (
+    "  (--quick: a CI-sized run; the claims are sized for the full run, so NOT HELD here says "
+    "little — run without --quick to test them)"
+)
+
 
 def _version() -> str:
     try:
@@ -258,7 +263,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="continue an interrupted run with the same settings from its checkpoint",
     )
-    common(prn, threads=0)
+    prn.add_argument(
+        "--force",
+        action="store_true",
+        help="replace a run already in --out (refused without it)",
+    )
+    common(prn)
 
     # report ----------------------------------------------------------------------------------
     rpt = sub.add_parser(
@@ -377,6 +387,8 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
     with Bars(not args.no_progress).stage(args.name, leave=True) as stage:
         result = experiments.get(args.name).run(config, out, progress=stage)
     print(f"{result.title or result.experiment}  ({result.seconds:.1f} s)")
+    if args.quick:
+        print(QUICK_BANNER)
     for claim in result.claims:
         print(f"  [{'held' if claim.held else 'NOT HELD'}] {claim.name}: {claim.detail}")
     held = sum(c.held for c in result.claims)
@@ -385,9 +397,9 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
 
 
 def _cmd_prune(args: argparse.Namespace) -> int:
-    from .errors import OptbrainError
+    from .errors import NonFiniteDataError, OptbrainError, UnsafeFileError
     from .loop import CheckpointError
-    from .tasks import TaskError, load_task, prune
+    from .tasks import RunExistsError, TaskError, load_task, prune
 
     _threads(args.threads)
     try:
@@ -404,9 +416,16 @@ def _cmd_prune(args: argparse.Namespace) -> int:
             optimizer=args.optimizer,
             seed=args.seed,
             resume=args.resume,
+            force=args.force,
             progress=not args.no_progress,
         )
-    except (TaskError, CheckpointError) as exc:
+    except (
+        TaskError,
+        CheckpointError,
+        RunExistsError,
+        NonFiniteDataError,
+        UnsafeFileError,
+    ) as exc:  # what the user gave or pointed at
         return _fail(args, exc)
     except OptbrainError as exc:
         return _fail(args, exc, code=1)

@@ -24,7 +24,7 @@ def load(path: str | Path, map_location: Any = "cpu") -> Any:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         lines = str(exc).splitlines()
-        why = next((ln.strip() for ln in lines if "Unsupported global" in ln), None)
+        why = next((ln.strip() for ln in lines if "global" in ln.lower()), None)
         if why is None:  # not a class or function: a damaged file, not an unsafe one
             raise
         raise UnsafeFileError(

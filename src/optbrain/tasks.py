@@ -47,7 +47,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .errors import OptbrainError
+from .errors import NonFiniteDataError, OptbrainError
 from .pruners.presets import METHODS as _METHOD_TABLE
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,7 @@ __all__ = [
     "PruneResult",
     "Task",
     "prune_model",
+    "RunExistsError",
     "TaskError",
     "as_task",
     "load_task",
@@ -77,6 +78,10 @@ _EXPECTED = (
 
 class TaskError(OptbrainError, ValueError):
     """A task cannot be found, imported or called, or returned something that does not fit."""
+
+
+class RunExistsError(OptbrainError, FileExistsError):
+    """The output directory already holds a run of this method (finished or interrupted)."""
 
 
 @dataclass
@@ -378,6 +383,7 @@ def prune(
     optimizer: str = "adam",
     seed: int = 0,
     resume: bool = False,
+    force: bool = False,
     progress: bool = False,
 ) -> PruneResult:
     """Prune a task's model to ``sparsity`` in ``rounds`` rounds with retraining; write a run dir.
@@ -392,9 +398,15 @@ def prune(
     epochs on the training loader (``optimizer`` ``"adam"`` or ``"sgd"``, ``lr``; deleted weights
     stay zero). The model is pruned in place.
 
+    Every batch of every split is checked for NaN and infinity before any work, and again as it is
+    read (:class:`~optbrain.errors.NonFiniteDataError` names the split and the batch; a run that
+    meets one leaves no checkpoint of its own behind).
+
     Writes under ``out_dir``: ``<method>/history.json``, ``<method>/checkpoint.pt`` (a run
     interrupted and started again with ``resume=True`` and the same settings continues after the
-    last finished round; without ``resume`` an old checkpoint there is replaced),
+    last finished round, with the training loader's random state restored, so its history equals
+    an uninterrupted run's; a folder that already holds a run is refused with
+    :class:`RunExistsError` unless ``resume`` or ``force``, which replaces it),
     ``<method>/model.pt`` (load with ``optbrain.masking.load_pruned(model, path)`` into a fresh
     model of the same architecture), ``report.md``, its PNGs and ``run.json``.
     """
@@ -420,12 +432,12 @@ def prune(
     pruner = _pruner(method, seed)
     run_dir = Path(out_dir)
     folder = run_dir / method
-    if not resume:
-        for stale in (CHECKPOINT, HISTORY):
-            (folder / stale).unlink(missing_ok=True)
+    checked = _checked_loaders(task)  # before anything is written or removed
+    _claim(folder, resume, force)
     bars = Bars(progress)
     model, loss_fn = task.model, task.loss_fn
-    splits = task.loaders() or {"train": task.train_loader}
+    train_loader = checked["train"]
+    splits = {k: v for k, v in checked.items() if k != "train"} or {"train": train_loader}
 
     def metrics(m: nn.Module) -> dict[str, float]:
         out: dict[str, float] = {}
@@ -452,7 +464,7 @@ def prune(
         def make_problem(m: nn.Module) -> Problem:
             if stage is not None:
                 stage.note("saliencies")
-            return Problem(m, loss_fn, task.train_loader)
+            return Problem(m, loss_fn, train_loader)
 
         def retrain(m: nn.Module, r: int) -> None:
             if stage is not None:
@@ -460,7 +472,7 @@ def prune(
             with bars.stage(f"retraining round {r}", total=retrain_epochs) as cb:
                 train(
                     m,
-                    task.train_loader,
+                    train_loader,
                     loss_fn,
                     epochs=retrain_epochs,
                     lr=lr,
@@ -469,18 +481,26 @@ def prune(
                     progress=cb,
                 )
 
-        history = iterative_prune(
-            model,
-            pruner,
-            sched,
-            rounds=rounds,
-            make_problem=make_problem,
-            retrain=retrain if retrain_epochs > 0 else None,
-            evaluate=metrics,
-            checkpoint_dir=folder,
-            config=config,
-            progress=stage,
-        )
+        fresh = not (folder / CHECKPOINT).exists()
+        try:
+            history = iterative_prune(
+                model,
+                pruner,
+                sched,
+                rounds=rounds,
+                make_problem=make_problem,
+                retrain=retrain if retrain_epochs > 0 else None,
+                evaluate=metrics,
+                checkpoint_dir=folder,
+                config=config,
+                progress=stage,
+                loaders=[task.train_loader, task.val_loader, task.test_loader],
+            )
+        except NonFiniteDataError:
+            if fresh:  # leave no checkpoint of a run whose data turned out to be broken
+                for name in (CHECKPOINT, HISTORY):
+                    (folder / name).unlink(missing_ok=True)
+            raise
     model_path = folder / "model.pt"
     save_pruned(model, model_path)
     histories = {method: history}
@@ -509,6 +529,41 @@ def prune(
         ]
     )
     return PruneResult(history, run_dir, report, model_path, seconds, table, model)
+
+
+def _claim(folder: Path, resume: bool, force: bool) -> None:
+    """Refuse to overwrite a run in ``folder`` unless asked: ``resume`` continues an interrupted
+    one, ``force`` replaces it."""
+    from .history import History
+    from .loop import CHECKPOINT, HISTORY
+
+    if resume and force:
+        raise ValueError("give resume (continue the run) or force (replace it), not both")
+    present = [n for n in (CHECKPOINT, HISTORY, "model.pt") if (folder / n).exists()]
+    if not present or resume:
+        return
+    if not force:
+        try:
+            rounds = f"{History.load(folder / HISTORY).last.round} rounds"
+        except (OSError, ValueError, AttributeError):
+            rounds = "rounds unknown"
+        state = "a finished run" if (folder / "model.pt").exists() else "an interrupted run"
+        raise RunExistsError(
+            f"{folder} holds {state} ({', '.join(present)}; {rounds}); pass --resume to "
+            "continue it or --force to replace it (or choose another --out)"
+        )
+    for name in present:
+        (folder / name).unlink()
+
+
+def _checked_loaders(task: Task) -> dict[str, Any]:
+    """Every split scanned for NaN/inf before any work, then wrapped to check each batch read."""
+    from .datacheck import Checked, scan
+
+    loaders = {"train": task.train_loader, **task.loaders()}
+    for split, loader in loaders.items():
+        scan(split, loader)
+    return {split: Checked(split, loader) for split, loader in loaders.items()}
 
 
 def prune_model(
