@@ -13,6 +13,7 @@ from torch import nn
 import cases
 from optbrain import pruners as presets
 from optbrain.curvature import DirectInverse, GGNDiagonal, RecursiveInverse
+from optbrain.errors import UnsupportedArgumentError
 from optbrain.loop import iterative_prune
 from optbrain.masking import Mask, attach
 from optbrain.problem import Problem
@@ -346,7 +347,7 @@ def test_state_repr_presets_and_bad_targets():
         OBSPruner()(problem, mask, sparsity=2)
     with pytest.raises(ValueError):
         OBSPruner()(problem, mask, sparsity=1.5)
-    with pytest.raises(ValueError, match="groups='unit'"):
+    with pytest.raises(UnsupportedArgumentError, match="unit_obs"):
         OBSPruner()(problem, units=1)
     weights = model.weight.detach().clone()
     with pytest.raises(ValueError, match="units 6 out of range"):  # 6 input cells only

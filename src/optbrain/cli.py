@@ -397,7 +397,12 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
 
 
 def _cmd_prune(args: argparse.Namespace) -> int:
-    from .errors import NonFiniteDataError, OptbrainError, UnsafeFileError
+    from .errors import (
+        NonFiniteDataError,
+        OptbrainError,
+        UnsafeFileError,
+        UnsupportedModuleError,
+    )
     from .loop import CheckpointError
     from .tasks import RunExistsError, TaskError, load_task, prune
 
@@ -425,7 +430,8 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         RunExistsError,
         NonFiniteDataError,
         UnsafeFileError,
-    ) as exc:  # what the user gave or pointed at
+        UnsupportedModuleError,
+    ) as exc:  # what the user gave or pointed at (a model the method cannot read)
         return _fail(args, exc)
     except OptbrainError as exc:
         return _fail(args, exc, code=1)

@@ -204,8 +204,6 @@ class OBSPruner(PrunerBase):
         deletion from its own inverse."""
         if units is not None and sparsity is not None:
             raise ValueError("give either sparsity or units, not both")
-        if units is not None and self.groups != "unit":
-            raise ValueError("units= needs groups='unit' (Unit-OBS)")
         self._check_arguments(scores, units)
         mask = mask if mask is not None else self.default_mask(problem.model)
         params = self._params(problem, mask)
