@@ -81,12 +81,7 @@ def iterative_prune(
     corrupt one, raises :class:`CheckpointError` and is left untouched; a checkpoint holding
     pickled code is refused (:class:`~optbrain.errors.UnsafeFileError`) without running it.
     """
-    if not isinstance(rounds, int) or rounds < 0:
-        raise ValueError(f"rounds must be a non-negative int, not {rounds!r}")
-    for r in range(1, rounds + 1):  # validate the whole schedule before any work
-        s = schedule(r)
-        if not (isinstance(s, (int, float)) and 0.0 <= s < 1.0) or math.isnan(s):
-            raise ValueError(f"schedule({r}) = {s!r} is outside [0, 1)")
+    _check_schedule(schedule, rounds)
     cfg = _json_config(config)
     ckdir = Path(checkpoint_dir) if checkpoint_dir is not None else None
     gens = generators(loaders)
@@ -134,6 +129,16 @@ def iterative_prune(
         after=after,
     )
     return history
+
+
+def _check_schedule(schedule: Schedule, rounds: int) -> None:
+    """Validate the whole schedule before any work."""
+    if not isinstance(rounds, int) or rounds < 0:
+        raise ValueError(f"rounds must be a non-negative int, not {rounds!r}")
+    for r in range(1, rounds + 1):
+        s = schedule(r)
+        if not (isinstance(s, (int, float)) and 0.0 <= s < 1.0) or math.isnan(s):
+            raise ValueError(f"schedule({r}) = {s!r} is outside [0, 1)")
 
 
 def _first_record(model: nn.Module, pruner: Pruner, cfg: dict, evaluate) -> History:

@@ -117,6 +117,29 @@ def train(
         return _run(model, train_loader, loss_fn, opt, epochs, val_loader, patience, progress)
 
 
+def _epoch(model: nn.Module, loader, loss_fn, opt, epoch: int, device) -> float:
+    """One pass over ``loader`` in train mode; the mean per-sample training loss."""
+    model.train()
+    total, n = 0.0, 0
+    for i, (x, y) in enumerate(loader):
+        x, y = x.to(device), y.to(device)
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(model(x), y)
+        if not torch.isfinite(loss):
+            check_batch("training", i, (x, y), f" (epoch {epoch})")  # the data's fault?
+            raise NonFiniteLossError(
+                f"the training loss became {float(loss)} in epoch {epoch}, batch {i} "
+                "(the data are finite); lower lr?"
+            )
+        loss.backward()
+        opt.step()
+        total += _summed(loss_fn, loss, x.shape[0])
+        n += x.shape[0]
+    if n == 0:
+        raise EmptyDataError("train_loader yielded no samples")
+    return total / n
+
+
 def _run(
     model: nn.Module,
     train_loader: Iterable[tuple[Tensor, Tensor]],
@@ -135,28 +158,10 @@ def _run(
     was_training = model.training
     try:
         for epoch in range(1, epochs + 1):
-            model.train()
-            total, n = 0.0, 0
-            for i, (x, y) in enumerate(train_loader):
-                x, y = x.to(device), y.to(device)
-                opt.zero_grad(set_to_none=True)
-                out = model(x)
-                loss = loss_fn(out, y)
-                if not torch.isfinite(loss):
-                    check_batch("training", i, (x, y), f" (epoch {epoch})")  # the data's fault?
-                    raise NonFiniteLossError(
-                        f"the training loss became {float(loss)} in epoch {epoch}, batch {i} "
-                        "(the data are finite); lower lr?"
-                    )
-                loss.backward()
-                opt.step()
-                total += _summed(loss_fn, loss, x.shape[0])
-                n += x.shape[0]
-            if n == 0:
-                raise EmptyDataError("train_loader yielded no samples")
-            result.train_loss.append(total / n)
+            mean = _epoch(model, train_loader, loss_fn, opt, epoch, device)
+            result.train_loss.append(mean)
             result.epochs_run = epoch
-            msg = f"epoch {epoch}/{epochs} train loss {total / n:.5g}"
+            msg = f"epoch {epoch}/{epochs} train loss {mean:.5g}"
             if val_loader is not None:
                 val = evaluate(model, val_loader, loss_fn)["loss"]
                 result.val_loss.append(val)
