@@ -195,22 +195,14 @@ class OCDSelector(SelectorMixin, BaseEstimator):
 
     # ------------------------------------------------------------------ pieces
     def _check_params(self) -> None:
-        def positive_int(name: str, value) -> None:
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-
         if isinstance(self.hidden, (str, bytes)) or not hasattr(self.hidden, "__iter__"):
             raise ValueError(f"hidden must be a tuple of layer sizes, got {self.hidden!r}")
         for h in self.hidden:
-            positive_int("every hidden layer size", h)
-        positive_int("epochs", self.epochs)
-        positive_int("patience", self.patience)
+            _positive_int("every hidden layer size", h)
+        _positive_int("epochs", self.epochs)
+        _positive_int("patience", self.patience)
         if self.batch_size is not None:
-            positive_int("batch_size", self.batch_size)
-        if self.task not in ("auto", "classification", "regression"):
-            raise ValueError(
-                f"task must be 'auto', 'classification' or 'regression', got {self.task!r}"
-            )
+            _positive_int("batch_size", self.batch_size)
         for name in ("lr", "weight_decay", "tol"):
             v = getattr(self, name)
             if not isinstance(v, numbers.Real) or not math.isfinite(v) or v < 0:
@@ -220,10 +212,10 @@ class OCDSelector(SelectorMixin, BaseEstimator):
         vf = self.validation_fraction
         if not isinstance(vf, numbers.Real) or not 0.0 <= vf < 1.0:
             raise ValueError(f"validation_fraction must be in [0, 1), got {vf!r}")
-        if self.method not in ("sum", "gate"):
-            raise ValueError(f"method must be 'sum' or 'gate', got {self.method!r}")
-        if self.curvature not in ("ggn", "hessian"):
-            raise ValueError(f"curvature must be 'ggn' or 'hessian', got {self.curvature!r}")
+        for name, choices in _CHOICES.items():
+            if getattr(self, name) not in choices:
+                allowed = ", ".join(repr(c) for c in choices)
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
 
     def _targets(self, y: np.ndarray) -> tuple[str, Tensor, int]:
         kind = type_of_target(y, raise_unknown=True)
@@ -322,6 +314,18 @@ class OCDSelector(SelectorMixin, BaseEstimator):
         best = max(h["val_score"] for h in history)
         ok = [i for i, h in enumerate(history) if h["val_score"] >= best - self.tol]
         return max(ok, key=lambda i: (-history[i]["n_features"], history[i]["val_score"]))
+
+
+_CHOICES = {
+    "task": ("auto", "classification", "regression"),
+    "method": ("sum", "gate"),
+    "curvature": ("ggn", "hessian"),
+}
+
+
+def _positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
 class _Elimination:
