@@ -410,56 +410,80 @@ def prune(
     ``<method>/model.pt`` (load with ``optbrain.masking.load_pruned(model, path)`` into a fresh
     model of the same architecture), ``report.md``, its PNGs and ``run.json``.
     """
-    from .loop import CHECKPOINT, HISTORY, iterative_prune
-    from .masking import save_pruned
-    from .problem import Problem
-    from .report import default_columns, write_report
-    from .report.progress import Bars
-    from .report.tables import history_table, label, selection_lines
-    from .train import evaluate, train
-
     t_start = time.perf_counter()
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
-    if (
-        isinstance(retrain_epochs, bool)
-        or not isinstance(retrain_epochs, int)
-        or retrain_epochs < 0
-    ):
-        raise ValueError(f"retrain_epochs must be an int >= 0, not {retrain_epochs!r}")
-    sched = make_schedule(schedule, sparsity, rounds)
+    run = _Settings(method, sparsity, rounds, retrain_epochs, schedule, lr, optimizer, seed)
+    sched = run.check()
     task = load_task(task) if isinstance(task, str) else as_task(task)
     pruner = _pruner(method, seed)
     run_dir = Path(out_dir)
-    folder = run_dir / method
     checked = _checked_loaders(task)  # before anything is written or removed
-    _claim(folder, resume, force)
+    _claim(run_dir / method, resume, force)
+    history = _rounds(task, checked, pruner, sched, run_dir / method, run, progress)
+    return _finish(task, history, pruner, sched, run_dir, run, t_start)
+
+
+@dataclass
+class _Settings:
+    """The settings of one :func:`prune` run."""
+
+    method: str
+    sparsity: float
+    rounds: int
+    retrain_epochs: int
+    schedule: str
+    lr: float
+    optimizer: str
+    seed: int
+
+    def check(self):
+        """Validate; returns the schedule."""
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose from {', '.join(METHODS)}")
+        e = self.retrain_epochs
+        if isinstance(e, bool) or not isinstance(e, int) or e < 0:
+            raise ValueError(f"retrain_epochs must be an int >= 0, not {e!r}")
+        return make_schedule(self.schedule, self.sparsity, self.rounds)
+
+    def config(self, task: Task, pruner, sched) -> dict[str, Any]:
+        """What a checkpoint must match to be resumed."""
+        return {
+            "task": task.name,
+            "method": self.method,
+            "predicts_objective": _METHOD_TABLE[self.method].predicts_objective,
+            "pruner": repr(pruner),
+            "schedule": repr(sched),
+            "sparsity": self.sparsity,
+            "rounds": self.rounds,
+            "retrain_epochs": self.retrain_epochs,
+            "optimizer": self.optimizer,
+            "lr": self.lr,
+            "seed": self.seed,
+        }
+
+    def epochs_text(self) -> str:
+        return f"{self.retrain_epochs} epoch{'' if self.retrain_epochs == 1 else 's'}"
+
+
+def _rounds(task: Task, checked: dict, pruner, sched, folder: Path, run: _Settings, progress):
+    """The prune–retrain rounds of :func:`prune` (progress bars, checkpoints in ``folder``)."""
+    from .loop import CHECKPOINT, HISTORY, iterative_prune
+    from .problem import Problem
+    from .report.progress import Bars
+    from .report.tables import label
+    from .train import evaluate, train
+
     bars = Bars(progress)
-    model, loss_fn = task.model, task.loss_fn
-    train_loader = checked["train"]
+    loss_fn, train_loader = task.loss_fn, checked["train"]
     splits = {k: v for k, v in checked.items() if k != "train"} or {"train": train_loader}
 
     def metrics(m: nn.Module) -> dict[str, float]:
-        out: dict[str, float] = {}
-        for split, loader in splits.items():
-            for k, v in evaluate(m, loader, loss_fn).items():
-                out[f"{split}_{k}"] = v
-        return out
+        return {
+            f"{split}_{k}": v
+            for split, loader in splits.items()
+            for k, v in evaluate(m, loader, loss_fn).items()
+        }
 
-    config = {
-        "task": task.name,
-        "method": method,
-        "predicts_objective": _METHOD_TABLE[method].predicts_objective,
-        "pruner": repr(pruner),
-        "schedule": repr(sched),
-        "sparsity": sparsity,
-        "rounds": rounds,
-        "retrain_epochs": retrain_epochs,
-        "optimizer": optimizer,
-        "lr": lr,
-        "seed": seed,
-    }
-    with bars.stage(f"pruning {label(method)}", total=rounds, leave=True) as stage:
+    with bars.stage(f"pruning {label(run.method)}", total=run.rounds, leave=True) as stage:
 
         def make_problem(m: nn.Module) -> Problem:
             if stage is not None:
@@ -469,30 +493,22 @@ def prune(
         def retrain(m: nn.Module, r: int) -> None:
             if stage is not None:
                 stage.note("retraining")
-            with bars.stage(f"retraining round {r}", total=retrain_epochs) as cb:
-                train(
-                    m,
-                    train_loader,
-                    loss_fn,
-                    epochs=retrain_epochs,
-                    lr=lr,
-                    optimizer=optimizer,
-                    seed=seed + 1000 * r,
-                    progress=cb,
-                )
+            with bars.stage(f"retraining round {r}", total=run.retrain_epochs) as cb:
+                kw = dict(lr=run.lr, optimizer=run.optimizer, seed=run.seed + 1000 * r)
+                train(m, train_loader, loss_fn, epochs=run.retrain_epochs, progress=cb, **kw)
 
         fresh = not (folder / CHECKPOINT).exists()
         try:
-            history = iterative_prune(
-                model,
+            return iterative_prune(
+                task.model,
                 pruner,
                 sched,
-                rounds=rounds,
+                rounds=run.rounds,
                 make_problem=make_problem,
-                retrain=retrain if retrain_epochs > 0 else None,
+                retrain=retrain if run.retrain_epochs > 0 else None,
                 evaluate=metrics,
                 checkpoint_dir=folder,
-                config=config,
+                config=run.config(task, pruner, sched),
                 progress=stage,
                 loaders=[task.train_loader, task.val_loader, task.test_loader],
             )
@@ -501,16 +517,24 @@ def prune(
                 for name in (CHECKPOINT, HISTORY):
                     (folder / name).unlink(missing_ok=True)
             raise
-    model_path = folder / "model.pt"
-    save_pruned(model, model_path)
-    histories = {method: history}
+
+
+def _finish(task: Task, history, pruner, sched, run_dir: Path, run: _Settings, t_start: float):
+    """Save the pruned model, write the report, build the round table."""
+    from .masking import save_pruned
+    from .report import default_columns, write_report
+    from .report.tables import history_table, label, selection_lines
+
+    model_path = run_dir / run.method / "model.pt"
+    save_pruned(task.model, model_path)
+    histories = {run.method: history}
     columns = default_columns(histories)
     seconds = time.perf_counter() - t_start
     notes = [
-        f"`optbrain prune --task {task.name} --method {method}`: {rounds} rounds of the "
-        f"{schedule} schedule `{sched!r}` up to {100 * sparsity:g}% of the prunable weights "
-        f"(pruner `{pruner!r}`), each followed by {retrain_epochs} epoch"
-        f"{'' if retrain_epochs == 1 else 's'} of retraining ({optimizer}, lr {lr:g}).",
+        f"`optbrain prune --task {task.name} --method {run.method}`: {run.rounds} rounds of the "
+        f"{run.schedule} schedule `{sched!r}` up to {100 * run.sparsity:g}% of the prunable "
+        f"weights (pruner `{pruner!r}`), each followed by {run.epochs_text()} of retraining "
+        f"({run.optimizer}, lr {run.lr:g}).",
         f"Load the pruned model with `optbrain.masking.load_pruned(model, "
         f"{model_path.relative_to(run_dir).as_posix()!r})` where `model` is a fresh model of the "
         "same architecture.",
@@ -520,15 +544,15 @@ def prune(
     )
     table = "\n".join(
         [
-            f"optbrain prune: {task.name}, method {label(method)}, {schedule} schedule to "
-            f"{100 * sparsity:g}% in {rounds} rounds, {retrain_epochs} retraining epoch"
-            f"{'' if retrain_epochs == 1 else 's'} per round",
+            f"optbrain prune: {task.name}, method {label(run.method)}, {run.schedule} schedule to "
+            f"{100 * run.sparsity:g}% in {run.rounds} rounds, {run.epochs_text()} of retraining "
+            "per round",
             history_table(histories, columns),
             *selection_lines(histories),
             f"total time {seconds:.1f} s",
         ]
     )
-    return PruneResult(history, run_dir, report, model_path, seconds, table, model)
+    return PruneResult(history, run_dir, report, model_path, seconds, table, task.model)
 
 
 def _claim(folder: Path, resume: bool, force: bool) -> None:
