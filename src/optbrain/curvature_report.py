@@ -245,6 +245,20 @@ def _trained(epochs: int, seed: int, bars, loss_fn):
     return data, model, seconds, train_eval, test_eval
 
 
+def _timed(entry, sub: Problem, problem: Problem, repeats: int, bars):
+    """An estimator's diagonal on ``sub``, its seconds, and the gradient-pass times around it
+    (timed right before and after, so that a machine whose load changes during the demo still
+    gives fair ratios)."""
+    local = _time_gradient(problem, repeats)
+    with bars.stage(entry.label) as cb, _progress_attached(entry.estimator, cb):
+        t0 = time.perf_counter()
+        diag = entry.estimator.diagonal(sub)
+        seconds = time.perf_counter() - t0
+    local += _time_gradient(problem, repeats)
+    log.info("%s: %.3f s (gradient pass %.4f s)", entry.label, seconds, statistics.median(local))
+    return diag, seconds, local
+
+
 def _row(entry, diag: ParamDict, reference: ParamDict, weights, layers, is_ref) -> EstimatorRow:
     """An estimator's row (time fields 0): OBD saliency per layer, rank agreement with the
     reference estimator, smallest diagonal entry."""
@@ -323,18 +337,8 @@ def run(
         sub = problem
         if entry.params is not None:
             sub = Problem(model, loss_fn, curvature_loader, params=list(entry.params)).check()
-        # the baseline is timed right before and after each estimator, so that a machine whose
-        # load changes during the demo still gives fair ratios
-        local = _time_gradient(problem, repeats)
-        with bars.stage(entry.label) as cb, _progress_attached(entry.estimator, cb):
-            t0 = time.perf_counter()
-            diag = entry.estimator.diagonal(sub)
-            seconds = time.perf_counter() - t0
-        local += _time_gradient(problem, repeats)
+        diag, seconds, local = _timed(entry, sub, problem, repeats, bars)
         grad_times += local
-        log.info(
-            "%s: %.3f s (gradient pass %.4f s)", entry.label, seconds, statistics.median(local)
-        )
         if reference is None:
             if entry.params is not None:
                 raise ValueError("the reference estimator (the first) must cover all parameters")

@@ -96,26 +96,9 @@ def iterative_prune(
         history = _first_record(model, pruner, cfg, evaluate)
         _checkpoint(ckdir, model, pruner, history, gens)
     rec = _Recorder(model, pruner, history, evaluate, retrain is not None)
-    rec.stop_val_loss, rec.stop_saliency, rec.schedule, rec.rounds = (
-        stop_val_loss,
-        stop_saliency,
-        schedule,
-        rounds,
-    )
-
-    def after(step: Step) -> str | None:
-        reason = rec.after(step)
-        _checkpoint(ckdir, model, pruner, history, gens)
-        if progress is not None:
-            progress(step.round, rounds)
-        return reason
-
-    def before(step: Step) -> str | None:
-        reason = rec.before(step)
-        if reason:
-            _checkpoint(ckdir, model, pruner, history, gens)
-        return reason
-
+    rec.stop_val_loss, rec.stop_saliency = stop_val_loss, stop_saliency
+    rec.schedule, rec.rounds, rec.progress = schedule, rounds, progress
+    rec.save = lambda: _checkpoint(ckdir, model, pruner, history, gens)
     eliminate(
         model,
         pruner,
@@ -123,10 +106,10 @@ def iterative_prune(
         make_problem=make_problem,
         first_round=history.last.round + 1,
         scores=rec.scores if stop_saliency is not None else None,
-        before=before,
+        before=rec.before,
         deleted=rec.deleted,
         retrain=retrain,
-        after=after,
+        after=rec.after,
     )
     return history
 
@@ -168,6 +151,8 @@ class _Recorder:
     stop_saliency: float | None = None
     schedule: Schedule
     rounds: int
+    progress: Callable[[int, int], None] | None = None
+    save: Callable[[], None] = staticmethod(lambda: None)  # the checkpoint of a finished round
 
     def __init__(self, model, pruner, history: History, evaluate, retrains: bool):
         self.model, self.pruner, self.history = model, pruner, history
@@ -200,6 +185,7 @@ class _Recorder:
                 self.history.stopped = (
                     f"smallest saliency {smallest:.3g} > {self.stop_saliency:.3g}"
                 )
+                self.save()
                 return self.history.stopped
         self.objective = (step.problem.objective(), math.nan)
         return None
@@ -233,6 +219,9 @@ class _Recorder:
             self.stop_val_loss
         ):
             self.history.stopped = f"val_loss {metrics['val_loss']:.4g} > {self.stop_val_loss:.4g}"
+        self.save()
+        if self.progress is not None:
+            self.progress(step.round, self.rounds)
         return self.history.stopped
 
 

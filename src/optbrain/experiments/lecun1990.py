@@ -648,14 +648,12 @@ def _fig1_table(a: _Analysis, pred: list[float]) -> None:
 
 def _fig2(a: _Analysis, method: str) -> None:
     """Fig. 2 with retraining: the round table, and for OBD the little-loss claim."""
-    cfg = a.cfg
     model_name = a.model_name
     runs = a.runs
     result = a.result
     seeds = a.seeds
     fr = a.fr
     main = a.main
-    tag = a.tag
     hs = {s: runs[s]["histories"][method] for s in seeds}
     n = min(len(h.records) for h in hs.values())
     sp = [hs[seeds[0]].records[i].sparsity for i in range(n)]
@@ -701,10 +699,14 @@ def _fig2(a: _Analysis, method: str) -> None:
                 else math.nan,
             }
         )
-    if method != "obd":
-        return
-    # little loss up to 60 %: retrained test MSE within little_loss_db and test accuracy within
-    # accuracy_drop of the unpruned net, at every round up to the level
+    if method == "obd":
+        _little_loss(a, cols, sp, tg, n)
+
+
+def _little_loss(a: _Analysis, cols: dict, sp: list, tg: list, n: int) -> None:
+    """Little loss up to 60 %: retrained test MSE within little_loss_db and test accuracy within
+    accuracy_drop of the unpruned net, at every round up to the level."""
+    cfg, runs, result, seeds, fr, main, tag = a.cfg, a.runs, a.result, a.seeds, a.fr, a.main, a.tag
     base_mse, base_acc = cols["test_mse"][0][0], cols["test_accuracy"][0][0]
     base_tr = cols["train_mse"][0][0]
     ok_to = 0.0
