@@ -259,6 +259,13 @@ def _analyse(cfg: Config, problem: int, rows: list[dict[str, Any]], result: Resu
     )
     left = {m: [r["methods"][m]["weights_left"] for r in rows] for m in _methods(cfg)}
     stats = {m: mean_sd(v) for m, v in left.items()}
+    _obs_claim(cfg, problem, result, tag, total, left, stats)
+    _unit_obs_claim(cfg, problem, rows, result, tag, total, left, stats)
+    _tables(cfg, problem, rows, result, left, stats)
+
+
+def _obs_claim(cfg, problem, result, tag, total, left, stats):
+    """OBS: weights left at unchanged accuracy, against the paper."""
     if "obs" in left:
         paper = PAPER_OBS[problem]
         result.claims.append(
@@ -282,6 +289,10 @@ def _analyse(cfg: Config, problem: int, rows: list[dict[str, Any]], result: Resu
                     "nets; magnitude and OBD are our baselines)",
                 )
             )
+
+
+def _unit_obs_claim(cfg, problem, rows, result, tag, total, left, stats):
+    """Unit-OBS on MONK-1: the relevant attributes kept."""
     if problem == 1 and "unit_obs" in left:
         topo = sorted({r["methods"]["unit_obs"]["topology"] for r in rows})
         result.claims.append(
@@ -319,6 +330,10 @@ def _analyse(cfg: Config, problem: int, rows: list[dict[str, Any]], result: Resu
                     paper="Unit-OBS then OBS: 14 weights, 5-3-1",
                 )
             )
+
+
+def _tables(cfg, problem, rows, result, left, stats):
+    """The per-method summary and per-seed tables."""
     for m in _methods(cfg):
         paper = {
             "obs": f"{PAPER_OBS[problem]}",

@@ -273,6 +273,12 @@ def _analyse(cfg: Config, start: str, runs: dict[int, dict[str, Any]], result: R
     name = "trained to the minimum" if start == "minimum" else "early-stopped"
     tag = seeds_tag(ns, f"{name} net")
     paper_k = PAPER_MIN[start]
+    _method_claims(cfg, start, runs, result, seeds, tag, paper_k)
+    _comparison_and_tables(cfg, start, runs, result, tag)
+
+
+def _method_claims(cfg, start, runs, result, seeds, tag, paper_k):
+    """The claims of OBS (no retraining) and OBD with retraining."""
     if start == "minimum":
         tr = mean_sd([runs[s]["start"]["train_mse"] for s in seeds])
         result.claims.append(
@@ -324,6 +330,10 @@ def _analyse(cfg: Config, start: str, runs: dict[int, dict[str, Any]], result: R
                 paper=_PAPER["obd" if start == "minimum" else "es_obd"],
             )
         )
+
+
+def _comparison_and_tables(cfg, start, runs, result, tag):
+    """OBS against OBD, and the per-method tables."""
     if "obs" in cfg.methods and "obd" in cfg.methods:
         obs_best = min(c[0] for c in _mean_curve(runs, "obs", "test_mse"))
         obd_best = min(c[0] for c in _mean_curve(runs, "obd", "test_mse")[1:])
