@@ -40,7 +40,6 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(__file__))
 from _timing import compare, reset_peak_rss, status_kb  # noqa: E402
-
 from optbrain import Problem  # noqa: E402
 from optbrain.curvature import (  # noqa: E402
     EmpiricalFisherDiagonal,

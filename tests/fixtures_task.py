@@ -116,3 +116,54 @@ def needs_argument(path):
 
 
 NOT_CALLABLE = 3
+
+
+# ------------------------------------------------------------------------- NaN / inf in the data
+def _poisoned(x, y, batch: int, where: str = "x", value: float = float("nan")):
+    """(x, y) split into batches of 16 (no shuffling), with one value of ``batch`` poisoned."""
+    x, y = x.clone(), y.clone().float() if where == "y" else y.clone()
+    (x if where == "x" else y)[16 * batch] = value
+    return DataLoader(TensorDataset(x, y), batch_size=16)
+
+
+def nan_in_train_batch_3():
+    model, loss_fn, _, test_loader = _parts()
+    return model, loss_fn, _poisoned(*_data(96, 0), batch=3), test_loader
+
+
+def nan_in_test_only():
+    model, loss_fn, train_loader, _ = _parts()
+    return model, loss_fn, train_loader, _poisoned(*_data(48, 1), batch=2)
+
+
+def inf_in_val_targets():
+    x, _ = _data(64, 4)
+    y = x[:, :N_OUT].sin()
+    model = make_model()
+    xv, _ = _data(32, 5)
+    return {
+        "model": model,
+        "loss_fn": nn.MSELoss(),
+        "train_loader": DataLoader(TensorDataset(x, y), batch_size=16),
+        "val_loader": _poisoned(xv, xv[:, :N_OUT].sin(), batch=1, where="y", value=float("inf")),
+    }
+
+
+class _TurnsBad:
+    """A loader whose third pass (the first two are the scan and round 0) yields a NaN."""
+
+    def __init__(self, x, y):
+        self.x, self.y, self.passes = x, y, 0
+
+    def __iter__(self):
+        self.passes += 1
+        for i in range(0, len(self.x), 16):
+            x = self.x[i : i + 16].clone()
+            if self.passes >= 4 and i == 32:
+                x[0, 0] = float("nan")
+            yield x, self.y[i : i + 16]
+
+
+def nan_appears_later():
+    model, loss_fn, train_loader, _ = _parts()
+    return model, loss_fn, train_loader, _TurnsBad(*_data(48, 1))

@@ -155,6 +155,7 @@ def _step(gm, node, vals, gval, dn, d, gauss_newton, result, names):
         if not isinstance(x, Tensor) or not x.is_floating_point():
             continue
         x = x.clone()  # an expanded view shares memory between entries
+
         def f(t, path=path):
             return _call(gm, node, _substitute(args, path, t), kwargs)
 

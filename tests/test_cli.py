@@ -346,6 +346,13 @@ def test_reproduce_runs_with_quick_set_and_seed(capsys, tmp_path, fake_experimen
     assert "fake" in err and "2/2" in err
 
 
+def test_quick_runs_say_the_claims_are_sized_for_the_full_run(capsys, tmp_path, fake_experiment):
+    assert cli.main(["reproduce", "fake", "--quick", "--out", str(tmp_path), "--no-progress"]) == 0
+    assert "claims are sized for the full run" in capsys.readouterr().out
+    assert cli.main(["reproduce", "fake", "--out", str(tmp_path / "b"), "--no-progress"]) == 0
+    assert "sized for the full run" not in capsys.readouterr().out
+
+
 def test_reproduce_seed_field_variants(capsys, tmp_path, fake_experiment):
     assert cli.main(["reproduce", "seeded", "--seed", "7", "--out", str(tmp_path / "a")]) == 0
     assert experiments.Result.load(tmp_path / "a").config == {"seed": 7}

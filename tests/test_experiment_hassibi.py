@@ -75,24 +75,27 @@ def test_fit_reaches_zero_error_on_xor_and_respects_a_mask():
     assert float(net2[2].bias.detach()) == 0.0
 
 
-def test_delete_one_at_a_time_and_undo():
+def test_delete_one_at_a_time():
     d = load_monk(3, seed=0, dtype=torch.float64)
     net = sigmoid_net(17, 2, seed=0)
     fit(net, d.x_train, 0.1 + 0.8 * d.y_train, weight_decay=1e-2, max_iter=200)
     problem = mse_problem(net, d.x_train, 0.1 + 0.8 * d.y_train)
     mask = all_parameters_mask(net)
-    steps = delete_one_at_a_time(net, problem, make_pruner("obs"), mask, min_kept=35)
-    pruned, before = [], None
-    for new, info, before in steps:  # noqa: B007 (the last step's `before` is used below)
+    pruned = []
+
+    def after(step):
+        new, info = step.new, step.info
         pruned.append(new.pruned())
         flat = torch.cat([p.detach().reshape(-1) for p in net.parameters()])
         kept = torch.cat([new[k].reshape(-1) for k in new.names])
         assert torch.all(flat[~kept] == 0)  # deleted entries exactly zero
         assert info.newly_pruned == 1
+
+    assert (
+        delete_one_at_a_time(net, problem, make_pruner("obs"), mask, min_kept=35, after=after)
+        is None
+    )
     assert pruned == [1, 2, 3, 4]
-    # `before` restores the weights of the previous step
-    net.load_state_dict(before)
-    assert float(torch.cat([p.detach().reshape(-1) for p in net.parameters()]).ne(0).sum()) >= 36
 
 
 def test_unit_obs_steps_remove_whole_units():
@@ -100,16 +103,20 @@ def test_unit_obs_steps_remove_whole_units():
     t = 0.1 + 0.8 * d.y_train
     net = sigmoid_net(17, 3, seed=0)
     fit(net, d.x_train, t, weight_decay=1e-4, max_iter=300)
-    steps = delete_one_at_a_time(
-        net, mse_problem(net, d.x_train, t), make_pruner("unit_obs"), all_parameters_mask(net)
+    kept = [58]
+
+    def after(step):
+        assert step.new.kept() in (kept[-1] - 3, kept[-1] - 1 - 17 - 1)  # an input or a unit
+        assert step.info.cells_removed == step.round  # one more cell per step
+        kept.append(step.new.kept())
+        return "enough" if step.round == 3 else None
+
+    problem = mse_problem(net, d.x_train, t)
+    pruner = make_pruner("unit_obs")
+    assert delete_one_at_a_time(net, problem, pruner, all_parameters_mask(net), after=after) == (
+        "enough"
     )
-    prev = 58
-    for i, (new, _, _) in enumerate(steps):
-        n_in, n_hidden, live = live_topology(new)
-        assert new.kept() in (prev - 3, prev - 1 - 17 - 1)  # an input (3 weights) or a unit
-        prev = new.kept()
-        if i == 2:
-            break
+    assert len(kept) == 4
 
 
 def test_shuffled_batches_cover_every_row_once_per_pass():

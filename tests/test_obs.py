@@ -13,7 +13,7 @@ from torch import nn
 import cases
 from optbrain import pruners as presets
 from optbrain.curvature import DirectInverse, GGNDiagonal, RecursiveInverse
-from optbrain.errors import TargetUnreachableError
+from optbrain.errors import UnsupportedArgumentError
 from optbrain.loop import iterative_prune
 from optbrain.masking import Mask, attach
 from optbrain.problem import Problem
@@ -265,7 +265,8 @@ def test_unit_obs_removes_the_useless_input_of_an_mlp_and_its_dead_fan_in():
     assert mask["0.weight"].all(0).tolist() == [True, True, False, True]
     assert mask["2.weight"].all() and info.newly_pruned == 3
     # removing a hidden unit prunes its fan-out and its (now dead) fan-in weights
-    mask2, info2 = pr(problem, mask, units=1)
+    mask2, info2 = pr(problem, mask, units=2)  # a total, like sparsity
+    assert info2.cells_removed == 2 and info2.cells_total == 4 + 3
     gone = [j for j in range(3) if not mask2["2.weight"][0, j]]
     assert len(gone) == 1 and not mask2["0.weight"][gone[0]].any()
     assert info2.newly_pruned == 1 + 3  # one output weight, three remaining input weights
@@ -346,11 +347,11 @@ def test_state_repr_presets_and_bad_targets():
         OBSPruner()(problem, mask, sparsity=2)
     with pytest.raises(ValueError):
         OBSPruner()(problem, mask, sparsity=1.5)
-    with pytest.raises(ValueError, match="groups='unit'"):
+    with pytest.raises(UnsupportedArgumentError, match="unit_obs"):
         OBSPruner()(problem, units=1)
     weights = model.weight.detach().clone()
-    with pytest.raises(TargetUnreachableError):  # 6 input cells only
-        OBSPruner(groups="unit")(problem, mask, units=7)
+    with pytest.raises(ValueError, match="units 6 out of range"):  # 6 input cells only
+        OBSPruner(groups="unit")(problem, mask, units=6)
     assert torch.equal(model.weight, weights)  # restored on error
 
 

@@ -264,10 +264,11 @@ def test_pruner_never_empties_a_layer():
     problem = Problem(model, loss_fn, data)
     mask, info = ocd()(problem, sparsity=3)  # 3 of 4 inputs: allowed
     assert info.cells_removed == 3 and int(mask["0.weight"].any(0).sum()) == 1
-    with pytest.raises(EmptyLayerError, match="every input"):
+    with pytest.raises(ValueError, match="out of range"):  # all 4: refused like the fraction 1
         ocd()(problem, mask, sparsity=4)
+    assert ocd()(problem, units=3)[0] == mask  # units= is the same target as sparsity here
     with pytest.raises(EmptyLayerError, match="unit/channel"):
-        ocd(kinds=("unit",))(Problem(model, loss_fn, data), sparsity=5)
+        ocd(kinds=("unit", "input"))(Problem(model, loss_fn, data), sparsity=8)
 
 
 def test_pruner_counts_cells_dead_after_weight_pruning_as_removed():

@@ -203,7 +203,12 @@ def test_prune_resume_and_restart(tmp_path):
 
     with pytest.raises(CheckpointError, match="another configuration"):
         tasks.prune("fixtures_task:task", resume=True, **{**kw, "sparsity": 0.7})
-    fresh = tasks.prune("fixtures_task:task", **{**kw, "sparsity": 0.7})  # no resume: restart
+    with pytest.raises(tasks.RunExistsError, match="a finished run .*--force"):
+        tasks.prune("fixtures_task:task", **{**kw, "sparsity": 0.7})  # never replaced unasked
+    assert tasks.prune("fixtures_task:task", resume=True, **kw).history.to_dict() == (
+        first.history.to_dict()  # and left as it was
+    )
+    fresh = tasks.prune("fixtures_task:task", force=True, **{**kw, "sparsity": 0.7})  # replaced
     assert fresh.history.records[-1].sparsity == pytest.approx(0.7, abs=0.01)
 
 

@@ -192,44 +192,12 @@ def layer_chain(model: nn.Module) -> list[Layer]:
     before: list[tuple[str, nn.Module]] = []
     for path, m in leaves:
         if isinstance(m, nn.Linear) or isinstance(m, _CONV):
-            if isinstance(m, _CONV) and m.groups != 1:
-                raise UnsupportedModuleError(
-                    f"{_describe(path, m)} has groups={m.groups}: grouped and depthwise "
-                    "convolutions are not supported as cells (only groups=1)"
-                )
-            for p in m.parameters():
-                if id(p) in seen_params:
-                    raise UnsupportedModuleError(
-                        f"{_describe(path, m)} shares a parameter with {seen_params[id(p)]!r}; "
-                        "tied weights have no single fan-in/fan-out and are not supported"
-                    )
-                seen_params[id(p)] = path
-            if (
-                not layers
-                and isinstance(m, _CONV)
-                and any(isinstance(b, nn.Flatten) for _, b in before)
-            ):
-                raise UnsupportedModuleError(
-                    f"{_describe(path, m)} follows a Flatten: reshaping inputs into channels is "
-                    "not supported"
-                )
+            _check_layer(path, m, seen_params, first=not layers, before=before)
             layers.append((path, m))
             between.append([])
             continue
         if not layers:  # before the first layer
-            _reject_container(path, m)
-            if _has_own_state(m) or isinstance(m, _BATCHNORM):
-                raise UnsupportedModuleError(
-                    f"{_describe(path, m)} comes before the first Linear/Conv layer; input cells "
-                    f"need the first layer to act directly on the inputs ({_supported_text()})"
-                )
-            if isinstance(m, nn.Flatten):
-                _check_flatten(path, m)
-            elif not (_is_elementwise(m) or isinstance(m, _PASS)):
-                raise UnsupportedModuleError(
-                    f"{_describe(path, m)} before the first Linear/Conv is not supported; "
-                    f"{_supported_text()}"
-                )
+            _check_before(path, m)
             before.append((path, m))
             continue
         between[-1].append((path, m))
@@ -247,6 +215,45 @@ def layer_chain(model: nn.Module) -> list[Layer]:
     return out
 
 
+def _check_layer(path: str, m: nn.Module, seen_params: dict, first: bool, before: list) -> None:
+    """A Linear/Conv layer cells can follow: groups=1, no shared parameters (recorded in
+    ``seen_params``), and a first conv not behind a Flatten."""
+    if isinstance(m, _CONV) and m.groups != 1:
+        raise UnsupportedModuleError(
+            f"{_describe(path, m)} has groups={m.groups}: grouped and depthwise "
+            "convolutions are not supported as cells (only groups=1)"
+        )
+    for p in m.parameters():
+        if id(p) in seen_params:
+            raise UnsupportedModuleError(
+                f"{_describe(path, m)} shares a parameter with {seen_params[id(p)]!r}; "
+                "tied weights have no single fan-in/fan-out and are not supported"
+            )
+        seen_params[id(p)] = path
+    if first and isinstance(m, _CONV) and any(isinstance(b, nn.Flatten) for _, b in before):
+        raise UnsupportedModuleError(
+            f"{_describe(path, m)} follows a Flatten: reshaping inputs into channels is "
+            "not supported"
+        )
+
+
+def _check_before(path: str, m: nn.Module) -> None:
+    """A module before the first layer must leave the inputs as they are (or flatten them)."""
+    _reject_container(path, m)
+    if _has_own_state(m) or isinstance(m, _BATCHNORM):
+        raise UnsupportedModuleError(
+            f"{_describe(path, m)} comes before the first Linear/Conv layer; input cells "
+            f"need the first layer to act directly on the inputs ({_supported_text()})"
+        )
+    if isinstance(m, nn.Flatten):
+        _check_flatten(path, m)
+    elif not (_is_elementwise(m) or isinstance(m, _PASS)):
+        raise UnsupportedModuleError(
+            f"{_describe(path, m)} before the first Linear/Conv is not supported; "
+            f"{_supported_text()}"
+        )
+
+
 def _check_flatten(path: str, m: nn.Flatten) -> None:
     if m.start_dim != 1 or m.end_dim != -1:
         raise UnsupportedModuleError(
@@ -260,34 +267,45 @@ def _check_between(path: str, m: nn.Module, mids, nxt: tuple[str, nn.Module]) ->
     n = m.out_features if isinstance(m, nn.Linear) else m.out_channels
     flattened = False
     for p, mid in mids:
-        _reject_container(p, mid)
-        if isinstance(mid, nn.Flatten):
-            _check_flatten(p, mid)
-            flattened = True
-            continue
-        if isinstance(mid, _BATCHNORM):
-            if mid.num_features != n:
-                raise UnsupportedModuleError(
-                    f"{_describe(p, mid)} has {mid.num_features} features but follows a layer "
-                    f"with {n} outputs"
-                )
-            continue
-        if flattened and not _is_elementwise(mid) and not isinstance(mid, _PASS):
+        flattened = _check_mid(p, mid, path, m, n, nxt[0], flattened)
+    return _span(path, m, n, nxt, flattened)
+
+
+def _check_mid(p: str, mid: nn.Module, path: str, m: nn.Module, n: int, nxt: str, flat: bool):
+    """One module between layer ``path`` (``n`` outputs) and ``nxt`` must act per unit; returns
+    whether the outputs are flattened after it."""
+    _reject_container(p, mid)
+    if isinstance(mid, nn.Flatten):
+        _check_flatten(p, mid)
+        return True
+    if isinstance(mid, _BATCHNORM):
+        if mid.num_features != n:
             raise UnsupportedModuleError(
-                f"{_describe(p, mid)} after a Flatten is not supported; {_supported_text()}"
+                f"{_describe(p, mid)} has {mid.num_features} features but follows a layer "
+                f"with {n} outputs"
             )
-        if isinstance(mid, _POOL) and isinstance(m, nn.Linear):
-            raise UnsupportedModuleError(
-                f"{_describe(p, mid)} pools the outputs of Linear {path!r}: pooling across "
-                "units mixes cells and is not supported"
-            )
-        if _has_own_state(mid) or not (
-            _is_elementwise(mid) or isinstance(mid, _PASS) or isinstance(mid, _POOL)
-        ):
-            raise UnsupportedModuleError(
-                f"{_describe(p, mid)} between {path!r} and {nxt[0]!r} is not supported; "
-                f"{_supported_text()}"
-            )
+        return flat
+    if flat and not _is_elementwise(mid) and not isinstance(mid, _PASS):
+        raise UnsupportedModuleError(
+            f"{_describe(p, mid)} after a Flatten is not supported; {_supported_text()}"
+        )
+    if isinstance(mid, _POOL) and isinstance(m, nn.Linear):
+        raise UnsupportedModuleError(
+            f"{_describe(p, mid)} pools the outputs of Linear {path!r}: pooling across "
+            "units mixes cells and is not supported"
+        )
+    if _has_own_state(mid) or not (
+        _is_elementwise(mid) or isinstance(mid, _PASS) or isinstance(mid, _POOL)
+    ):
+        raise UnsupportedModuleError(
+            f"{_describe(p, mid)} between {path!r} and {nxt!r} is not supported; "
+            f"{_supported_text()}"
+        )
+    return flat
+
+
+def _span(path: str, m: nn.Module, n: int, nxt: tuple[str, nn.Module], flattened: bool) -> int:
+    """Columns of the next layer per unit of layer ``path`` (1 for a conv after a conv)."""
     npath, nm = nxt
     if isinstance(nm, _CONV):
         if isinstance(m, nn.Linear) or flattened:

@@ -18,6 +18,11 @@ __all__ = ["build_parser", "main"]
 
 log = logging.getLogger("optbrain.cli")
 
+QUICK_BANNER = (
+    "  (--quick: a CI-sized run; the claims are sized for the full run, so NOT HELD here says "
+    "little — run without --quick to test them)"
+)
+
 
 def _version() -> str:
     try:
@@ -70,8 +75,7 @@ def _fraction(text: str) -> float:
 
 # ------------------------------------------------------------------------------ the parser
 def build_parser() -> argparse.ArgumentParser:
-    from .tasks import METHODS
-
+    """The ``optbrain`` argument parser: one sub-parser per command."""
     parser = argparse.ArgumentParser(
         prog="optbrain",
         description="Second-order (Optimal Brain Damage / Surgeon) pruning for PyTorch.",
@@ -82,30 +86,34 @@ def build_parser() -> argparse.ArgumentParser:
         "-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)"
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for add in (_add_demo, _add_curvature, _add_list, _add_reproduce, _add_prune, _add_report):
+        add(sub)
+    return parser
 
-    def common(p: argparse.ArgumentParser, threads: int | None = 1, progress: bool = True) -> None:
+
+def _common(p: argparse.ArgumentParser, threads: bool = True, progress: bool = True) -> None:
+    """The options every command shares: -v, --no-progress, --threads (default 1 everywhere)."""
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=argparse.SUPPRESS,
+        help="more log output (-vv for debug)",
+    )
+    if progress:
+        p.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
+    if threads:
         p.add_argument(
-            "-v",
-            "--verbose",
-            action="count",
-            default=argparse.SUPPRESS,
-            help="more log output (-vv for debug)",
+            "--threads",
+            type=_non_negative_int,
+            default=1,
+            metavar="N",
+            help="torch CPU threads (default 1: small nets gain nothing from more, and threads "
+            "thrash on a busy machine; 0 keeps torch's default)",
         )
-        if progress:
-            p.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
-        if threads is not None:
-            if threads:
-                text = (
-                    f"torch CPU threads (default {threads}: small nets gain nothing from more, "
-                    "and threads thrash on a busy machine; 0 keeps torch's default)"
-                )
-            else:
-                text = "torch CPU threads (default 0: torch's own choice)"
-            p.add_argument(
-                "--threads", type=_non_negative_int, default=threads, metavar="N", help=text
-            )
 
-    # demo ------------------------------------------------------------------------------------
+
+def _add_demo(sub) -> None:
     demo = sub.add_parser(
         "demo",
         help="prune a digits MLP with OBD and with magnitude pruning, side by side",
@@ -138,9 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="retraining epochs after each round (3)",
     )
     demo.add_argument("--seed", type=int, default=0, help="seed of split, init, training (0)")
-    common(demo)
+    _common(demo)
 
-    # curvature -------------------------------------------------------------------------------
+
+def _add_curvature(sub) -> None:
     curv = sub.add_parser(
         "curvature",
         help="train a digits MLP and compare the curvature estimators on it",
@@ -161,17 +170,19 @@ def build_parser() -> argparse.ArgumentParser:
     curv.add_argument(
         "--out", metavar="DIR", help="also write curvature.txt and curvature.json into DIR"
     )
-    common(curv)
+    _common(curv)
 
-    # list ------------------------------------------------------------------------------------
+
+def _add_list(sub) -> None:
     lst = sub.add_parser(
         "list",
         help="list the paper reproductions",
         description="List the experiments `optbrain reproduce` can run.",
     )
-    common(lst, threads=None, progress=False)
+    _common(lst, threads=False, progress=False)
 
-    # reproduce -------------------------------------------------------------------------------
+
+def _add_reproduce(sub) -> None:
     rep = sub.add_parser(
         "reproduce",
         help="run a paper reproduction",
@@ -200,9 +211,12 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument(
         "--check", action="store_true", help="exit with status 1 unless every claim held"
     )
-    common(rep)
+    _common(rep)
 
-    # prune -----------------------------------------------------------------------------------
+
+def _add_prune(sub) -> None:
+    from .tasks import METHODS
+
     prn = sub.add_parser(
         "prune",
         help="prune your own model (--task module:function)",
@@ -258,9 +272,15 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="continue an interrupted run with the same settings from its checkpoint",
     )
-    common(prn, threads=0)
+    prn.add_argument(
+        "--force",
+        action="store_true",
+        help="replace a run already in --out (refused without it)",
+    )
+    _common(prn)
 
-    # report ----------------------------------------------------------------------------------
+
+def _add_report(sub) -> None:
     rpt = sub.add_parser(
         "report",
         help="rebuild report.md and plots of a run directory",
@@ -268,8 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
         "RUN_DIR (a directory written by `optbrain demo` or `optbrain prune`).",
     )
     rpt.add_argument("run_dir", metavar="RUN_DIR")
-    common(rpt, threads=None, progress=False)
-    return parser
+    _common(rpt, threads=False, progress=False)
 
 
 # ------------------------------------------------------------------------------ commands
@@ -377,6 +396,8 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
     with Bars(not args.no_progress).stage(args.name, leave=True) as stage:
         result = experiments.get(args.name).run(config, out, progress=stage)
     print(f"{result.title or result.experiment}  ({result.seconds:.1f} s)")
+    if args.quick:
+        print(QUICK_BANNER)
     for claim in result.claims:
         print(f"  [{'held' if claim.held else 'NOT HELD'}] {claim.name}: {claim.detail}")
     held = sum(c.held for c in result.claims)
@@ -385,9 +406,14 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
 
 
 def _cmd_prune(args: argparse.Namespace) -> int:
-    from .errors import OptbrainError
+    from .errors import (
+        NonFiniteDataError,
+        OptbrainError,
+        UnsafeFileError,
+        UnsupportedModuleError,
+    )
     from .loop import CheckpointError
-    from .tasks import TaskError, load_task, prune
+    from .tasks import RunExistsError, TaskError, load_task, prune
 
     _threads(args.threads)
     try:
@@ -404,9 +430,17 @@ def _cmd_prune(args: argparse.Namespace) -> int:
             optimizer=args.optimizer,
             seed=args.seed,
             resume=args.resume,
+            force=args.force,
             progress=not args.no_progress,
         )
-    except (TaskError, CheckpointError) as exc:
+    except (
+        TaskError,
+        CheckpointError,
+        RunExistsError,
+        NonFiniteDataError,
+        UnsafeFileError,
+        UnsupportedModuleError,
+    ) as exc:  # what the user gave or pointed at (a model the method cannot read)
         return _fail(args, exc)
     except OptbrainError as exc:
         return _fail(args, exc, code=1)

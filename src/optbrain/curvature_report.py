@@ -223,6 +223,70 @@ def _flat(d: ParamDict, names: Sequence[str]) -> Tensor:
     return torch.cat([d[n].detach().reshape(-1).to(torch.float64) for n in names])
 
 
+def _trained(epochs: int, seed: int, bars, loss_fn):
+    """The digits MLP trained for ``epochs`` epochs: (data, model, seconds, train and test
+    evaluation)."""
+    from .data import load_digits_split, loaders
+    from .models import digits_mlp
+    from .train import evaluate, train
+
+    data = load_digits_split(seed=seed)
+    train_loader, test_loader = loaders(data, batch_size=64, shuffle=True, seed=seed)
+    model = digits_mlp((300, 100), "tanh", seed=seed)
+    t0 = time.perf_counter()
+    with bars.stage("training") as cb:
+        train(model, train_loader, loss_fn, epochs=epochs, lr=1e-3, seed=seed, progress=cb)
+    seconds = time.perf_counter() - t0
+    train_eval = evaluate(
+        model, DataLoader(TensorDataset(data.x_train, data.y_train), 512), loss_fn
+    )
+    test_eval = evaluate(model, test_loader, loss_fn)
+    log.info("trained in %.2f s: test accuracy %.4f", seconds, test_eval["accuracy"])
+    return data, model, seconds, train_eval, test_eval
+
+
+def _timed(entry, sub: Problem, problem: Problem, repeats: int, bars):
+    """An estimator's diagonal on ``sub``, its seconds, and the gradient-pass times around it
+    (timed right before and after, so that a machine whose load changes during the demo still
+    gives fair ratios)."""
+    local = _time_gradient(problem, repeats)
+    with bars.stage(entry.label) as cb, _progress_attached(entry.estimator, cb):
+        t0 = time.perf_counter()
+        diag = entry.estimator.diagonal(sub)
+        seconds = time.perf_counter() - t0
+    local += _time_gradient(problem, repeats)
+    log.info("%s: %.3f s (gradient pass %.4f s)", entry.label, seconds, statistics.median(local))
+    return diag, seconds, local
+
+
+def _row(entry, diag: ParamDict, reference: ParamDict, weights, layers, is_ref) -> EstimatorRow:
+    """An estimator's row (time fields 0): OBD saliency per layer, rank agreement with the
+    reference estimator, smallest diagonal entry."""
+    names = list(weights)
+    covered = [n for n in names if n in diag]
+    sal = _obd(diag, weights)
+    ref_sal = _obd({n: reference[n] for n in covered}, weights)
+    by_layer: dict[str, float | None] = {}
+    for layer in layers:
+        members = [n for n in names if _layer_of(n) == layer]
+        ok = all(n in diag for n in members)
+        by_layer[layer] = float(sum(float(sal[n].sum()) for n in members)) if ok else None
+    return EstimatorRow(
+        label=entry.label,
+        estimator=repr(entry.estimator),
+        seconds=0.0,
+        ratio=0.0,
+        n_params=sum(diag[n].numel() for n in covered),
+        layer_saliency=by_layer,
+        spearman_diag=None if is_ref else spearman(_flat(diag, covered), _flat(reference, covered)),
+        spearman_saliency=None
+        if is_ref
+        else spearman(_flat(sal, covered), _flat(ref_sal, covered)),
+        min_diag=float(_flat(diag, covered).min()),
+        note=entry.note,
+    )
+
+
 # ------------------------------------------------------------------------------ the demo
 def run(
     epochs: int = 40,
@@ -241,10 +305,6 @@ def run(
     right before and ``repeats`` right after it;
     ``out`` names a directory to write ``curvature.txt`` and ``curvature.json`` into.
     """
-    from .data import load_digits_split, loaders
-    from .models import digits_mlp
-    from .train import evaluate, train
-
     if epochs < 0:
         raise ValueError(f"epochs must be >= 0, got {epochs!r}")
     if repeats < 1:
@@ -253,20 +313,8 @@ def run(
     bars = _Bars(progress)
     loss_fn = nn.CrossEntropyLoss()
 
-    data = load_digits_split(seed=seed)
-    train_loader, test_loader = loaders(data, batch_size=64, shuffle=True, seed=seed)
-    model = digits_mlp((300, 100), "tanh", seed=seed)
+    data, model, train_seconds, train_eval, test_eval = _trained(epochs, seed, bars, loss_fn)
     n_params = sum(p.numel() for p in model.parameters())
-
-    t0 = time.perf_counter()
-    with bars.stage("training") as cb:
-        train(model, train_loader, loss_fn, epochs=epochs, lr=1e-3, seed=seed, progress=cb)
-    train_seconds = time.perf_counter() - t0
-    train_eval = evaluate(
-        model, DataLoader(TensorDataset(data.x_train, data.y_train), 512), loss_fn
-    )
-    test_eval = evaluate(model, test_loader, loss_fn)
-    log.info("trained in %.2f s: test accuracy %.4f", train_seconds, test_eval["accuracy"])
 
     curvature_loader = DataLoader(TensorDataset(data.x_train, data.y_train), batch_size=256)
     problem = Problem(model, loss_fn, curvature_loader).check()
@@ -289,51 +337,15 @@ def run(
         sub = problem
         if entry.params is not None:
             sub = Problem(model, loss_fn, curvature_loader, params=list(entry.params)).check()
-        # the baseline is timed right before and after each estimator, so that a machine whose
-        # load changes during the demo still gives fair ratios
-        local = _time_gradient(problem, repeats)
-        with bars.stage(entry.label) as cb, _progress_attached(entry.estimator, cb):
-            t0 = time.perf_counter()
-            diag = entry.estimator.diagonal(sub)
-            seconds = time.perf_counter() - t0
-        local += _time_gradient(problem, repeats)
+        diag, seconds, local = _timed(entry, sub, problem, repeats, bars)
         grad_times += local
-        log.info(
-            "%s: %.3f s (gradient pass %.4f s)", entry.label, seconds, statistics.median(local)
-        )
         if reference is None:
             if entry.params is not None:
                 raise ValueError("the reference estimator (the first) must cover all parameters")
             reference = diag
-        covered = [n for n in names if n in diag]
-        sal = _obd(diag, weights)
-        ref_sal = _obd({n: reference[n] for n in covered}, weights)
-        by_layer: dict[str, float | None] = {}
-        for layer in layers:
-            members = [n for n in names if _layer_of(n) == layer]
-            if all(n in diag for n in members):
-                by_layer[layer] = float(sum(float(sal[n].sum()) for n in members))
-            else:
-                by_layer[layer] = None
-        is_ref = entry is entries[0]
-        rows.append(
-            EstimatorRow(
-                label=entry.label,
-                estimator=repr(entry.estimator),
-                seconds=seconds,
-                ratio=seconds / statistics.median(local),
-                n_params=sum(diag[n].numel() for n in covered),
-                layer_saliency=by_layer,
-                spearman_diag=None
-                if is_ref
-                else spearman(_flat(diag, covered), _flat(reference, covered)),
-                spearman_saliency=None
-                if is_ref
-                else spearman(_flat(sal, covered), _flat(ref_sal, covered)),
-                min_diag=float(_flat(diag, covered).min()),
-                note=entry.note,
-            )
-        )
+        row = _row(entry, diag, reference, weights, layers, entry is entries[0])
+        row.seconds, row.ratio = seconds, seconds / statistics.median(local)
+        rows.append(row)
 
     result = CurvatureReport(
         model="digits MLP 64-300-100-10 (tanh)",

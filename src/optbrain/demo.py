@@ -30,6 +30,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -102,39 +103,73 @@ def run(
     point) within which the table's last lines look for the largest compression. Files are
     written only under ``out_dir`` (relative paths are taken from the current directory).
     """
-    from .data import load_digits_split, loaders
-    from .loop import iterative_prune
-    from .models import digits_mlp
-    from .schedule import geometric
-    from .train import evaluate, train
-
     _check("epochs", epochs, 0)
     _check("rounds", rounds, 1)
     _check("retrain_epochs", retrain_epochs, 0)
     if not methods:
         raise ValueError("the demo needs at least one method")
-    schedule = geometric(rate)
+    cfg = _Settings(epochs, rounds, rate, retrain_epochs, seed, tuple(hidden), lr, tolerance)
     pruners = {m: _pruner(m, seed) for m in methods}  # unknown methods fail before any work
     t_start = time.perf_counter()
     run_dir = Path(out_dir)
     bars = Bars(progress)
+    net = _train_base(cfg, bars)
+    histories: dict[str, History] = {}
+    snapshots: dict[str, dict[int, tuple[Mask, dict[str, torch.Tensor]]]] = {}
+    for method, pruner in pruners.items():
+        histories[method], snapshots[method] = _prune(cfg, net, method, pruner, bars)
+        log.info("%s: %d rounds", method, len(histories[method].records) - 1)
+    files, selected = _save_models(cfg, run_dir, histories, snapshots)
+    report = _write_report(cfg, net, run_dir, histories)
+    files += [report, run_dir / "run.json"]
+    files += sorted(run_dir.glob("*.png"))
+    seconds = time.perf_counter() - t_start
+    return DemoResult(
+        histories=histories,
+        selected=selected,
+        run_dir=run_dir,
+        report=report,
+        files=files,
+        n_params=net.n_params,
+        train_seconds=net.train_seconds,
+        seconds=seconds,
+        table=_table(cfg, net, histories, seconds),
+    )
 
-    data = load_digits_split(seed=seed)
-    train_loader, test_loader = loaders(data, batch_size=64, shuffle=True, seed=seed)
-    pruning_data = DataLoader(TensorDataset(data.x_train, data.y_train), batch_size=512)
-    loss_fn = nn.CrossEntropyLoss()
-    base = digits_mlp(tuple(hidden), "tanh", seed=seed)
-    n_params = sum(p.numel() for p in base.parameters())
-    arch = "-".join(str(s) for s in (data.n_features, *hidden, data.n_classes))
 
-    t0 = time.perf_counter()
-    with bars.stage("training", total=epochs) as cb:
-        train(base, train_loader, loss_fn, epochs=epochs, lr=lr, seed=seed, progress=cb)
-    train_seconds = time.perf_counter() - t0
+@dataclass
+class _Settings:
+    """The settings of one demo run (see :func:`run`)."""
 
-    def metrics(model: nn.Module) -> dict[str, float]:
-        tr = evaluate(model, pruning_data, loss_fn)
-        te = evaluate(model, test_loader, loss_fn)
+    epochs: int
+    rounds: int
+    rate: float
+    retrain_epochs: int
+    seed: int
+    hidden: tuple[int, ...]
+    lr: float
+    tolerance: float
+
+
+@dataclass
+class _Net:
+    """The trained unpruned net and what every method's run shares."""
+
+    base: nn.Module
+    data: Any
+    train_loader: Any
+    test_loader: Any
+    pruning_data: DataLoader
+    loss_fn: nn.Module
+    arch: str
+    n_params: int
+    train_seconds: float
+
+    def metrics(self, model: nn.Module) -> dict[str, float]:
+        from .train import evaluate
+
+        tr = evaluate(model, self.pruning_data, self.loss_fn)
+        te = evaluate(model, self.test_loader, self.loss_fn)
         return {
             "train_loss": tr["loss"],
             "train_accuracy": tr["accuracy"],
@@ -142,147 +177,172 @@ def run(
             "test_accuracy": te["accuracy"],
         }
 
-    histories: dict[str, History] = {}
-    snapshots: dict[str, dict[int, tuple[Mask, dict[str, torch.Tensor]]]] = {}
-    for method, pruner in pruners.items():
-        model = copy.deepcopy(base)
-        snaps: dict[int, tuple[Mask, dict[str, torch.Tensor]]] = {}
 
-        def snapshot(r: int, model: nn.Module = model, snaps=snaps) -> None:
-            state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            snaps[r] = (current_mask(model), state)
+def _train_base(cfg: _Settings, bars: Bars) -> _Net:
+    from .data import load_digits_split, loaders
+    from .models import digits_mlp
+    from .train import train
 
-        def retrain(model: nn.Module, r: int) -> None:
-            train(model, train_loader, loss_fn, epochs=retrain_epochs, lr=lr, seed=seed + 1000 * r)
+    data = load_digits_split(seed=cfg.seed)
+    train_loader, test_loader = loaders(data, batch_size=64, shuffle=True, seed=cfg.seed)
+    pruning_data = DataLoader(TensorDataset(data.x_train, data.y_train), batch_size=512)
+    loss_fn = nn.CrossEntropyLoss()
+    base = digits_mlp(cfg.hidden, "tanh", seed=cfg.seed)
+    n_params = sum(p.numel() for p in base.parameters())
+    arch = "-".join(str(s) for s in (data.n_features, *cfg.hidden, data.n_classes))
+    t0 = time.perf_counter()
+    with bars.stage("training", total=cfg.epochs) as cb:
+        train(base, train_loader, loss_fn, epochs=cfg.epochs, lr=cfg.lr, seed=cfg.seed, progress=cb)
+    seconds = time.perf_counter() - t0
+    return _Net(
+        base, data, train_loader, test_loader, pruning_data, loss_fn, arch, n_params, seconds
+    )
 
-        config = {
-            "demo": "digits OBD vs magnitude",
-            "method": method,
-            "pruner": repr(pruner),
-            "model": f"digits_mlp {arch} tanh",
-            "schedule": repr(schedule),
-            "rounds": rounds,
-            "epochs": epochs,
-            "retrain_epochs": retrain_epochs,
-            "lr": lr,
-            "seed": seed,
-            "pruning_data": "training split",
-        }
-        snapshot(0)
-        with bars.stage(f"pruning {label(method)}", total=rounds) as stage:
 
-            def done(r: int, total: int, stage=stage, snapshot=snapshot) -> None:
-                snapshot(r)
-                if stage is not None:
-                    stage(r, total)
+def _prune(cfg: _Settings, net: _Net, method: str, pruner, bars: Bars):
+    """One method's prune–retrain run on a copy of the net; (history, snapshots by round)."""
+    from .loop import iterative_prune
+    from .schedule import geometric
+    from .train import train
 
-            histories[method] = iterative_prune(
-                model,
-                pruner,
-                schedule,
-                rounds=rounds,
-                make_problem=lambda m: Problem(m, loss_fn, pruning_data),
-                retrain=retrain if retrain_epochs > 0 else None,
-                evaluate=metrics,
-                config=config,
-                progress=done,
-            )
-        snapshots[method] = snaps
-        log.info("%s: %d rounds", method, len(histories[method].records) - 1)
+    schedule = geometric(cfg.rate)
+    model = copy.deepcopy(net.base)
+    snaps: dict[int, tuple[Mask, dict[str, torch.Tensor]]] = {}
 
-    # ---------------------------------------------------------------- write the run directory
+    def snapshot(r: int) -> None:
+        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        snaps[r] = (current_mask(model), state)
+
+    def retrain(m: nn.Module, r: int) -> None:
+        kw = dict(epochs=cfg.retrain_epochs, lr=cfg.lr, seed=cfg.seed + 1000 * r)
+        train(m, net.train_loader, net.loss_fn, **kw)
+
+    config = {
+        "demo": "digits OBD vs magnitude",
+        "method": method,
+        "pruner": repr(pruner),
+        "model": f"digits_mlp {net.arch} tanh",
+        "schedule": repr(schedule),
+        "rounds": cfg.rounds,
+        "epochs": cfg.epochs,
+        "retrain_epochs": cfg.retrain_epochs,
+        "lr": cfg.lr,
+        "seed": cfg.seed,
+        "pruning_data": "training split",
+    }
+    snapshot(0)
+    with bars.stage(f"pruning {label(method)}", total=cfg.rounds) as stage:
+
+        def done(r: int, total: int) -> None:
+            snapshot(r)
+            if stage is not None:
+                stage(r, total)
+
+        history = iterative_prune(
+            model,
+            pruner,
+            schedule,
+            rounds=cfg.rounds,
+            make_problem=lambda m: Problem(m, net.loss_fn, net.pruning_data),
+            retrain=retrain if cfg.retrain_epochs > 0 else None,
+            evaluate=net.metrics,
+            config=config,
+            progress=done,
+        )
+    return history, snaps
+
+
+def _save_models(cfg: _Settings, run_dir: Path, histories, snapshots):
+    """Each method's history, last model and most compressed model within the tolerance."""
+    from .models import digits_mlp
+
     files: list[Path] = []
     selected: dict[str, Selection | None] = {}
     for method, history in histories.items():
         folder = run_dir / method
         history.save(folder / "history.json")
         files.append(folder / "history.json")
-        snaps = snapshots[method]
-        for filename, r in (
-            ("model.pt", history.last.round),
-            ("model_selected.pt", None),
-        ):
-            if r is None:
-                sel = largest_compression(history, "metrics.test_accuracy", tolerance, method)
-                selected[method] = sel
-                if sel is None:
-                    continue
-                r = sel.record.round
-            mask, state = snaps[r]
-            fresh = digits_mlp(tuple(hidden), "tanh")
+        sel = largest_compression(history, "metrics.test_accuracy", cfg.tolerance, method)
+        selected[method] = sel
+        rounds = {"model.pt": history.last.round}
+        if sel is not None:
+            rounds["model_selected.pt"] = sel.record.round
+        for filename, r in rounds.items():
+            mask, state = snapshots[method][r]
+            fresh = digits_mlp(cfg.hidden, "tanh")
             if len(mask):
                 attach(fresh, mask)
             fresh.load_state_dict(state)
             save_pruned(fresh, folder / filename)
             files.append(folder / filename)
+    return files, selected
 
-    base_acc = histories[next(iter(histories))].records[0].metrics["test_accuracy"]
-    columns = {
+
+def _columns(histories) -> dict[str, list[str]]:
+    return {
         m: ["round", "sparsity", "remaining_params", "metrics.test_accuracy", "metrics.test_loss"]
         + (["predicted_increase"] if m == "obd" else [])
         + ["actual_increase"]
         for m in histories
     }
+
+
+def _write_report(cfg: _Settings, net: _Net, run_dir: Path, histories) -> Path:
+    base_acc = histories[next(iter(histories))].records[0].metrics["test_accuracy"]
     names = " vs ".join(label(m) for m in histories)
-    arg = "" if tuple(hidden) == (300, 100) else repr(tuple(hidden))
+    arg = "" if cfg.hidden == (300, 100) else repr(cfg.hidden)
     load = f"optbrain.masking.load_pruned(optbrain.models.digits.digits_mlp({arg}), path)"
+    data = net.data
     notes = [
-        f"{names} pruning of the {arch} tanh MLP ({n_params:,} parameters) trained for "
-        f"{epochs} epochs on {len(data.y_train)} scikit-learn digits (test: "
+        f"{names} pruning of the {net.arch} tanh MLP ({net.n_params:,} parameters) trained for "
+        f"{cfg.epochs} epochs on {len(data.y_train)} scikit-learn digits (test: "
         f"{len(data.y_test)} digits, accuracy {100 * base_acc:.2f}% unpruned).",
-        f"Every method ran the same schedule — {rounds} rounds, each deleting "
-        f"{100 * rate:g}% of the remaining weights, ranked globally — and the same retraining "
-        f"({retrain_epochs} epochs of Adam, lr {lr:g}, per round, deleted weights held at zero). "
-        "OBD's saliency is ½ h w² with h the exact Gauss–Newton diagonal of the training loss; "
-        "magnitude pruning ranks by ½ w² (OBD with h = 1), so its predicted increase is not in "
-        "loss units and is not shown.",
+        f"Every method ran the same schedule — {cfg.rounds} rounds, each deleting "
+        f"{100 * cfg.rate:g}% of the remaining weights, ranked globally — and the same retraining "
+        f"({cfg.retrain_epochs} epochs of Adam, lr {cfg.lr:g}, per round, deleted weights held at "
+        "zero). OBD's saliency is ½ h w² with h the exact Gauss–Newton diagonal of the training "
+        "loss; magnitude pruning ranks by ½ w² (OBD with h = 1), so its predicted increase is not "
+        "in loss units and is not shown.",
         "OBD's prediction is a second-order expansion about a minimum that leaves out the cross "
         "terms between deleted weights: when one round deletes thousands of weights, compare "
         "the predicted and actual ΔE columns to see how far that approximation carries.",
         f"Load a pruned model with `{load}` (`path`: one of the `model*.pt` files below).",
     ]
-    report = write_report(
+    return write_report(
         run_dir,
         histories,
         title=f"optbrain demo: {names} pruning on the digits MLP",
         notes=notes,
-        columns=columns,
+        columns=_columns(histories),
         metric="metrics.test_accuracy",
-        tolerance=tolerance,
+        tolerance=cfg.tolerance,
     )
-    files += [report, run_dir / "run.json"]
-    files += sorted(run_dir.glob("*.png"))
-    seconds = time.perf_counter() - t_start
+
+
+def _table(cfg: _Settings, net: _Net, histories, seconds: float) -> str:
+    base_acc = histories[next(iter(histories))].records[0].metrics["test_accuracy"]
+    names = " vs ".join(label(m) for m in histories)
+    n_train, n_test = len(net.data.y_train), len(net.data.y_test)
     head = [
-        f"optbrain demo: {names} pruning of the digits MLP {arch} (tanh), {n_params:,} parameters",
-        f"trained {epochs} epochs (Adam, lr {lr:g}) in {train_seconds:.1f} s on "
-        f"{len(data.y_train)} digits: test accuracy {100 * base_acc:.2f}% "
-        f"({len(data.y_test)} digits)",
-        f"schedule: {rounds} rounds, each deleting {100 * rate:g}% of the remaining weights, then "
-        f"retraining {retrain_epochs} epoch{'' if retrain_epochs == 1 else 's'}",
+        f"optbrain demo: {names} pruning of the digits MLP {net.arch} (tanh), "
+        f"{net.n_params:,} parameters",
+        f"trained {cfg.epochs} epochs (Adam, lr {cfg.lr:g}) in {net.train_seconds:.1f} s on "
+        f"{n_train} digits: test accuracy {100 * base_acc:.2f}% ({n_test} digits)",
+        f"schedule: {cfg.rounds} rounds, each deleting {100 * cfg.rate:g}% of the remaining "
+        f"weights, then retraining {cfg.retrain_epochs} "
+        f"epoch{'' if cfg.retrain_epochs == 1 else 's'}",
         "OBD saliency 1/2 h w^2 with h the exact Gauss-Newton diagonal of the training loss",
         "dE: increase of the training loss caused by the round's deletion (before retraining);",
         "    pred: the sum of the deleted OBD saliencies. test acc/loss: after retraining.",
         "",
     ]
-    table = "\n".join(
+    return "\n".join(
         [
             *head,
-            history_table(histories, columns),
-            *selection_lines(histories, "metrics.test_accuracy", tolerance),
+            history_table(histories, _columns(histories)),
+            *selection_lines(histories, "metrics.test_accuracy", cfg.tolerance),
             f"total time {seconds:.1f} s (training, pruning, report)",
         ]
-    )
-    return DemoResult(
-        histories=histories,
-        selected=selected,
-        run_dir=run_dir,
-        report=report,
-        files=files,
-        n_params=n_params,
-        train_seconds=train_seconds,
-        seconds=seconds,
-        table=table,
     )
 
 

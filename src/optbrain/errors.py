@@ -42,3 +42,16 @@ class CalibrationError(OptbrainError, ValueError):
 
 class EmptyLayerError(OptbrainError, ValueError):
     """A request would remove every input of the network or every unit/channel of a layer."""
+
+
+class UnsupportedArgumentError(OptbrainError, TypeError):
+    """A pruner was given an argument it cannot use (precomputed ``scores`` for a pruner that
+    re-ranks after every deletion, ``units`` for one that does not remove cells)."""
+
+
+class NonFiniteDataError(OptbrainError, ValueError):
+    """A data batch holds NaN or infinity; the message names the split and the batch."""
+
+
+class UnsafeFileError(OptbrainError, ValueError):
+    """A file holds pickled code or objects; optbrain loads tensors only (weights_only=True)."""

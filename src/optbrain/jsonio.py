@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
+import secrets
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -37,13 +37,26 @@ def from_jsonable(v: Any) -> Any:
     return v
 
 
+def _new_file(folder: Path, prefix: str) -> str:
+    """Create an empty file with a fresh name in ``folder``, mode 0666 less the user's umask (the
+    kernel applies it, as for any new file; ``tempfile.mkstemp`` would make it 0600)."""
+    for _ in range(100):
+        name = folder / f"{prefix}{secrets.token_hex(6)}.tmp"
+        try:
+            os.close(os.open(name, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+        except FileExistsError:
+            continue
+        return str(name)
+    raise FileExistsError(f"no free temporary name in {folder}")  # pragma: no cover
+
+
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
     """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it over ``path``:
-    a crash never leaves a half-written file. Creates parent folders."""
+    a crash never leaves a half-written file. Creates parent folders. The file gets the user's
+    umask, like any file the user writes."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
+    tmp = _new_file(path.parent, f".{path.name}.")
     try:
         write(tmp)
         os.replace(tmp, path)

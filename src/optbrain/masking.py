@@ -32,8 +32,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from optbrain import paramdict
-from optbrain.errors import ShapeMismatchError
+from optbrain import paramdict, safeload
+from optbrain.errors import ShapeMismatchError, UnsafeFileError
 from optbrain.jsonio import atomic_write
 from optbrain.prunable import prunable_names
 
@@ -528,7 +528,9 @@ def load_pruned(model: nn.Module, path, map_location=None) -> Mask:
     """Load what :func:`save_pruned` wrote into ``model`` (same architecture, no mask or any mask
     attached): attaches the saved mask, loads the weights, returns the mask."""
     try:
-        payload = torch.load(path, map_location=map_location or "cpu", weights_only=True)
+        payload = safeload.load(path, map_location=map_location or "cpu")
+    except UnsafeFileError:
+        raise
     except Exception as exc:  # noqa: BLE001 - re-raised with the cause named
         raise ValueError(f"cannot read pruned model {path}: {exc}") from exc
     if not isinstance(payload, dict) or payload.get("format") != _PRUNED_FORMAT:

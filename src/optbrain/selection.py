@@ -23,23 +23,28 @@ class TargetExceededError(OptbrainError, ValueError):
     """The mask already prunes more than the requested target (masks only shrink)."""
 
 
-def target_count(sparsity: float | int | None, total: int) -> int:
+def target_count(sparsity: float | int | None, total: int, what: str = "sparsity") -> int:
     """Number of pruned entries a target means, with clear errors for bad values.
 
-    Python, NumPy and 0-d tensor numbers are accepted: integers are counts, reals fractions."""
+    Python, NumPy and 0-d tensor numbers are accepted: integers are counts, reals fractions. Both
+    have the same bound: a fraction in [0, 1), a count in [0, ``total``) (everything pruned is
+    refused either way; 0 is always allowed). ``what`` names the argument in the messages."""
     if sparsity is None:
-        raise ValueError("this selector needs a sparsity target (a fraction in [0, 1) or a count)")
+        raise ValueError(f"this selector needs a {what} target (a fraction in [0, 1) or a count)")
     if isinstance(sparsity, torch.Tensor) and sparsity.numel() == 1 and not sparsity.is_complex():
         sparsity = sparsity.item()
     if isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Real):
-        raise TypeError(f"sparsity must be a float in [0, 1) or an int count, not {sparsity!r}")
+        raise TypeError(f"{what} must be a float in [0, 1) or an int count, not {sparsity!r}")
     sparsity = int(sparsity) if isinstance(sparsity, numbers.Integral) else float(sparsity)
     if isinstance(sparsity, float):
         if not (0.0 <= sparsity < 1.0) or math.isnan(sparsity):
-            raise ValueError(f"sparsity {sparsity} out of range: a fraction must be in [0, 1)")
+            raise ValueError(f"{what} {sparsity} out of range: a fraction must be in [0, 1)")
         return int(round(sparsity * total))
-    if not 0 <= sparsity <= total:
-        raise ValueError(f"sparsity {sparsity} out of range: the mask has {total} entries")
+    if sparsity != 0 and not 0 <= sparsity < total:
+        raise ValueError(
+            f"{what} {sparsity} out of range: a count must be in [0, {total}) (there are {total} "
+            "entries; pruning all of them is refused, as the fraction 1.0 is)"
+        )
     return int(sparsity)
 
 

@@ -26,6 +26,7 @@ except ImportError as exc:  # missing, or older than 1.6 (no validate_data)
         "optbrain.sklearn needs scikit-learn >= 1.6: pip install 'optbrain[sklearn]'"
     ) from exc
 
+from .elimination import Step, eliminate
 from .masking import Mask, attach, detach
 from .problem import Problem
 from .pruners.cell_pruner import CellPruner
@@ -160,40 +161,19 @@ class OCDSelector(SelectorMixin, BaseEstimator):
         pruner = CellPruner(OCD(self.curvature, ("input",), self.method))
         problem = Problem(model, data.loss_fn, (data.x_train, data.y_train))
         self._train(model, data, gen)
-
-        history: list[dict] = []
-        states: list[dict[str, Tensor]] = []
-        removed_at: list[list[int]] = []
-        best, below = -math.inf, 0
-        while True:
-            score, vloss = data.score(model)
-            sal = pruner.cell_scores(problem)
-            alive = mask["0.weight"].any(0).numpy()
-            history.append(
-                {
-                    "n_features": int(alive.sum()),
-                    "features": np.flatnonzero(alive).tolist(),
-                    "removed": removed_at[-1] if removed_at else [],
-                    "val_score": score,
-                    "val_loss": vloss,
-                    "saliencies": sal.values.numpy().copy(),
-                }
-            )
-            states.append({k: v.detach().clone() for k, v in model.state_dict().items()})
-            best = max(best, score)
-            below = below + 1 if score < best - self.tol else 0  # consecutive steps below
-            n_alive = int(alive.sum())
-            if n_alive <= keep:
-                break
-            if self.n_features_to_select is None and below >= self.patience:
-                break
-            k = min(step, n_alive - keep)
-            new, info = pruner(problem, mask, sparsity=d - n_alive + k, scores=sal)
-            attach(model, new)
-            mask = new
-            removed_at.append(sorted(i for _, _, i in info.removed))
-            self._train(model, data, gen)
-
+        loop = _Elimination(self, data, model, keep, step, d)
+        eliminate(
+            model,
+            pruner,
+            loop.target,
+            make_problem=lambda m: problem,
+            mask=mask,
+            scores=lambda s: pruner.cell_scores(s.problem),
+            before=loop.record,
+            retrain=lambda m, r: self._train(m, data, gen),
+            after=loop.removed,
+        )
+        history, states, removed_at = loop.history, loop.states, loop.removed_at
         chosen = self._choose(history, keep)
         model.load_state_dict(states[chosen])
         detach(model, bake=True)
@@ -215,22 +195,14 @@ class OCDSelector(SelectorMixin, BaseEstimator):
 
     # ------------------------------------------------------------------ pieces
     def _check_params(self) -> None:
-        def positive_int(name: str, value) -> None:
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-
         if isinstance(self.hidden, (str, bytes)) or not hasattr(self.hidden, "__iter__"):
             raise ValueError(f"hidden must be a tuple of layer sizes, got {self.hidden!r}")
         for h in self.hidden:
-            positive_int("every hidden layer size", h)
-        positive_int("epochs", self.epochs)
-        positive_int("patience", self.patience)
+            _positive_int("every hidden layer size", h)
+        _positive_int("epochs", self.epochs)
+        _positive_int("patience", self.patience)
         if self.batch_size is not None:
-            positive_int("batch_size", self.batch_size)
-        if self.task not in ("auto", "classification", "regression"):
-            raise ValueError(
-                f"task must be 'auto', 'classification' or 'regression', got {self.task!r}"
-            )
+            _positive_int("batch_size", self.batch_size)
         for name in ("lr", "weight_decay", "tol"):
             v = getattr(self, name)
             if not isinstance(v, numbers.Real) or not math.isfinite(v) or v < 0:
@@ -240,10 +212,10 @@ class OCDSelector(SelectorMixin, BaseEstimator):
         vf = self.validation_fraction
         if not isinstance(vf, numbers.Real) or not 0.0 <= vf < 1.0:
             raise ValueError(f"validation_fraction must be in [0, 1), got {vf!r}")
-        if self.method not in ("sum", "gate"):
-            raise ValueError(f"method must be 'sum' or 'gate', got {self.method!r}")
-        if self.curvature not in ("ggn", "hessian"):
-            raise ValueError(f"curvature must be 'ggn' or 'hessian', got {self.curvature!r}")
+        for name, choices in _CHOICES.items():
+            if getattr(self, name) not in choices:
+                allowed = ", ".join(repr(c) for c in choices)
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
 
     def _targets(self, y: np.ndarray) -> tuple[str, Tensor, int]:
         kind = type_of_target(y, raise_unknown=True)
@@ -342,6 +314,62 @@ class OCDSelector(SelectorMixin, BaseEstimator):
         best = max(h["val_score"] for h in history)
         ok = [i for i, h in enumerate(history) if h["val_score"] >= best - self.tol]
         return max(ok, key=lambda i: (-history[i]["n_features"], history[i]["val_score"]))
+
+
+_CHOICES = {
+    "task": ("auto", "classification", "regression"),
+    "method": ("sum", "gate"),
+    "curvature": ("ggn", "hessian"),
+}
+
+
+def _positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+class _Elimination:
+    """The callbacks of :meth:`OCDSelector.fit` on :func:`optbrain.elimination.eliminate`: one
+    history entry and weight snapshot per subset size, and the stopping rule."""
+
+    def __init__(self, est: OCDSelector, data: _Data, model: nn.Module, keep: int, step: int, d):
+        self.est, self.data, self.model = est, data, model
+        self.keep, self.step, self.d = keep, step, d
+        self.history: list[dict] = []
+        self.states: list[dict[str, Tensor]] = []
+        self.removed_at: list[list[int]] = []
+        self.best, self.below = -math.inf, 0
+
+    def target(self, r: int, mask: Mask) -> int:
+        """Total inputs removed after this round: ``step`` more (never below ``keep`` left)."""
+        n_alive = int(mask["0.weight"].any(0).sum())
+        return self.d - n_alive + max(0, min(self.step, n_alive - self.keep))
+
+    def record(self, s: Step) -> str | None:
+        """Score the current subset, snapshot the weights, and say whether to stop."""
+        score, vloss = self.data.score(self.model)
+        alive = s.mask["0.weight"].any(0).numpy()
+        self.history.append(
+            {
+                "n_features": int(alive.sum()),
+                "features": np.flatnonzero(alive).tolist(),
+                "removed": self.removed_at[-1] if self.removed_at else [],
+                "val_score": score,
+                "val_loss": vloss,
+                "saliencies": s.scores.values.numpy().copy(),
+            }
+        )
+        self.states.append({k: v.detach().clone() for k, v in self.model.state_dict().items()})
+        self.best = max(self.best, score)
+        self.below = self.below + 1 if score < self.best - self.est.tol else 0  # consecutive
+        if int(alive.sum()) <= self.keep:
+            return "kept"
+        if self.est.n_features_to_select is None and self.below >= self.est.patience:
+            return "patience"
+        return None
+
+    def removed(self, s: Step) -> None:
+        self.removed_at.append(sorted(i for _, _, i in s.info.removed))
 
 
 class _Data:

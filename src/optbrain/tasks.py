@@ -47,7 +47,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .errors import OptbrainError
+from .errors import NonFiniteDataError, OptbrainError
 from .pruners.presets import METHODS as _METHOD_TABLE
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,7 @@ __all__ = [
     "PruneResult",
     "Task",
     "prune_model",
+    "RunExistsError",
     "TaskError",
     "as_task",
     "load_task",
@@ -77,6 +78,10 @@ _EXPECTED = (
 
 class TaskError(OptbrainError, ValueError):
     """A task cannot be found, imported or called, or returned something that does not fit."""
+
+
+class RunExistsError(OptbrainError, FileExistsError):
+    """The output directory already holds a run of this method (finished or interrupted)."""
 
 
 @dataclass
@@ -382,6 +387,7 @@ def prune(
     optimizer: str = "adam",
     seed: int = 0,
     resume: bool = False,
+    force: bool = False,
     progress: bool = False,
 ) -> PruneResult:
     """Prune a task's model to ``sparsity`` in ``rounds`` rounds with retraining; write a run dir.
@@ -396,105 +402,143 @@ def prune(
     epochs on the training loader (``optimizer`` ``"adam"`` or ``"sgd"``, ``lr``; deleted weights
     stay zero). The model is pruned in place.
 
+    Every batch of every split is checked for NaN and infinity before any work, and again as it is
+    read (:class:`~optbrain.errors.NonFiniteDataError` names the split and the batch; a run that
+    meets one leaves no checkpoint of its own behind).
+
     Writes under ``out_dir``: ``<method>/history.json``, ``<method>/checkpoint.pt`` (a run
     interrupted and started again with ``resume=True`` and the same settings continues after the
-    last finished round; without ``resume`` an old checkpoint there is replaced),
+    last finished round, with the training loader's random state restored, so its history equals
+    an uninterrupted run's; a folder that already holds a run is refused with
+    :class:`RunExistsError` unless ``resume`` or ``force``, which replaces it),
     ``<method>/model.pt`` (load with ``optbrain.masking.load_pruned(model, path)`` into a fresh
     model of the same architecture), ``report.md``, its PNGs and ``run.json``.
     """
-    from .loop import CHECKPOINT, HISTORY, iterative_prune
-    from .masking import save_pruned
-    from .problem import Problem
-    from .report import default_columns, write_report
-    from .report.progress import Bars
-    from .report.tables import history_table, label, selection_lines
-    from .train import evaluate, train
-
     t_start = time.perf_counter()
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
-    if (
-        isinstance(retrain_epochs, bool)
-        or not isinstance(retrain_epochs, int)
-        or retrain_epochs < 0
-    ):
-        raise ValueError(f"retrain_epochs must be an int >= 0, not {retrain_epochs!r}")
-    sched = make_schedule(schedule, sparsity, rounds)
+    run = _Settings(method, sparsity, rounds, retrain_epochs, schedule, lr, optimizer, seed)
+    sched = run.check()
     task = load_task(task) if isinstance(task, str) else as_task(task)
     pruner = _pruner(method, seed, task)
     run_dir = Path(out_dir)
-    folder = run_dir / method
-    if not resume:
-        for stale in (CHECKPOINT, HISTORY):
-            (folder / stale).unlink(missing_ok=True)
+    checked = _checked_loaders(task)  # before anything is written or removed
+    _claim(run_dir / method, resume, force)
+    history = _rounds(task, checked, pruner, sched, run_dir / method, run, progress)
+    return _finish(task, history, pruner, sched, run_dir, run, t_start)
+
+
+@dataclass
+class _Settings:
+    """The settings of one :func:`prune` run."""
+
+    method: str
+    sparsity: float
+    rounds: int
+    retrain_epochs: int
+    schedule: str
+    lr: float
+    optimizer: str
+    seed: int
+
+    def check(self):
+        """Validate; returns the schedule."""
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose from {', '.join(METHODS)}")
+        e = self.retrain_epochs
+        if isinstance(e, bool) or not isinstance(e, int) or e < 0:
+            raise ValueError(f"retrain_epochs must be an int >= 0, not {e!r}")
+        return make_schedule(self.schedule, self.sparsity, self.rounds)
+
+    def config(self, task: Task, pruner, sched) -> dict[str, Any]:
+        """What a checkpoint must match to be resumed."""
+        return {
+            "task": task.name,
+            "method": self.method,
+            "predicts_objective": _METHOD_TABLE[self.method].predicts_objective,
+            "pruner": repr(pruner),
+            "schedule": repr(sched),
+            "sparsity": self.sparsity,
+            "rounds": self.rounds,
+            "retrain_epochs": self.retrain_epochs,
+            "optimizer": self.optimizer,
+            "lr": self.lr,
+            "seed": self.seed,
+        }
+
+    def epochs_text(self) -> str:
+        return f"{self.retrain_epochs} epoch{'' if self.retrain_epochs == 1 else 's'}"
+
+
+def _rounds(task: Task, checked: dict, pruner, sched, folder: Path, run: _Settings, progress):
+    """The prune–retrain rounds of :func:`prune` (progress bars, checkpoints in ``folder``)."""
+    from .loop import CHECKPOINT, HISTORY, iterative_prune
+    from .problem import Problem
+    from .report.progress import Bars
+    from .report.tables import label
+    from .train import evaluate, train
+
     bars = Bars(progress)
-    model, loss_fn = task.model, task.loss_fn
-    splits = task.loaders() or {"train": task.train_loader}
+    loss_fn, train_loader = task.loss_fn, checked["train"]
+    splits = {k: v for k, v in checked.items() if k != "train"} or {"train": train_loader}
 
     def metrics(m: nn.Module) -> dict[str, float]:
-        out: dict[str, float] = {}
-        for split, loader in splits.items():
-            for k, v in evaluate(m, loader, loss_fn).items():
-                out[f"{split}_{k}"] = v
-        return out
+        return {
+            f"{split}_{k}": v
+            for split, loader in splits.items()
+            for k, v in evaluate(m, loader, loss_fn).items()
+        }
 
-    config = {
-        "task": task.name,
-        "method": method,
-        "predicts_objective": _METHOD_TABLE[method].predicts_objective,
-        "pruner": repr(pruner),
-        "schedule": repr(sched),
-        "sparsity": sparsity,
-        "rounds": rounds,
-        "retrain_epochs": retrain_epochs,
-        "optimizer": optimizer,
-        "lr": lr,
-        "seed": seed,
-    }
-    with bars.stage(f"pruning {label(method)}", total=rounds, leave=True) as stage:
+    with bars.stage(f"pruning {label(run.method)}", total=run.rounds, leave=True) as stage:
 
         def make_problem(m: nn.Module) -> Problem:
             if stage is not None:
                 stage.note("saliencies")
-            return Problem(m, loss_fn, task.train_loader)
+            return Problem(m, loss_fn, train_loader)
 
         def retrain(m: nn.Module, r: int) -> None:
             if stage is not None:
                 stage.note("retraining")
-            with bars.stage(f"retraining round {r}", total=retrain_epochs) as cb:
-                train(
-                    m,
-                    task.train_loader,
-                    loss_fn,
-                    epochs=retrain_epochs,
-                    lr=lr,
-                    optimizer=optimizer,
-                    seed=seed + 1000 * r,
-                    progress=cb,
-                )
+            with bars.stage(f"retraining round {r}", total=run.retrain_epochs) as cb:
+                kw = dict(lr=run.lr, optimizer=run.optimizer, seed=run.seed + 1000 * r)
+                train(m, train_loader, loss_fn, epochs=run.retrain_epochs, progress=cb, **kw)
 
-        history = iterative_prune(
-            model,
-            pruner,
-            sched,
-            rounds=rounds,
-            make_problem=make_problem,
-            retrain=retrain if retrain_epochs > 0 else None,
-            evaluate=metrics,
-            checkpoint_dir=folder,
-            config=config,
-            progress=stage,
-        )
-    model_path = folder / "model.pt"
-    save_pruned(model, model_path)
-    histories = {method: history}
+        fresh = not (folder / CHECKPOINT).exists()
+        try:
+            return iterative_prune(
+                task.model,
+                pruner,
+                sched,
+                rounds=run.rounds,
+                make_problem=make_problem,
+                retrain=retrain if run.retrain_epochs > 0 else None,
+                evaluate=metrics,
+                checkpoint_dir=folder,
+                config=run.config(task, pruner, sched),
+                progress=stage,
+                loaders=[task.train_loader, task.val_loader, task.test_loader],
+            )
+        except NonFiniteDataError:
+            if fresh:  # leave no checkpoint of a run whose data turned out to be broken
+                for name in (CHECKPOINT, HISTORY):
+                    (folder / name).unlink(missing_ok=True)
+            raise
+
+
+def _finish(task: Task, history, pruner, sched, run_dir: Path, run: _Settings, t_start: float):
+    """Save the pruned model, write the report, build the round table."""
+    from .masking import save_pruned
+    from .report import default_columns, write_report
+    from .report.tables import history_table, label, selection_lines
+
+    model_path = run_dir / run.method / "model.pt"
+    save_pruned(task.model, model_path)
+    histories = {run.method: history}
     columns = default_columns(histories)
     seconds = time.perf_counter() - t_start
     notes = [
-        f"`optbrain prune --task {task.name} --method {method}`: {rounds} rounds of the "
-        f"{schedule} schedule `{sched!r}` up to {100 * sparsity:g}% of the prunable weights "
-        f"(pruner `{pruner!r}`), each followed by {retrain_epochs} epoch"
-        f"{'' if retrain_epochs == 1 else 's'} of retraining ({optimizer}, lr {lr:g}).",
+        f"`optbrain prune --task {task.name} --method {run.method}`: {run.rounds} rounds of the "
+        f"{run.schedule} schedule `{sched!r}` up to {100 * run.sparsity:g}% of the prunable "
+        f"weights (pruner `{pruner!r}`), each followed by {run.epochs_text()} of retraining "
+        f"({run.optimizer}, lr {run.lr:g}).",
         f"Load the pruned model with `optbrain.masking.load_pruned(model, "
         f"{model_path.relative_to(run_dir).as_posix()!r})` where `model` is a fresh model of the "
         "same architecture.",
@@ -504,15 +548,50 @@ def prune(
     )
     table = "\n".join(
         [
-            f"optbrain prune: {task.name}, method {label(method)}, {schedule} schedule to "
-            f"{100 * sparsity:g}% in {rounds} rounds, {retrain_epochs} retraining epoch"
-            f"{'' if retrain_epochs == 1 else 's'} per round",
+            f"optbrain prune: {task.name}, method {label(run.method)}, {run.schedule} schedule to "
+            f"{100 * run.sparsity:g}% in {run.rounds} rounds, {run.epochs_text()} of retraining "
+            "per round",
             history_table(histories, columns),
             *selection_lines(histories),
             f"total time {seconds:.1f} s",
         ]
     )
-    return PruneResult(history, run_dir, report, model_path, seconds, table, model)
+    return PruneResult(history, run_dir, report, model_path, seconds, table, task.model)
+
+
+def _claim(folder: Path, resume: bool, force: bool) -> None:
+    """Refuse to overwrite a run in ``folder`` unless asked: ``resume`` continues an interrupted
+    one, ``force`` replaces it."""
+    from .history import History
+    from .loop import CHECKPOINT, HISTORY
+
+    if resume and force:
+        raise ValueError("give resume (continue the run) or force (replace it), not both")
+    present = [n for n in (CHECKPOINT, HISTORY, "model.pt") if (folder / n).exists()]
+    if not present or resume:
+        return
+    if not force:
+        try:
+            rounds = f"{History.load(folder / HISTORY).last.round} rounds"
+        except (OSError, ValueError, AttributeError):
+            rounds = "rounds unknown"
+        state = "a finished run" if (folder / "model.pt").exists() else "an interrupted run"
+        raise RunExistsError(
+            f"{folder} holds {state} ({', '.join(present)}; {rounds}); pass --resume to "
+            "continue it or --force to replace it (or choose another --out)"
+        )
+    for name in present:
+        (folder / name).unlink()
+
+
+def _checked_loaders(task: Task) -> dict[str, Any]:
+    """Every split scanned for NaN/inf before any work, then wrapped to check each batch read."""
+    from .datacheck import Checked, scan
+
+    loaders = {"train": task.train_loader, **task.loaders()}
+    for split, loader in loaders.items():
+        scan(split, loader)
+    return {split: Checked(split, loader) for split, loader in loaders.items()}
 
 
 def prune_model(

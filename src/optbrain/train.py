@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .datacheck import check_batch
 from .errors import EmptyDataError, NonFiniteLossError
 
 log = logging.getLogger(__name__)
@@ -116,6 +117,29 @@ def train(
         return _run(model, train_loader, loss_fn, opt, epochs, val_loader, patience, progress)
 
 
+def _epoch(model: nn.Module, loader, loss_fn, opt, epoch: int, device) -> float:
+    """One pass over ``loader`` in train mode; the mean per-sample training loss."""
+    model.train()
+    total, n = 0.0, 0
+    for i, (x, y) in enumerate(loader):
+        x, y = x.to(device), y.to(device)
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(model(x), y)
+        if not torch.isfinite(loss):
+            check_batch("training", i, (x, y), f" (epoch {epoch})")  # the data's fault?
+            raise NonFiniteLossError(
+                f"the training loss became {float(loss)} in epoch {epoch}, batch {i} "
+                "(the data are finite); lower lr?"
+            )
+        loss.backward()
+        opt.step()
+        total += _summed(loss_fn, loss, x.shape[0])
+        n += x.shape[0]
+    if n == 0:
+        raise EmptyDataError("train_loader yielded no samples")
+    return total / n
+
+
 def _run(
     model: nn.Module,
     train_loader: Iterable[tuple[Tensor, Tensor]],
@@ -134,26 +158,10 @@ def _run(
     was_training = model.training
     try:
         for epoch in range(1, epochs + 1):
-            model.train()
-            total, n = 0.0, 0
-            for x, y in train_loader:
-                x, y = x.to(device), y.to(device)
-                opt.zero_grad(set_to_none=True)
-                out = model(x)
-                loss = loss_fn(out, y)
-                if not torch.isfinite(loss):
-                    raise NonFiniteLossError(
-                        f"the training loss became {float(loss)} in epoch {epoch}; lower lr?"
-                    )
-                loss.backward()
-                opt.step()
-                total += _summed(loss_fn, loss, x.shape[0])
-                n += x.shape[0]
-            if n == 0:
-                raise EmptyDataError("train_loader yielded no samples")
-            result.train_loss.append(total / n)
+            mean = _epoch(model, train_loader, loss_fn, opt, epoch, device)
+            result.train_loss.append(mean)
             result.epochs_run = epoch
-            msg = f"epoch {epoch}/{epochs} train loss {total / n:.5g}"
+            msg = f"epoch {epoch}/{epochs} train loss {mean:.5g}"
             if val_loader is not None:
                 val = evaluate(model, val_loader, loss_fn)["loss"]
                 result.val_loss.append(val)
@@ -185,7 +193,9 @@ def evaluate(
 ) -> dict[str, float]:
     """Mean per-sample loss over ``loader`` (model in eval mode; modes restored afterwards).
 
-    For integer targets (classification) the result also has ``"accuracy"``: the argmax over the
+    A non-finite loss caused by NaN or infinity in the data raises
+    :class:`~optbrain.errors.NonFiniteDataError` naming the batch. For integer targets
+    (classification) the result also has ``"accuracy"``: the argmax over the
     class dimension 1 (as ``CrossEntropyLoss`` lays outputs out), or the sign of a single logit.
     """
     device = _device(model)
@@ -194,10 +204,13 @@ def evaluate(
     total, n, correct, n_pred = 0.0, 0, 0, 0
     classification = True
     try:
-        for x, y in loader:
+        for i, (x, y) in enumerate(loader):
             x, y = x.to(device), y.to(device)
             out = model(x)
-            total += _summed(loss_fn, loss_fn(out, y), x.shape[0])
+            loss = loss_fn(out, y)
+            if not torch.isfinite(loss):
+                check_batch("evaluation", i, (x, y))  # NaN data is an error, not a NaN metric
+            total += _summed(loss_fn, loss, x.shape[0])
             n += x.shape[0]
             if y.dtype.is_floating_point or y.dtype == torch.bool:
                 classification = False

@@ -145,78 +145,104 @@ _FALSE = {"0", "false", "no", "off"}
 
 
 def _coerce(value: Any, tp: Any) -> Any:
-    origin, args = get_origin(tp), get_args(tp)
+    """``value`` (a string from ``--set``, or a Python value) as the annotated type ``tp``."""
+    origin = get_origin(tp)
     if tp is Any:
         return value
     if origin in (Union, types.UnionType):
-        if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null")):
-            if type(None) in args:
-                return None
-        errors = []
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _coerce(value, a)
-            except (TypeError, ValueError) as exc:
-                errors.append(str(exc))
-        raise ValueError("; ".join(errors) or "no type fits")
+        return _coerce_union(value, get_args(tp))
     if origin is Literal:
-        for choice in args:
-            try:
-                v = _coerce(value, type(choice))
-            except (TypeError, ValueError):
-                continue
-            if v == choice:
-                return choice
-        raise ValueError(f"choose one of {', '.join(repr(a) for a in args)}")
+        return _coerce_literal(value, get_args(tp))
     if origin in (tuple, list, Sequence, typing.Sequence):
-        items = _split(value) if isinstance(value, str) else value
-        if not isinstance(items, (list, tuple)):
-            raise TypeError(f"expected a sequence, got {type(items).__name__}")
-        if origin is tuple and args and not (len(args) == 2 and args[1] is Ellipsis):
-            if len(items) != len(args):
-                raise ValueError(f"expected {len(args)} values, got {len(items)}")
-            return tuple(_coerce(v, a) for v, a in zip(items, args))
-        inner = args[0] if args else Any
-        out = []
-        for v in items:
-            try:
-                out.append(_coerce(v, inner))
-            except (TypeError, ValueError) as exc:
-                raise type(exc)(f"item {v!r}: {exc}") from None
-        return tuple(out) if origin is not list else out
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
-            return value.strip().lower() in _TRUE
-        raise ValueError("expected true or false")
-    if tp is int:
-        if isinstance(value, bool):
-            raise TypeError("expected an integer, not a bool")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, str):
-            return int(value.strip())
-        raise TypeError(f"expected an integer, got {type(value).__name__}")
-    if tp is float:
-        if isinstance(value, bool):
-            raise TypeError("expected a number, not a bool")
-        if isinstance(value, (int, float)):
-            out = float(value)
-        elif isinstance(value, str):
-            out = float(value.strip())
-        else:
-            raise TypeError(f"expected a number, got {type(value).__name__}")
-        if math.isnan(out):
-            raise ValueError("NaN is not allowed")
-        return out
-    if tp is str:
-        if not isinstance(value, str):
-            raise TypeError(f"expected a string, got {type(value).__name__}")
-        return value
+        return _coerce_sequence(value, origin, get_args(tp))
+    if tp in _SCALARS:
+        return _SCALARS[tp](value)
     raise TypeError(f"settings of type {_describe(tp)} cannot be set")
+
+
+def _coerce_union(value: Any, args: tuple) -> Any:
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null")):
+        if type(None) in args:
+            return None
+    errors = []
+    for a in args:
+        if a is type(None):
+            continue
+        try:
+            return _coerce(value, a)
+        except (TypeError, ValueError) as exc:
+            errors.append(str(exc))
+    raise ValueError("; ".join(errors) or "no type fits")
+
+
+def _coerce_literal(value: Any, args: tuple) -> Any:
+    for choice in args:
+        try:
+            v = _coerce(value, type(choice))
+        except (TypeError, ValueError):
+            continue
+        if v == choice:
+            return choice
+    raise ValueError(f"choose one of {', '.join(repr(a) for a in args)}")
+
+
+def _coerce_sequence(value: Any, origin: Any, args: tuple) -> Any:
+    items = _split(value) if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)):
+        raise TypeError(f"expected a sequence, got {type(items).__name__}")
+    if origin is tuple and args and not (len(args) == 2 and args[1] is Ellipsis):
+        if len(items) != len(args):
+            raise ValueError(f"expected {len(args)} values, got {len(items)}")
+        return tuple(_coerce(v, a) for v, a in zip(items, args))
+    inner = args[0] if args else Any
+    out = []
+    for v in items:
+        try:
+            out.append(_coerce(v, inner))
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"item {v!r}: {exc}") from None
+    return tuple(out) if origin is not list else out
+
+
+def _to_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+        return value.strip().lower() in _TRUE
+    raise ValueError("expected true or false")
+
+
+def _to_int(value: Any) -> int:
+    if isinstance(value, bool):
+        raise TypeError("expected an integer, not a bool")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        return int(value.strip())
+    raise TypeError(f"expected an integer, got {type(value).__name__}")
+
+
+def _to_float(value: Any) -> float:
+    if isinstance(value, bool):
+        raise TypeError("expected a number, not a bool")
+    if isinstance(value, (int, float)):
+        out = float(value)
+    elif isinstance(value, str):
+        out = float(value.strip())
+    else:
+        raise TypeError(f"expected a number, got {type(value).__name__}")
+    if math.isnan(out):
+        raise ValueError("NaN is not allowed")
+    return out
+
+
+def _to_str(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"expected a string, got {type(value).__name__}")
+    return value
+
+
+_SCALARS = {bool: _to_bool, int: _to_int, float: _to_float, str: _to_str}
 
 
 def _split(text: str) -> list[str]:

@@ -285,10 +285,18 @@ def ranking_stats(scores: Tensor) -> dict[str, Any]:
 
 
 def _analyse(cfg: Config, runs: list[dict[str, Any]], result: Result) -> None:
-    from scipy.stats import kendalltau, spearmanr
 
     ns = len(runs)
     tag = seeds_tag(ns)
+    _ranking_claims(runs, result, ns, tag)
+    _agreement_and_accuracy(runs, result, tag)
+    if not cfg.removal:
+        return
+    _removal_claims(cfg, runs, result, ns, tag)
+
+
+def _ranking_claims(runs, result, ns, tag):
+    """Per-seed rankings and the claims on which inputs each ranking puts last."""
     stats = {
         m: [ranking_stats(torch.tensor(r["scores"][m], dtype=torch.float64)) for r in runs]
         for m in RANKERS
@@ -351,6 +359,12 @@ def _analyse(cfg: Config, runs: list[dict[str, Any]], result: Result) -> None:
                 paper=_PAPER["informative"],
             )
         )
+
+
+def _agreement_and_accuracy(runs, result, tag):
+    """Rank agreement between the rankings, and the accuracy table and claim."""
+    from scipy.stats import kendalltau, spearmanr
+
     # rank agreement
     for a, b in (("ocd", "permutation"), ("ocd", "mutual_info"), ("permutation", "mutual_info")):
         rho = [float(spearmanr(r["scores"][a], r["scores"][b])[0]) for r in runs]
@@ -393,8 +407,10 @@ def _analyse(cfg: Config, runs: list[dict[str, Any]], result: Result) -> None:
             paper=_PAPER["bayes"],
         )
     )
-    if not cfg.removal:
-        return
+
+
+def _removal_claims(cfg, runs, result, ns, tag):
+    """The removal curves: inputs kept, accuracy, noise inputs removed first."""
     noise = set(_groups()["noise"])
     pure = set(_groups()["pure_noise"])
     for method in cfg.removal_methods:

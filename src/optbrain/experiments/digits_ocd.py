@@ -214,6 +214,13 @@ def smallest_within(rows_per_seed: list[list[dict[str, Any]]], drop: float) -> t
 def _analyse(cfg: Config, runs, constant: list[int], variance, result: Result) -> None:
     ns = len(runs)
     tag = seeds_tag(ns)
+    _constant_pixels_claim(runs, constant, result, ns, tag)
+    _border_claim(cfg, runs, variance, result, tag)
+    _accuracy_claims(cfg, runs, result, tag)
+
+
+def _constant_pixels_claim(runs, constant, result, ns, tag):
+    """Constant pixels: saliency exactly 0, ranked lowest."""
     # constant pixels: saliency exactly 0, ranked lowest
     ok_const, worst_mag = 0, []
     for r in runs:
@@ -240,6 +247,10 @@ def _analyse(cfg: Config, runs, constant: list[int], variance, result: Result) -
             paper=_PAPER["constant"],
         )
     )
+
+
+def _border_claim(cfg, runs, variance, result, tag):
+    """Where the lowest-ranked pixels lie: the border."""
     # border: where the lowest-ranked pixels lie
     k = cfg.lowest
     per_seed = []
@@ -275,6 +286,10 @@ def _analyse(cfg: Config, runs, constant: list[int], variance, result: Result) -
             paper=_PAPER["border"],
         )
     )
+
+
+def _accuracy_claims(cfg, runs, result, tag):
+    """Accuracy against pixels kept."""
     # accuracy against pixels kept
     full = mean_sd([r["test_accuracy"] for r in runs])
     n_min = {}

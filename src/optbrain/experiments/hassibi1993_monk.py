@@ -144,20 +144,24 @@ def _delete(cfg: Config, method: str, model: nn.Module, data, targets, wd: float
     traj = [{"remaining": mask.kept(), "train_acc": a_tr, "test_acc": a_te, "saliency": 0.0}]
     stop = {"mask": mask, "state": copy.deepcopy(work.state_dict())}
     intact = True
-    for new, info, _ in delete_one_at_a_time(work, problem, pruner, mask):
+
+    def after(step) -> None:
+        nonlocal intact, stop
         tr = accuracy(work, data.x_train, data.y_train)
         te = accuracy(work, data.x_test, data.y_test)
         traj.append(
             {
-                "remaining": new.kept(),
+                "remaining": step.new.kept(),
                 "train_acc": tr,
                 "test_acc": te,
-                "saliency": info.predicted_increase,
+                "saliency": step.info.predicted_increase,
             }
         )
         intact &= tr >= traj[0]["train_acc"] - 1e-12 and te >= traj[0]["test_acc"] - 1e-12
         if intact:
-            stop = {"mask": new, "state": copy.deepcopy(work.state_dict())}
+            stop = {"mask": step.new, "state": copy.deepcopy(work.state_dict())}
+
+    delete_one_at_a_time(work, problem, pruner, mask, after=after)
     final = copy.deepcopy(model)
     final.load_state_dict(stop["state"])
     return traj, stop["mask"], final
@@ -255,6 +259,13 @@ def _analyse(cfg: Config, problem: int, rows: list[dict[str, Any]], result: Resu
     )
     left = {m: [r["methods"][m]["weights_left"] for r in rows] for m in _methods(cfg)}
     stats = {m: mean_sd(v) for m, v in left.items()}
+    _obs_claim(cfg, problem, result, tag, total, left, stats)
+    _unit_obs_claim(cfg, problem, rows, result, tag, total, left, stats)
+    _tables(cfg, problem, rows, result, left, stats)
+
+
+def _obs_claim(cfg, problem, result, tag, total, left, stats):
+    """OBS: weights left at unchanged accuracy, against the paper."""
     if "obs" in left:
         paper = PAPER_OBS[problem]
         result.claims.append(
@@ -278,6 +289,10 @@ def _analyse(cfg: Config, problem: int, rows: list[dict[str, Any]], result: Resu
                     "nets; magnitude and OBD are our baselines)",
                 )
             )
+
+
+def _unit_obs_claim(cfg, problem, rows, result, tag, total, left, stats):
+    """Unit-OBS on MONK-1: the relevant attributes kept."""
     if problem == 1 and "unit_obs" in left:
         topo = sorted({r["methods"]["unit_obs"]["topology"] for r in rows})
         result.claims.append(
@@ -315,6 +330,10 @@ def _analyse(cfg: Config, problem: int, rows: list[dict[str, Any]], result: Resu
                     paper="Unit-OBS then OBS: 14 weights, 5-3-1",
                 )
             )
+
+
+def _tables(cfg, problem, rows, result, left, stats):
+    """The per-method summary and per-seed tables."""
     for m in _methods(cfg):
         paper = {
             "obs": f"{PAPER_OBS[problem]}",

@@ -250,6 +250,15 @@ def _analyse(cfg: Config, rows, trained, result: Result) -> None:
             )
         )
         return
+    solved = _claims_deletion(cfg, trained, result, n)
+    off_h, off_g, lo = _claim_offdiagonal(cfg, trained, result, n)
+
+    _tables_deletion(cfg, trained, result, n, solved)
+    _tables_seeds(cfg, trained, result, off_h, off_g, lo)
+
+
+def _claims_deletion(cfg, trained, result, n):
+    """The one-deletion claims: OBS solves XOR more often than OBD and magnitude."""
     solved = {m: sum(r[m]["solved"] for r in trained) for m in METHODS}
     frac = {m: solved[m] / n for m in METHODS}
     result.claims.append(
@@ -292,6 +301,12 @@ def _analyse(cfg: Config, rows, trained, result: Result) -> None:
                 paper=_PAPER["relearn"],
             )
         )
+
+    return solved
+
+
+def _claim_offdiagonal(cfg, trained, result, n):
+    """The Hessian's off-diagonal mass claim."""
     off_h = mean_sd([r["offdiag_hessian"] for r in trained])
     off_g = mean_sd([r["offdiag_ggn"] for r in trained])
     lo = min(r["offdiag_hessian"] for r in trained)
@@ -305,6 +320,11 @@ def _analyse(cfg: Config, rows, trained, result: Result) -> None:
         )
     )
 
+    return off_h, off_g, lo
+
+
+def _tables_deletion(cfg, trained, result, n, solved):
+    """Per-method deletion summary and the α sweep."""
     # tables: per method, which weight is deleted and what happens
     summary = []
     for m in METHODS:
@@ -344,6 +364,10 @@ def _analyse(cfg: Config, rows, trained, result: Result) -> None:
             }
             for a in cfg.alpha_sweep
         ]
+
+
+def _tables_seeds(cfg, trained, result, off_h, off_g, lo):
+    """Per-seed and curvature tables, rank notes."""
     result.tables["per_seed"] = [
         {
             "seed": r["seed"],

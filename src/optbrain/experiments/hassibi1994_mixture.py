@@ -175,22 +175,39 @@ def _curve(cfg: Config, method: str, model: nn.Module, data, seed: int) -> list[
     mask = all_parameters_mask(work)
     pruner = make_pruner(method, alpha=cfg.alpha)
     rows = [{"removed": 0, "saliency": 0.0, **_metrics(work, data)}]
-    steps = delete_one_at_a_time(
-        work, problem, pruner, mask, min_kept=mask.total() - cfg.max_removed
+    masks = [mask]
+
+    def retrain(m: nn.Module, k: int) -> None:  # OBD only: masked retraining after each step
+        attach(m, masks[-1])
+        train(
+            m,
+            _loader(data.x_train, data.y_train, cfg.retrain_batch, seed * 1000 + k),
+            nn.MSELoss(),
+            epochs=cfg.retrain_epochs,
+            lr=cfg.retrain_lr,
+            seed=seed * 1000 + k,
+        )
+        detach(m, bake=True)
+
+    def after(step) -> None:
+        rows.append(
+            {
+                "removed": step.round,
+                "saliency": step.info.predicted_increase,
+                **_metrics(work, data),
+            }
+        )
+
+    delete_one_at_a_time(
+        work,
+        problem,
+        pruner,
+        mask,
+        min_kept=mask.total() - cfg.max_removed,
+        retrain=retrain if method == "obd" and cfg.retrain_epochs > 0 else None,
+        after=after,
+        deleted=lambda step: masks.append(step.new),
     )
-    for k, (new, info, _) in enumerate(steps, start=1):
-        if method == "obd" and cfg.retrain_epochs > 0:
-            attach(work, new)
-            train(
-                work,
-                _loader(data.x_train, data.y_train, cfg.retrain_batch, seed * 1000 + k),
-                nn.MSELoss(),
-                epochs=cfg.retrain_epochs,
-                lr=cfg.retrain_lr,
-                seed=seed * 1000 + k,
-            )
-            detach(work, bake=True)
-        rows.append({"removed": k, "saliency": info.predicted_increase, **_metrics(work, data)})
     return rows
 
 
@@ -256,6 +273,12 @@ def _analyse(cfg: Config, start: str, runs: dict[int, dict[str, Any]], result: R
     name = "trained to the minimum" if start == "minimum" else "early-stopped"
     tag = seeds_tag(ns, f"{name} net")
     paper_k = PAPER_MIN[start]
+    _method_claims(cfg, start, runs, result, seeds, tag, paper_k)
+    _comparison_and_tables(cfg, start, runs, result, tag)
+
+
+def _method_claims(cfg, start, runs, result, seeds, tag, paper_k):
+    """The claims of OBS (no retraining) and OBD with retraining."""
     if start == "minimum":
         tr = mean_sd([runs[s]["start"]["train_mse"] for s in seeds])
         result.claims.append(
@@ -307,6 +330,10 @@ def _analyse(cfg: Config, start: str, runs: dict[int, dict[str, Any]], result: R
                 paper=_PAPER["obd" if start == "minimum" else "es_obd"],
             )
         )
+
+
+def _comparison_and_tables(cfg, start, runs, result, tag):
+    """OBS against OBD, and the per-method tables."""
     if "obs" in cfg.methods and "obd" in cfg.methods:
         obs_best = min(c[0] for c in _mean_curve(runs, "obs", "test_mse"))
         obd_best = min(c[0] for c in _mean_curve(runs, "obd", "test_mse")[1:])

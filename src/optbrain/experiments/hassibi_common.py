@@ -11,13 +11,14 @@ papers' E = (1/2P) Σ (t − o)². Rankings and the OBS update do not depend on 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from ..elimination import Step
 from ..errors import TargetUnreachableError
 from ..masking import Mask, apply_
 from ..paramdict import named_parameters
@@ -203,28 +204,50 @@ def make_pruner(
 
 
 def delete_one_at_a_time(
-    model: nn.Module, problem: Problem, pruner: Any, mask: Mask, *, min_kept: int = 1
-) -> Iterator[tuple[Mask, Any, dict[str, Tensor]]]:
-    """Delete with ``pruner`` one step at a time, without retraining: yields ``(mask, info,
-    before)`` after each step, with the model's weights updated (OBS compensation, or zeroing)
-    and the deleted entries zeroed. ``before`` is the state dict before the step, so a caller
-    that rejects the step can ``model.load_state_dict(before)`` and keep the previous mask. One
-    step deletes one weight, or one unit for a Unit-OBS pruner (``groups == "unit"``); every
-    step starts from a fresh curvature at the current weights (OBS: the paper's "go back to
-    step 2"). Stops when no more than ``min_kept`` entries are left."""
-    units = getattr(pruner, "groups", "weight") == "unit"
-    while mask.kept() > min_kept:
-        before = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        if units:
-            try:
-                new, info = pruner(problem, mask, units=1)
-            except TargetUnreachableError:
-                return
-        else:
-            new, info = pruner(problem, mask, mask.pruned() + 1)
-        apply_(model, new)
-        yield new, info, before
-        mask = new
+    model: nn.Module,
+    problem: Problem,
+    pruner: Any,
+    mask: Mask,
+    *,
+    after: Callable[[Step], str | None],
+    min_kept: int = 1,
+    retrain: Callable[[nn.Module, int], Any] | None = None,
+    deleted: Callable[[Step], Any] | None = None,
+) -> str | None:
+    """Delete with ``pruner`` one step at a time on :func:`optbrain.elimination.eliminate`, the
+    model's weights updated in place (OBS compensation, or zeroing) and the deleted entries
+    zeroed (not attached); ``after(step)`` sees each step (``step.new``, ``step.info``) and may
+    return a reason to stop, ``deleted(step)`` runs right after the deletion and ``retrain(model,
+    k)`` after it. One step deletes one weight,
+    or one unit for a Unit-OBS pruner (``units``: one more removed cell); every step starts from a
+    fresh curvature at the current weights (OBS: the paper's "go back to step 2"). Stops when no
+    more than ``min_kept`` entries are left, or when a Unit-OBS pruner has no candidate left;
+    returns the reason it stopped (None: ``min_kept`` reached)."""
+    from ..cells import cells
+    from ..elimination import eliminate
+    from ..pruners.cell_pruner import removed_cells
+
+    units = getattr(pruner, "removes_cells", False)
+    found = cells(model, ("input", "unit", "channel")) if units else []
+
+    def target(r: int, m: Mask) -> int | None:
+        if m.kept() <= min_kept:
+            return None
+        return sum(removed_cells(found, m)) + 1 if units else m.pruned() + 1
+
+    return eliminate(
+        model,
+        pruner,
+        target,
+        make_problem=lambda m: problem,
+        mask=mask,
+        by="units" if units else "sparsity",
+        deleted=deleted,
+        retrain=retrain,
+        after=after,
+        apply=apply_,
+        stop_on=(TargetUnreachableError,) if units else (),
+    )
 
 
 def live_topology(mask: Mask) -> tuple[int, int, int]:

@@ -206,27 +206,47 @@ def iterative_removal(
     tick: Callable[[str], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Remove the ``step`` lowest-scoring remaining inputs, retrain, repeat until ``min_inputs``
-    remain (RFE-shaped OCD). ``score(model, round)`` gives a score per input (higher = keep);
-    ``retrain(model, round)`` retrains in place. Works on a copy; returns one row per round
-    (round 0 = the trained net): inputs kept, inputs removed that round, val/test accuracy and loss.
-    """
+    remain (RFE-shaped OCD). ``score(model, round)`` gives a score per input (higher = keep; ties
+    broken by input index); ``retrain(model, round)`` retrains in place. Works on a copy; returns
+    one row per round (round 0 = the trained net): inputs kept, inputs removed that round, val/test
+    accuracy and loss. The rounds are :func:`optbrain.elimination.eliminate` with the scores
+    injected into a :class:`~optbrain.pruners.CellPruner` over the inputs."""
+    from ..cells import cells
+    from ..elimination import Step, eliminate
+    from ..masking import Mask
+    from ..problem import Problem
+    from ..pruners import CellPruner
+    from ..saliency.ocd import OCD, CellSaliencies
+
     work = copy.deepcopy(model)
-    alive = list(range(split.x_train.shape[1]))
-    rows = [_removal_row(0, alive, [], work, split)]
-    r = 0
-    while len(alive) > min_inputs:
-        r += 1
-        s = score(work, r)
-        k = min(step, len(alive) - min_inputs)
-        # lowest score first; ties broken by input index
-        order = sorted(alive, key=lambda i: (float(s[i]), i))
-        gone = order[:k]
-        remove_inputs(work, gone)
-        alive = [i for i in alive if i not in gone]
-        retrain(work, r)
-        rows.append(_removal_row(r, alive, gone, work, split))
+    found = tuple(cells(work, ("input",)))
+    d = len(found)
+    rows = [_removal_row(0, list(range(d)), [], work, split)]
+
+    def target(r: int, mask: Mask) -> int | None:
+        alive = rows[-1]["kept"]
+        if alive <= min_inputs:
+            return None
+        return d - alive + min(step, alive - min_inputs)
+
+    def after(s: Step) -> None:
+        values = s.scores.values  # removed lowest score first, ties by index
+        gone = sorted((i for _, _, i in s.info.removed), key=lambda i: (float(values[i]), i))
+        alive = [i for i in rows[-1]["alive"] if i not in gone]
+        rows.append(_removal_row(s.round, alive, gone, work, split))
         if tick is not None:
-            tick(f"round {r}: {len(alive)} inputs kept")
+            tick(f"round {s.round}: {len(alive)} inputs kept")
+
+    eliminate(
+        work,
+        CellPruner(OCD(kinds=("input",))),  # its scores are injected: never computed
+        target,
+        make_problem=lambda m: Problem(m, nn.CrossEntropyLoss(), [(split.x_train, split.y_train)]),
+        mask=Mask.ones(work, sorted({sl.name for c in found for sl in c.fan_out})),
+        scores=lambda s: CellSaliencies(found, score(work, s.round).to(torch.float64), "sum"),
+        retrain=retrain,
+        after=after,
+    )
     return rows
 
 

@@ -35,7 +35,7 @@ import copy
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -262,14 +262,31 @@ def _sweep(
     n_params = sum(p.numel() for p in work.parameters())
     ones = Mask.ones(work)
     rows: list[dict[str, Any]] = []
-    if method == "obd_reestimate":
-        mask, predicted = ones, 0.0
-        for f in fractions:
-            if f > 0:
-                mask, info = pruner(problem, mask, f)  # zeroes the deleted weights in place
-                apply_(work, mask)
-                predicted += info.predicted_increase
-            rows.append(_row(f, mask, n_params, problem.objective(), predicted, work, data))
+    if method == "obd_reestimate":  # re-estimate after every deletion: the elimination loop
+        from ..elimination import eliminate
+
+        rows = [
+            _row(f, ones, n_params, problem.objective(), 0.0, work, data)
+            for f in fractions
+            if f <= 0
+        ]
+        positive = [f for f in fractions if f > 0]
+        total = [0.0]
+
+        def after(step) -> None:
+            total[0] += step.info.predicted_increase
+            obj = problem.objective()
+            rows.append(_row(step.target, step.new, n_params, obj, total[0], work, data))
+
+        eliminate(
+            work,
+            pruner,
+            lambda r, m: positive[r - 1] if r <= len(positive) else None,
+            make_problem=lambda m: problem,
+            mask=ones,
+            after=after,
+            apply=apply_,
+        )
         return rows
     scores = pruner.scores(problem, ones)
     state = {k: v.clone() for k, v in work.state_dict().items()}
@@ -427,16 +444,59 @@ def _at(fractions: list[float], f: float) -> int:
     return min(range(len(fractions)), key=lambda i: abs(fractions[i] - f))
 
 
-def _analyse(cfg, model_name, runs, size, result: Result) -> None:
-    seeds = list(runs)
-    ns = len(seeds)
-    fr = _sweep_col(runs, "obd_initial", "fraction")
-    main = "obd_initial" if cfg.ranking == "initial" else "obd_reestimate"
-    other = "obd_reestimate" if main == "obd_initial" else "obd_initial"
-    obj = {m: _curve(runs, m, "objective") for m in SWEEP_METHODS}
-    tag = seeds_tag(ns, model_name)
+@dataclass
+class _Analysis:
+    """What every claim of one model's analysis reads."""
 
-    # Fig. 1a ordering at the claim fractions, for both OBD variants
+    cfg: Config
+    model_name: str
+    runs: dict
+    size: dict
+    result: Result
+    seeds: list = field(init=False)
+    ns: int = field(init=False)
+    fr: list = field(init=False)
+    main: str = field(init=False)
+    other: str = field(init=False)
+    obj: dict = field(init=False)
+    tag: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.seeds = list(self.runs)
+        self.ns = len(self.seeds)
+        self.fr = _sweep_col(self.runs, "obd_initial", "fraction")
+        self.main = "obd_initial" if self.cfg.ranking == "initial" else "obd_reestimate"
+        self.other = "obd_reestimate" if self.main == "obd_initial" else "obd_initial"
+        self.obj = {m: _curve(self.runs, m, "objective") for m in SWEEP_METHODS}
+        self.tag = seeds_tag(self.ns, self.model_name)
+
+
+def _analyse(cfg, model_name, runs, size, result: Result) -> None:
+    a = _Analysis(cfg, model_name, runs, size, result)
+    _fig1a_ordering(a)
+    _fig1a_range(a)
+    pred = _fig1b(a)
+    _fig1_table(a, pred)
+    if not cfg.retrain:
+        return
+    for method in cfg.retrain_methods:
+        _fig2(a, method)
+    for method in cfg.retrain_methods:
+        _compression(a, method)
+
+
+def _fig1a_ordering(a: _Analysis) -> None:
+    """Fig. 1a ordering at the claim fractions, for both OBD variants."""
+    cfg = a.cfg
+    runs = a.runs
+    result = a.result
+    seeds = a.seeds
+    ns = a.ns
+    fr = a.fr
+    main = a.main
+    other = a.other
+    obj = a.obj
+    tag = a.tag
     for variant in (main, other):
         parts, ok = [], True
         for f in cfg.claim_fractions:
@@ -466,7 +526,15 @@ def _analyse(cfg, model_name, runs, size, result: Result) -> None:
             )
         )
 
-    # Fig. 1a over the whole range (main variant)
+
+def _fig1a_range(a: _Analysis) -> None:
+    """Fig. 1a over the whole range (main variant)."""
+    cfg = a.cfg
+    result = a.result
+    fr = a.fr
+    main = a.main
+    obj = a.obj
+    tag = a.tag
     pts = [i for i, f in enumerate(fr) if 0 < f <= cfg.sweep_max + 1e-9]
     below = [i for i in pts if obj[main][i][0] <= obj["magnitude"][i][0] + cfg.ordering_tol_db]
     worst = [
@@ -490,7 +558,19 @@ def _analyse(cfg, model_name, runs, size, result: Result) -> None:
         )
     )
 
-    # Fig. 1b: predicted vs actual objective (main variant), in dB
+
+def _fig1b(a: _Analysis) -> list[float]:
+    """Fig. 1b: predicted vs actual objective (main variant), in dB."""
+    cfg = a.cfg
+    runs = a.runs
+    size = a.size
+    result = a.result
+    seeds = a.seeds
+    ns = a.ns
+    fr = a.fr
+    main = a.main
+    obj = a.obj
+    tag = a.tag
     e0 = [runs[s]["sweeps"][main][0]["objective"] for s in seeds]
     pred = [
         mean_sd(
@@ -540,8 +620,17 @@ def _analyse(cfg, model_name, runs, size, result: Result) -> None:
             paper=_PAPER["fig1b"] + " [read on a dB scale, where small ΔE are invisible]",
         )
     )
+    return pred
 
-    # tables: fig1a/fig1b
+
+def _fig1_table(a: _Analysis, pred: list[float]) -> None:
+    """The table of Fig. 1a/1b."""
+    model_name = a.model_name
+    runs = a.runs
+    result = a.result
+    fr = a.fr
+    main = a.main
+    obj = a.obj
     rows = []
     for i, f in enumerate(fr):
         row = {
@@ -556,149 +645,165 @@ def _analyse(cfg, model_name, runs, size, result: Result) -> None:
         rows.append(row)
     result.tables.setdefault("fig1a_fig1b_objective_dB", []).extend(rows)
 
-    if not cfg.retrain:
+
+def _fig2(a: _Analysis, method: str) -> None:
+    """Fig. 2 with retraining: the round table, and for OBD the little-loss claim."""
+    model_name = a.model_name
+    runs = a.runs
+    result = a.result
+    seeds = a.seeds
+    fr = a.fr
+    main = a.main
+    hs = {s: runs[s]["histories"][method] for s in seeds}
+    n = min(len(h.records) for h in hs.values())
+    sp = [hs[seeds[0]].records[i].sparsity for i in range(n)]
+    tg = [hs[seeds[0]].records[i].target for i in range(n)]  # = a sweep fraction
+    cols = {
+        k: _hist_curve(runs, method, k, fn)
+        for k, fn in (
+            ("train_mse", db),
+            ("test_mse", db),
+            ("train_loss", db),
+            ("test_loss", db),
+            ("test_accuracy", float),
+            ("train_accuracy", float),
+        )
+    }
+    for i in range(n):
+        j = _at(fr, tg[i])
+        nr = runs[seeds[0]]["sweeps"][main][j]
+        result.tables.setdefault("fig2_retraining", []).append(
+            {
+                "model": model_name,
+                "method": method,
+                "round": i,
+                "deleted": round(sp[i], 4),
+                "remaining_params": hs[seeds[0]].records[i].remaining_params,
+                "train_mse_dB": round(cols["train_mse"][i][0], 2),
+                "test_mse_dB": round(cols["test_mse"][i][0], 2),
+                "train_ce_dB": round(cols["train_loss"][i][0], 2),
+                "test_ce_dB": round(cols["test_loss"][i][0], 2),
+                "test_acc": round(cols["test_accuracy"][i][0], 4),
+                "test_acc_sd": round(cols["test_accuracy"][i][1], 4),
+                "no_retrain_test_mse_dB": round(
+                    mean_sd([db(runs[s]["sweeps"][main][j]["test_mse"]) for s in seeds])[0],
+                    2,
+                )
+                if abs(nr["fraction"] - tg[i]) < 1e-6
+                else math.nan,
+                "no_retrain_test_acc": round(
+                    mean_sd([runs[s]["sweeps"][main][j]["test_accuracy"] for s in seeds])[0],
+                    4,
+                )
+                if abs(nr["fraction"] - tg[i]) < 1e-6
+                else math.nan,
+            }
+        )
+    if method == "obd":
+        _little_loss(a, cols, sp, tg, n)
+
+
+def _little_loss(a: _Analysis, cols: dict, sp: list, tg: list, n: int) -> None:
+    """Little loss up to 60 %: retrained test MSE within little_loss_db and test accuracy within
+    accuracy_drop of the unpruned net, at every round up to the level."""
+    cfg, runs, result, seeds, fr, main, tag = a.cfg, a.runs, a.result, a.seeds, a.fr, a.main, a.tag
+    base_mse, base_acc = cols["test_mse"][0][0], cols["test_accuracy"][0][0]
+    base_tr = cols["train_mse"][0][0]
+    ok_to = 0.0
+    for i in range(1, n):
+        if (
+            cols["test_mse"][i][0] <= base_mse + cfg.little_loss_db
+            and cols["test_accuracy"][i][0] >= base_acc - cfg.accuracy_drop - 1e-12
+        ):
+            ok_to = sp[i]
+        else:
+            break
+    i60 = min(range(1, n), key=lambda i: abs(sp[i] - cfg.little_loss_fraction))
+    j60 = _at(fr, tg[i60])
+    nr_mse = mean_sd([db(runs[s]["sweeps"][main][j60]["test_mse"]) for s in seeds])[0]
+    result.claims.append(
+        Claim(
+            name=f"Fig. 2 with retraining, little loss up to {_pct(cfg.little_loss_fraction)} "
+            f"deleted {tag}",
+            held=ok_to >= cfg.little_loss_fraction - 1e-9,
+            detail=(
+                f"retrained test MSE within {cfg.little_loss_db} dB and test accuracy within "
+                f"{100 * cfg.accuracy_drop:.0f} point of the unpruned net up to {_pct(ok_to)} "
+                f"deleted; at {_pct(sp[i60])}: test MSE {cols['test_mse'][i60][0]:.2f} dB "
+                f"(unpruned {base_mse:.2f}: {cols['test_mse'][i60][0] - base_mse:+.2f} dB; "
+                f"without retraining {nr_mse:.2f}), train MSE "
+                f"{cols['train_mse'][i60][0]:.1f} dB (unpruned {base_tr:.1f}), test accuracy "
+                f"{100 * cols['test_accuracy'][i60][0]:.1f} % (unpruned {100 * base_acc:.1f} %)"
+            ),
+            paper=_PAPER["fig2"],
+        )
+    )
+
+
+def _compression(a: _Analysis, method: str) -> None:
+    """The compression bar per method (a claim for OBD)."""
+    cfg = a.cfg
+    model_name = a.model_name
+    runs = a.runs
+    size = a.size
+    result = a.result
+    seeds = a.seeds
+    tag = a.tag
+    factors, factors_all, contiguous, accs = [], [], [], []
+    for s in seeds:
+        recs = runs[s]["histories"][method].records
+        a0 = recs[0].metrics["test_accuracy"]
+        best = recs[0]
+        cont = recs[0]
+        still = True
+        for rec in recs[1:]:
+            ok = rec.metrics["test_accuracy"] >= a0 - cfg.accuracy_drop - 1e-12
+            if ok and rec.remaining < best.remaining:
+                best = rec
+            if ok and still:
+                cont = rec
+            still &= ok
+        f_w = best.total / max(best.remaining, 1)
+        f_all = size["params"] / max(best.remaining_params, 1)
+        f_cont = cont.total / max(cont.remaining, 1)
+        factors.append(f_w)
+        factors_all.append(f_all)
+        contiguous.append(f_cont)
+        accs.append(best.metrics["test_accuracy"])
+        result.tables.setdefault("compression", []).append(
+            {
+                "model": model_name,
+                "method": method,
+                "seed": s,
+                "unpruned_test_acc": round(a0, 4),
+                "remaining_weights": best.remaining,
+                "remaining_params": best.remaining_params,
+                "factor_weights": round(f_w, 2),
+                "factor_params": round(f_all, 2),
+                "test_acc_there": round(best.metrics["test_accuracy"], 4),
+                "factor_weights_contiguous": round(f_cont, 2),
+            }
+        )
+    if method != "obd":
         return
-
-    # Fig. 2 with retraining (OBD) and the bar
-    for method in cfg.retrain_methods:
-        hs = {s: runs[s]["histories"][method] for s in seeds}
-        n = min(len(h.records) for h in hs.values())
-        sp = [hs[seeds[0]].records[i].sparsity for i in range(n)]
-        tg = [hs[seeds[0]].records[i].target for i in range(n)]  # = a sweep fraction
-        cols = {
-            k: _hist_curve(runs, method, k, fn)
-            for k, fn in (
-                ("train_mse", db),
-                ("test_mse", db),
-                ("train_loss", db),
-                ("test_loss", db),
-                ("test_accuracy", float),
-                ("train_accuracy", float),
-            )
-        }
-        for i in range(n):
-            j = _at(fr, tg[i])
-            nr = runs[seeds[0]]["sweeps"][main][j]
-            result.tables.setdefault("fig2_retraining", []).append(
-                {
-                    "model": model_name,
-                    "method": method,
-                    "round": i,
-                    "deleted": round(sp[i], 4),
-                    "remaining_params": hs[seeds[0]].records[i].remaining_params,
-                    "train_mse_dB": round(cols["train_mse"][i][0], 2),
-                    "test_mse_dB": round(cols["test_mse"][i][0], 2),
-                    "train_ce_dB": round(cols["train_loss"][i][0], 2),
-                    "test_ce_dB": round(cols["test_loss"][i][0], 2),
-                    "test_acc": round(cols["test_accuracy"][i][0], 4),
-                    "test_acc_sd": round(cols["test_accuracy"][i][1], 4),
-                    "no_retrain_test_mse_dB": round(
-                        mean_sd([db(runs[s]["sweeps"][main][j]["test_mse"]) for s in seeds])[0],
-                        2,
-                    )
-                    if abs(nr["fraction"] - tg[i]) < 1e-6
-                    else math.nan,
-                    "no_retrain_test_acc": round(
-                        mean_sd([runs[s]["sweeps"][main][j]["test_accuracy"] for s in seeds])[0],
-                        4,
-                    )
-                    if abs(nr["fraction"] - tg[i]) < 1e-6
-                    else math.nan,
-                }
-            )
-        if method != "obd":
-            continue
-        # little loss up to 60 %: retrained test MSE within little_loss_db and test accuracy within
-        # accuracy_drop of the unpruned net, at every round up to the level
-        base_mse, base_acc = cols["test_mse"][0][0], cols["test_accuracy"][0][0]
-        base_tr = cols["train_mse"][0][0]
-        ok_to = 0.0
-        for i in range(1, n):
-            if (
-                cols["test_mse"][i][0] <= base_mse + cfg.little_loss_db
-                and cols["test_accuracy"][i][0] >= base_acc - cfg.accuracy_drop - 1e-12
-            ):
-                ok_to = sp[i]
-            else:
-                break
-        i60 = min(range(1, n), key=lambda i: abs(sp[i] - cfg.little_loss_fraction))
-        j60 = _at(fr, tg[i60])
-        nr_mse = mean_sd([db(runs[s]["sweeps"][main][j60]["test_mse"]) for s in seeds])[0]
-        result.claims.append(
-            Claim(
-                name=f"Fig. 2 with retraining, little loss up to {_pct(cfg.little_loss_fraction)} "
-                f"deleted {tag}",
-                held=ok_to >= cfg.little_loss_fraction - 1e-9,
-                detail=(
-                    f"retrained test MSE within {cfg.little_loss_db} dB and test accuracy within "
-                    f"{100 * cfg.accuracy_drop:.0f} point of the unpruned net up to {_pct(ok_to)} "
-                    f"deleted; at {_pct(sp[i60])}: test MSE {cols['test_mse'][i60][0]:.2f} dB "
-                    f"(unpruned {base_mse:.2f}: {cols['test_mse'][i60][0] - base_mse:+.2f} dB; "
-                    f"without retraining {nr_mse:.2f}), train MSE "
-                    f"{cols['train_mse'][i60][0]:.1f} dB (unpruned {base_tr:.1f}), test accuracy "
-                    f"{100 * cols['test_accuracy'][i60][0]:.1f} % (unpruned {100 * base_acc:.1f} %)"
-                ),
-                paper=_PAPER["fig2"],
-            )
+    fw, fa, fc = mean_sd(factors), mean_sd(factors_all), mean_sd(contiguous)
+    cap = 1.0 / (1.0 - _retrain_schedule(cfg)(cfg.rounds))
+    result.claims.append(
+        Claim(
+            name=f"Our bar: ≥ {cfg.target_factor:g}× fewer parameters at ≤ "
+            f"{100 * cfg.accuracy_drop:.0f} point test accuracy lost, with retraining {tag}",
+            held=fw[0] >= cfg.target_factor,
+            detail=(
+                f"compression of the {size['weights']} weights {fmt(fw)}× "
+                f"(per seed {', '.join(f'{x:.1f}' for x in factors)}); counting the never-"
+                f"deleted biases too ({size['params']} parameters): {fmt(fa)}×; "
+                f"before the first round that loses more than the allowed point: "
+                f"{fmt(fc)}×; schedule reaches at most {cap:.1f}×; chosen on the test set; "
+                "mean ± sd over seeds"
+            ),
+            paper=_PAPER["bar"],
         )
-
-    # compression bar per method (claim for OBD)
-    for method in cfg.retrain_methods:
-        factors, factors_all, contiguous, accs = [], [], [], []
-        for s in seeds:
-            recs = runs[s]["histories"][method].records
-            a0 = recs[0].metrics["test_accuracy"]
-            best = recs[0]
-            cont = recs[0]
-            still = True
-            for rec in recs[1:]:
-                ok = rec.metrics["test_accuracy"] >= a0 - cfg.accuracy_drop - 1e-12
-                if ok and rec.remaining < best.remaining:
-                    best = rec
-                if ok and still:
-                    cont = rec
-                still &= ok
-            f_w = best.total / max(best.remaining, 1)
-            f_all = size["params"] / max(best.remaining_params, 1)
-            f_cont = cont.total / max(cont.remaining, 1)
-            factors.append(f_w)
-            factors_all.append(f_all)
-            contiguous.append(f_cont)
-            accs.append(best.metrics["test_accuracy"])
-            result.tables.setdefault("compression", []).append(
-                {
-                    "model": model_name,
-                    "method": method,
-                    "seed": s,
-                    "unpruned_test_acc": round(a0, 4),
-                    "remaining_weights": best.remaining,
-                    "remaining_params": best.remaining_params,
-                    "factor_weights": round(f_w, 2),
-                    "factor_params": round(f_all, 2),
-                    "test_acc_there": round(best.metrics["test_accuracy"], 4),
-                    "factor_weights_contiguous": round(f_cont, 2),
-                }
-            )
-        if method != "obd":
-            continue
-        fw, fa, fc = mean_sd(factors), mean_sd(factors_all), mean_sd(contiguous)
-        cap = 1.0 / (1.0 - _retrain_schedule(cfg)(cfg.rounds))
-        result.claims.append(
-            Claim(
-                name=f"Our bar: ≥ {cfg.target_factor:g}× fewer parameters at ≤ "
-                f"{100 * cfg.accuracy_drop:.0f} point test accuracy lost, with retraining {tag}",
-                held=fw[0] >= cfg.target_factor,
-                detail=(
-                    f"compression of the {size['weights']} weights {fmt(fw)}× "
-                    f"(per seed {', '.join(f'{x:.1f}' for x in factors)}); counting the never-"
-                    f"deleted biases too ({size['params']} parameters): {fmt(fa)}×; "
-                    f"before the first round that loses more than the allowed point: "
-                    f"{fmt(fc)}×; schedule reaches at most {cap:.1f}×; chosen on the test set; "
-                    "mean ± sd over seeds"
-                ),
-                paper=_PAPER["bar"],
-            )
-        )
+    )
 
 
 def _notes(cfg: Config, sizes: dict[str, dict[str, int]]) -> list[str]:
@@ -745,8 +850,17 @@ def _figures(cfg: Config, runs, sizes, out: Path) -> list[str]:
     main = "obd_initial" if cfg.ranking == "initial" else "obd_reestimate"
     models = list(cfg.models)
     figs = FigureFiles(out, cfg.figure_dpi)
+    _figure_1a(cfg, runs, sizes, main, models, figs)
+    _figure_1b(cfg, runs, sizes, main, models, figs)
+    if not cfg.retrain or "obd" not in cfg.retrain_methods:
+        return figs.paths
+    _figure_2(cfg, runs, sizes, main, models, figs)
+    _figure_accuracy(cfg, runs, sizes, main, models, figs)
+    return figs.paths
 
-    # Fig. 1a
+
+def _figure_1a(cfg: Config, runs, sizes, main: str, models: list, figs: FigureFiles) -> None:
+    """Fig. 1a: training objective against remaining parameters, no retraining."""
     fig = new_figure(4.6 * len(models), 3.6)
     axes = fig.subplots(1, len(models), squeeze=False)[0]
     for ax, m in zip(axes, models):
@@ -768,7 +882,9 @@ def _figures(cfg: Config, runs, sizes, out: Path) -> list[str]:
     axes[0].legend(fontsize=8)
     figs.save(fig, "fig1a_objective.png")
 
-    # Fig. 1b
+
+def _figure_1b(cfg: Config, runs, sizes, main: str, models: list, figs: FigureFiles) -> None:
+    """Fig. 1b: predicted against actual objective."""
     fig = new_figure(4.6 * len(models), 3.6)
     axes = fig.subplots(1, len(models), squeeze=False)[0]
     for ax, m in zip(axes, models):
@@ -794,10 +910,9 @@ def _figures(cfg: Config, runs, sizes, out: Path) -> list[str]:
         ax.legend(fontsize=8)
     figs.save(fig, "fig1b_predicted_vs_actual.png")
 
-    if not cfg.retrain or "obd" not in cfg.retrain_methods:
-        return figs.paths
 
-    # Fig. 2: rows = model, columns = train / test
+def _figure_2(cfg: Config, runs, sizes, main: str, models: list, figs: FigureFiles) -> None:
+    """Fig. 2: rows = model, columns = train / test, with and without retraining."""
     fig = new_figure(9.2, 3.4 * len(models))
     axes = fig.subplots(len(models), 2, squeeze=False)
     for row, m in zip(axes, models):
@@ -837,7 +952,9 @@ def _figures(cfg: Config, runs, sizes, out: Path) -> list[str]:
         row[0].legend(fontsize=7)
     figs.save(fig, "fig2_retraining.png")
 
-    # accuracy and the bar
+
+def _figure_accuracy(cfg: Config, runs, sizes, main: str, models: list, figs: FigureFiles) -> None:
+    """Test accuracy against remaining parameters, and the bar."""
     fig = new_figure(4.6 * len(models), 3.6)
     axes = fig.subplots(1, len(models), squeeze=False)[0]
     for ax, m in zip(axes, models):
@@ -890,4 +1007,3 @@ def _figures(cfg: Config, runs, sizes, out: Path) -> list[str]:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     figs.save(fig, "accuracy_vs_params.png")
-    return figs.paths

@@ -8,6 +8,7 @@
 All honour one call contract (:mod:`optbrain.pruners.base`); :data:`METHODS` names them.
 """
 
+from ..errors import UnsupportedArgumentError
 from .base import PruneInfo, PrunerBase, PrunerProtocol, Stateless, default_mask
 from .cell_pruner import CellPruneInfo, CellPruner
 from .composed import Pruner, restricted
@@ -43,6 +44,7 @@ __all__ = [
     "PrunerBase",
     "PrunerProtocol",
     "Stateless",
+    "UnsupportedArgumentError",
     "all_positive",
     "default_mask",
     "ebd",

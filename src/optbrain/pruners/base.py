@@ -2,12 +2,22 @@
 
 A *pruner* is any object with
 
-* ``pruner(problem, mask=None, sparsity=None, *, scores=None) -> (Mask, PruneInfo)``: one step to
-  the *total* target ``sparsity`` (a fraction in [0, 1) of the masked entries, or an int count),
-  starting from ``mask`` (default: :meth:`default_mask`), updating the model's stored weights in
-  place (zeroing, or a compensating update) and returning the new mask, not attached;
-  ``scores`` are saliencies already computed by ``pruner.scores(problem, mask)`` for this state
-  (pruners that re-rank as they delete refuse them);
+* ``pruner(problem, mask=None, sparsity=None, *, scores=None, units=None) -> (Mask, PruneInfo)``:
+  one step to the *total* target ``sparsity`` (a fraction in [0, 1) or an int count in
+  [0, total), of what the pruner's :attr:`~PrunerBase.counts` names: ``"weights"``, the masked
+  entries, or ``"cells"``, the inputs/units/channels it removes), starting from ``mask``
+  (default: :meth:`default_mask`), updating the model's stored weights in place (zeroing, or a
+  compensating update) and returning the new mask, not attached;
+* ``scores``: saliencies already computed by ``pruner.scores(problem, mask)`` for this state.
+  Only pruners with ``accepts_scores = True`` use them (one ranking per step: OBD, magnitude,
+  random, SNIP, OCD); those that re-rank after every deletion (OBS, layer-wise OBS) raise
+  :class:`UnsupportedArgumentError` rather than ignore them;
+* ``units``: the total number (int) or fraction (float) of *cells* removed after the step, for
+  the pruners that remove cells (``removes_cells``: Unit-OBS and OCD; a cell is removed when all
+  its fan-out weights are pruned, :func:`~optbrain.pruners.cell_pruner.removed_cells`); the
+  others raise :class:`UnsupportedArgumentError`. For OCD (``counts == "cells"``) ``units`` and
+  ``sparsity`` are the same target; for Unit-OBS ``sparsity`` counts weights. Both return a
+  :class:`~optbrain.pruners.CellPruneInfo` with the cell counts;
 * ``scores(problem, mask=None) -> ParamDict``: the saliencies of the first deletion;
 * ``default_mask(model) -> Mask``: the mask a step starts from when none is given — the one the
   loop uses, so a pruner decides it in exactly one place;
@@ -23,6 +33,7 @@ from typing import Protocol, runtime_checkable
 
 from torch import nn
 
+from ..errors import UnsupportedArgumentError
 from ..masking import Mask, current_mask
 from ..paramdict import ParamDict
 from ..problem import Problem
@@ -89,11 +100,15 @@ class PrunerProtocol(Protocol):
         sparsity: float | int | None = None,
         *,
         scores: ParamDict | None = None,
+        units: float | int | None = None,
     ) -> tuple[Mask, PruneInfo]: ...
 
     def scores(self, problem: Problem, mask: Mask | None = None) -> ParamDict: ...
 
     def default_mask(self, model: nn.Module) -> Mask: ...
+
+    counts: str
+    accepts_scores: bool
 
     def state_dict(self) -> dict: ...
 
@@ -108,7 +123,31 @@ def default_mask(model: nn.Module) -> Mask:
 
 
 class PrunerBase:
-    """Default mask and checkpoint interface of a pruner that keeps nothing between calls."""
+    """Default mask, checkpoint interface and argument checks of a pruner.
+
+    Class attributes a pruner sets: ``counts`` (what ``sparsity`` counts: ``"weights"`` or
+    ``"cells"``), ``accepts_scores`` (whether precomputed ``scores`` are used);
+    ``removes_cells`` (whether ``units=`` is accepted) may be a property.
+    """
+
+    counts: str = "weights"
+    accepts_scores: bool = False
+    removes_cells: bool = False
+    _why_no_scores = "it computes its own saliencies"
+
+    def _check_arguments(self, scores, units) -> None:
+        """Refuse ``scores`` / ``units`` this pruner cannot use (never ignore them silently)."""
+        name = type(self).__name__
+        if scores is not None and not self.accepts_scores:
+            raise UnsupportedArgumentError(
+                f"{name} cannot use precomputed scores ({self._why_no_scores}); call it without "
+                "scores="
+            )
+        if units is not None and not self.removes_cells:
+            raise UnsupportedArgumentError(
+                f"{name} removes weights, not cells: units= needs a cell pruner "
+                "(optbrain.unit_obs() or optbrain.ocd())"
+            )
 
     def default_mask(self, model: nn.Module) -> Mask:
         """The mask a step starts from when none is given: :func:`default_mask`."""

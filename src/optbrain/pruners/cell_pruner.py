@@ -1,11 +1,13 @@
 """Pruning whole cells (Optimal Cell Damage): the lowest-saliency inputs, units or channels lose
 all their weights.
 
-:class:`CellPruner` has the interface of :class:`optbrain.pruner.Pruner`, so ``iterative_prune``
-and the CLI drive it like any other pruner, but its target counts *cells*: ``sparsity`` as a float
-in [0, 1) is the fraction of the cells (of the saliency's kinds) removed in total, an int the number
-of removed cells. Removing a cell masks its fan-out weights (inputs) or its fan-in row, bias entry
-and fan-out weights (units and channels), and zeroes them.
+:class:`CellPruner` honours the pruner contract (:mod:`optbrain.pruners.base`), so
+``iterative_prune`` and the CLI drive it like any other pruner, but its target counts *cells*
+(``counts = "cells"``): ``sparsity`` — or, the same target, ``units`` — as a float in [0, 1) is
+the fraction of the cells (of the saliency's kinds) removed in total, an int in [0, cells) the
+number of removed cells. A cell counts as removed when all its fan-out weights are pruned
+(:func:`removed_cells`, which Unit-OBS counts with too). Removing a cell masks its fan-out weights
+(inputs) or its fan-in row, bias entry and fan-out weights (units and channels), and zeroes them.
 """
 
 from __future__ import annotations
@@ -58,6 +60,10 @@ class CellPruner(PrunerBase):
     lost more than its share keeping those and the others removing fewer.
     """
 
+    counts = "cells"
+    accepts_scores = True
+    removes_cells = True
+
     def __init__(self, saliency: OCD, update=None, scope: str = "global"):
         if scope not in ("global", "layer"):
             raise ValueError(f"scope must be 'global' or 'layer', not {scope!r}")
@@ -83,13 +89,18 @@ class CellPruner(PrunerBase):
         sparsity: float | int | None = None,
         *,
         scores: CellSaliencies | ParamDict | None = None,
+        units: float | int | None = None,
     ) -> tuple[Mask, CellPruneInfo]:
-        """``scores``: saliencies already computed by :meth:`cell_scores` or :meth:`scores`."""
+        """``scores``: saliencies already computed by :meth:`cell_scores` or :meth:`scores`;
+        ``units``: the same target as ``sparsity`` (cells), under the name Unit-OBS uses."""
+        if units is not None and sparsity is not None:
+            raise ValueError("give either sparsity or units (both count cells here), not both")
         mask = mask if mask is not None else self.default_mask(problem.model)
         found = self.saliency.cells(problem.model)
         removed = removed_cells(found, mask)
+        what = "units" if units is not None else "sparsity"
+        target = target_count(units if units is not None else sparsity, len(found), what)
         sal = self._saliencies(problem, found, scores)
-        target = target_count(sparsity, len(found))
         already = sum(removed)
         if self.scope == "global":
             chosen = choose(found, sal.values, removed, target)
@@ -146,16 +157,21 @@ class CellPruner(PrunerBase):
         return f"CellPruner({self.saliency!r}, {self.update!r}, scope={self.scope!r})"
 
 
-def removed_cells(found: list[Cell], mask: Mask) -> list[bool]:
-    """For each cell: are all its fan-out weights pruned in ``mask``?"""
+def removed_cells(found: list[Cell], mask: Mask, strict: bool = True) -> list[bool]:
+    """For each cell: are all its fan-out weights pruned in ``mask``? (The one definition of a
+    removed cell, for OCD's and Unit-OBS's ``units``.) A fan-out weight the mask does not name
+    raises ``ValueError``, or with ``strict=False`` counts as kept."""
     missing = sorted({s.name for c in found for s in c.fan_out if s.name not in mask})
-    if missing:
+    if missing and strict:
         raise ValueError(
             f"the mask has no entry for {missing}, the fan-out weights of the cells; start from "
             "optbrain.Mask.ones(model) or include those weights"
         )
-    tensors = {n: mask[n] for n in {s.name for c in found for s in c.fan_out}}
-    return [not any(bool(tensors[s.name][s.index()].any()) for s in c.fan_out) for c in found]
+    tensors = {n: mask[n] for n in {s.name for c in found for s in c.fan_out} if n in mask}
+    return [
+        all(s.name in tensors and not bool(tensors[s.name][s.index()].any()) for s in c.fan_out)
+        for c in found
+    ]
 
 
 def groups(found: list[Cell]) -> dict[tuple[str, str], list[int]]:

@@ -36,6 +36,8 @@ class Pruner(PrunerBase):
     for you).
     """
 
+    accepts_scores = True
+
     def __init__(self, saliency: Saliency, selector=None, update=None):
         self.saliency = saliency
         self.selector = selector if selector is not None else GlobalSelector()
@@ -48,8 +50,11 @@ class Pruner(PrunerBase):
         sparsity: float | int | None = None,
         *,
         scores: ParamDict | None = None,
+        units: float | int | None = None,
     ) -> tuple[Mask, PruneInfo]:
-        """``scores`` may pass saliencies already computed by :meth:`scores` for this state."""
+        """``scores`` may pass saliencies already computed by :meth:`scores` for this state;
+        ``units`` is refused (this pruner removes weights, not cells)."""
+        self._check_arguments(scores, units)
         mask = mask if mask is not None else self.default_mask(problem.model)
         sub = restricted(problem, mask)
         if scores is None:

@@ -330,49 +330,61 @@ def blocked_obs(
     forced = ~kept
     bs = max(nm[1], blocksize - blocksize % nm[1]) if nm else blocksize
     starts = list(range(0, k, bs))
-    if nm is None:
-        if target is None:
-            raise ValueError("blocked_obs needs a target count (or nm)")
-        if not int(forced.sum()) <= target <= W.numel():
-            raise TargetExceededError(
-                f"target of {target} deleted entries is outside {int(forced.sum())}..{W.numel()}"
-            )
-        sizes = [rows * (min(s + bs, k) - s) for s in starts]
-        per_block = [int(forced[:, s : s + bs].sum()) for s in starts]
-        quota = split_target(per_block, sizes, target)
+    quota = _block_quota(forced, bs, starts, target) if nm is None else [None] * len(starts)
     out_kept = kept.clone()
     losses = torch.zeros_like(W)
     for b, i1 in enumerate(starts):
         i2 = min(i1 + bs, k)
-        W1 = W[:, i1:i2].clone()
-        U1 = U[i1:i2, i1:i2]
-        d = U1.diagonal()
-        f1 = forced[:, i1:i2]
-        err1 = torch.zeros_like(W1)
-        if nm is None:
-            score = torch.where(f1, -math.inf, W1.square() / d.square())
-            drop = torch.zeros_like(f1)
-            pick = torch.sort(score.reshape(-1), stable=True).indices[: quota[b]]
-            drop.view(-1)[pick] = True
-        else:
-            drop = f1.clone()
-        dl = d.tolist()
-        for i in range(i2 - i1):
-            if nm is not None and i % nm[1] == 0:
-                g = slice(i, i + nm[1])
-                score = torch.where(f1[:, g], -math.inf, W1[:, g].square() / d[g].square())
-                smallest = torch.topk(score, nm[0], dim=1, largest=False).indices
-                drop[:, g] |= torch.zeros_like(drop[:, g]).scatter_(1, smallest, True)
-            gone = drop[:, i]
-            e = torch.where(gone, W1[:, i] / dl[i], 0.0)  # (w − q)/d, q = 0 where deleted
-            W1[:, i:].addr_(e, U1[i, i:], alpha=-1.0)
-            W1[:, i].masked_fill_(gone, 0.0)  # exactly 0 despite rounding
-            err1[:, i] = e
+        W1, err1, drop = _solve_block(
+            W[:, i1:i2].clone(), U[i1:i2, i1:i2], forced[:, i1:i2], quota[b], nm
+        )
         losses[:, i1:i2] = err1.square() / 2  # (w − q)²/(2 d²)
         W[:, i1:i2] = W1
         W[:, i2:] -= err1 @ U[i1:i2, i2:]
         out_kept[:, i1:i2] &= ~drop
     return Solution(W, out_kept, losses, lam)
+
+
+def _block_quota(forced: Tensor, bs: int, starts: list[int], target: int | None) -> list[int]:
+    """The total ``target`` of deleted entries split over the column blocks by size."""
+    rows, k = forced.shape
+    if target is None:
+        raise ValueError("blocked_obs needs a target count (or nm)")
+    if not int(forced.sum()) <= target <= forced.numel():
+        raise TargetExceededError(
+            f"target of {target} deleted entries is outside {int(forced.sum())}..{forced.numel()}"
+        )
+    sizes = [rows * (min(s + bs, k) - s) for s in starts]
+    per_block = [int(forced[:, s : s + bs].sum()) for s in starts]
+    return split_target(per_block, sizes, target)
+
+
+def _solve_block(W1: Tensor, U1: Tensor, f1: Tensor, quota: int | None, nm: NM | None):
+    """One column block: choose the deletions (``quota`` smallest scores, or N:M per row group),
+    delete column by column with the lazy OBS update inside the block; returns the block's
+    weights, the scaled errors (w − q)/d and the deletions."""
+    d = U1.diagonal()
+    err1 = torch.zeros_like(W1)
+    if nm is None:
+        score = torch.where(f1, -math.inf, W1.square() / d.square())
+        drop = torch.zeros_like(f1)
+        pick = torch.sort(score.reshape(-1), stable=True).indices[:quota]
+        drop.view(-1)[pick] = True
+    else:
+        drop = f1.clone()
+    dl = d.tolist()
+    for i in range(W1.shape[1]):
+        if nm is not None and i % nm[1] == 0:
+            g = slice(i, i + nm[1])
+            score = torch.where(f1[:, g], -math.inf, W1[:, g].square() / d[g].square())
+            smallest = torch.topk(score, nm[0], dim=1, largest=False).indices
+            drop[:, g] |= torch.zeros_like(drop[:, g]).scatter_(1, smallest, True)
+        gone = drop[:, i]
+        e = torch.where(gone, W1[:, i] / dl[i], 0.0)  # (w − q)/d, q = 0 where deleted
+        W1[:, i:].addr_(e, U1[i, i:], alpha=-1.0)
+        W1[:, i].masked_fill_(gone, 0.0)  # exactly 0 despite rounding
+        err1[:, i] = e
+    return W1, err1, drop
 
 
 # ---------------------------------------------------------------------------- the pruner
@@ -403,6 +415,7 @@ class LayerwiseOBS(PrunerBase):
     """
 
     methods = ("auto", "exact", "blocked")
+    _why_no_scores = "its solvers re-rank after every deletion"
 
     def __init__(
         self,
@@ -441,9 +454,12 @@ class LayerwiseOBS(PrunerBase):
         sparsity: float | int | None = None,
         *,
         scores: ParamDict | None = None,
+        units: float | int | None = None,
     ) -> tuple[Mask, PruneInfo]:
-        """Prune in place; ``scores`` is accepted for interface compatibility and not used (the
-        solvers recompute their saliencies after every deletion)."""
+        """Prune in place. ``scores`` and ``units`` are refused with
+        :class:`~optbrain.errors.UnsupportedArgumentError` (the solvers re-rank after every
+        deletion; this pruner removes weights, not cells)."""
+        self._check_arguments(scores, units)
         model = problem.model
         mask = mask if mask is not None else self.default_mask(model)
         layers = self._layers(model, mask)

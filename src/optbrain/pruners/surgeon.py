@@ -31,6 +31,7 @@ from ..saliency.obs import (
 )
 from ..selection import TargetExceededError, target_count
 from .base import PruneInfo, PrunerBase
+from .cell_pruner import CellPruneInfo, removed_cells
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,10 @@ class _Session:
             return torch.empty(0, dtype=torch.long, device=self.theta.device)
         rows = torch.cat(parts)
         return rows[rows >= 0]
+
+    def removed_cells(self) -> int:
+        """Cells without an alive fan-out coordinate (the Unit-OBS count of ``units``)."""
+        return sum(int(self.alive(rows).numel() == 0) for rows in self.fan_out)
 
     def alive(self, rows: Tensor) -> Tensor:
         return rows[self.inv.alive[rows]]
@@ -133,7 +138,10 @@ class OBSPruner(PrunerBase):
     weights; removing one is a group-OBS step on its alive fan-out weights
     (ΔE = ½ wᵀM(MᵀH⁻¹M)⁻¹Mᵀw); a hidden unit's masked fan-in weights, which no longer reach the
     output, are then zeroed and pruned as well (no ΔE). ``sparsity`` still counts weights (stop at
-    the first step reaching it); ``units=k`` removes k cells instead.
+    the first step reaching it); ``units`` is instead the total number (int) or fraction (float)
+    of cells removed after the step, as for :class:`~optbrain.pruners.CellPruner` (a cell is
+    removed when all its fan-out weights are pruned). In unit mode the step record is a
+    :class:`~optbrain.pruners.CellPruneInfo` with the cell counts.
 
     ``weight_decay=λ``: saliencies are the change of the unregularised E for a network at a
     minimum of E + (λ/2)‖w‖², E the per-sample *mean* objective (:mod:`optbrain.saliency.obs`):
@@ -149,6 +157,8 @@ class OBSPruner(PrunerBase):
     is both (nets with >= 2 hidden layers) the protection wins. Parameters outside a restricted
     ``Problem(params=...)`` are held fixed; their nonzero input weights count as live.
     """
+
+    _why_no_scores = "it re-ranks after every deletion from its own inverse"
 
     def __init__(
         self,
@@ -174,6 +184,11 @@ class OBSPruner(PrunerBase):
         self.refresh = refresh
         self.progress = progress
 
+    @property
+    def removes_cells(self) -> bool:
+        """Unit-OBS (``groups="unit"``) removes cells and accepts ``units=``."""
+        return self.groups == "unit"
+
     # ------------------------------------------------------------------ public
     def __call__(
         self,
@@ -182,20 +197,37 @@ class OBSPruner(PrunerBase):
         sparsity: float | int | None = None,
         *,
         scores: ParamDict | None = None,
-        units: int | None = None,
+        units: float | int | None = None,
     ) -> tuple[Mask, PruneInfo]:
-        """``scores`` is accepted for interface compatibility and not used: OBS re-ranks after
-        every deletion from its own inverse."""
+        """One step to ``sparsity`` (weights) or ``units`` (cells, Unit-OBS). ``scores`` is
+        refused (:class:`~optbrain.errors.UnsupportedArgumentError`): OBS re-ranks after every
+        deletion from its own inverse."""
+        if units is not None and sparsity is not None:
+            raise ValueError("give either sparsity or units, not both")
+        self._check_arguments(scores, units)
         mask = mask if mask is not None else self.default_mask(problem.model)
         params = self._params(problem, mask)
-        goal = self._goal(mask, sparsity, units)
+        goal = self._goal(problem, mask, sparsity, units)
         with restored_on_error(params):
             new, steps = self._run(problem, params, mask, goal)
         with torch.no_grad():
             for k in new.names:
                 params[k].mul_(new[k].to(device=params[k].device, dtype=params[k].dtype))
-        return new, PruneInfo.step(
-            problem.model, mask, new, sum(steps), max(steps) if steps else 0.0
+        args = (problem.model, mask, new, sum(steps), max(steps) if steps else 0.0)
+        if self.groups != "unit":
+            return new, PruneInfo.step(*args)
+        return new, self._cell_info(problem, mask, new, args)
+
+    def _cell_info(self, problem: Problem, mask: Mask, new: Mask, args) -> CellPruneInfo:
+        """The step record of Unit-OBS, with the cell counts."""
+        found = self._cells(problem)
+        before, after = removed_cells(found, mask, strict=False), removed_cells(found, new, False)
+        gone = [c for c, b, a in zip(found, before, after) if a and not b]
+        return CellPruneInfo.step(
+            *args,
+            cells_total=len(found),
+            cells_removed=sum(after),
+            removed=[(c.kind, c.layer, c.index) for c in gone],
         )
 
     def scores(self, problem: Problem, mask: Mask | None = None) -> ParamDict:
@@ -232,15 +264,10 @@ class OBSPruner(PrunerBase):
             raise KeyError(f"the problem's params exclude masked parameter(s) {missing}")
         return params
 
-    def _goal(self, mask: Mask, sparsity, units) -> tuple[str, int]:
+    def _goal(self, problem: Problem, mask: Mask, sparsity, units) -> tuple[str, int]:
+        """("weights", deletions wanted) or ("units", total cells removed wanted)."""
         if units is not None:
-            if sparsity is not None:
-                raise ValueError("give either sparsity or units, not both")
-            if self.groups != "unit":
-                raise ValueError("units= needs groups='unit' (Unit-OBS)")
-            if isinstance(units, bool) or not isinstance(units, int) or units < 0:
-                raise ValueError(f"units must be an int >= 0, not {units!r}")
-            return "units", units
+            return "units", target_count(units, len(self._cells(problem)), "units")
         target = target_count(sparsity, mask.total())
         already = mask.pruned()
         if target < already:
@@ -315,6 +342,13 @@ class OBSPruner(PrunerBase):
         cells = self._cells(problem)
         current = mask  # the mask the session's inverse excludes
         s = _Session(self, problem, params, current, cells)
+        already = s.removed_cells()
+        if kind == "units":  # a total: the cells still to remove
+            if wanted < already:
+                raise TargetExceededError(
+                    f"target of {wanted} removed cells is below the {already} already removed"
+                )
+            wanted -= already
         steps: list[float] = []
         done = 0  # weights (kind "weights") or cells (kind "units") deleted
         since_refresh = 0
@@ -337,7 +371,7 @@ class OBSPruner(PrunerBase):
             steps.append(loss)
             since_refresh += 1
             gone = int((~s.inv.alive & s.prunable).sum()) - before
-            done += 1 if kind == "units" else gone
+            done = s.removed_cells() - already if kind == "units" else done + gone
             if self.progress is not None:
                 self.progress(min(done, wanted), wanted)
         s.write_back(params)

@@ -120,6 +120,39 @@ def _files_section(run_dir: Path, names: Sequence[str]) -> list[str]:
     return lines
 
 
+def _selection_section(histories: dict[str, History], metric, tolerance: float) -> list[str]:
+    """Early stops, the rounds model selection picks and the largest compression in tolerance."""
+    lines: list[str] = []
+    for name, h in histories.items():
+        if h.stopped:
+            lines += [f"{label(name) or 'The run'} stopped early: {h.stopped}.", ""]
+    chosen = model_selection_lines(histories, markdown=True)
+    if chosen:
+        lines += ["Model selection (training-data FPE, or the validation set; never the test set):"]
+        lines += ["", *chosen, ""]
+    sel = selection_lines(histories, metric, tolerance, markdown=True)
+    if sel:
+        lines += [sel[0], "", *sel[1:]]
+        lines += [
+            "",
+            "(A description of the run, not model selection: chosen on the reported metric, "
+            "the chosen round's value is optimistically biased.)",
+            "",
+        ]
+    return lines
+
+
+def _figures_section(run_dir: Path, figures) -> list[str]:
+    if not figures:
+        return []
+    lines = ["## Figures", ""]
+    for fig in figures:
+        p = Path(fig)
+        rel = Path(os.path.relpath(p.resolve(), run_dir.resolve())).as_posix()
+        lines += [f"![{p.stem.replace('_', ' ')}]({rel})", ""]
+    return lines
+
+
 def write_report(
     run_dir: str | Path,
     histories: Mapping[str, History] | History,
@@ -168,28 +201,8 @@ def write_report(
         "(shown for methods whose saliency estimates that increase).",
         "",
     ]
-    for name, h in histories.items():
-        if h.stopped:
-            lines += [f"{label(name) or 'The run'} stopped early: {h.stopped}.", ""]
-    chosen = model_selection_lines(histories, markdown=True)
-    if chosen:
-        lines += ["Model selection (training-data FPE, or the validation set; never the test set):"]
-        lines += ["", *chosen, ""]
-    sel = selection_lines(histories, metric, tolerance, markdown=True)
-    if sel:
-        lines += [sel[0], "", *sel[1:]]
-        lines += [
-            "",
-            "(A description of the run, not model selection: chosen on the reported metric, "
-            "the chosen round's value is optimistically biased.)",
-            "",
-        ]
-    if figures:
-        lines += ["## Figures", ""]
-        for fig in figures:
-            p = Path(fig)
-            rel = Path(os.path.relpath(p.resolve(), run_dir.resolve())).as_posix()
-            lines += [f"![{p.stem.replace('_', ' ')}]({rel})", ""]
+    lines += _selection_section(histories, metric, tolerance)
+    lines += _figures_section(run_dir, figures)
     files = _files_section(run_dir, list(histories))
     if files:
         lines += ["## Files", "", *files, ""]
