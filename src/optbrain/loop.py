@@ -124,10 +124,10 @@ def iterative_prune(
                 history.stopped = f"smallest saliency {smallest:.3g} > {stop_saliency:.3g}"
                 _checkpoint(ckdir, model, pruner, history)
                 break
-        before = problem.objective()
+        before = None if getattr(pruner, "measure", False) is True else problem.objective()
         new, info = pruner(problem, mask, target, scores=scores)
         attach(model, new)
-        after = problem.objective()
+        before, after = _measured(problem, info, before)
         metrics_pruned = dict(evaluate(model))
         if retrain is not None:
             retrain(model, r)
@@ -159,6 +159,14 @@ def iterative_prune(
         if history.stopped:
             break
     return history
+
+
+def _measured(problem: Problem, info: Any, before: float | None) -> tuple[float, float]:
+    """(E before, E after) of a round's deletion: the pruner's own measurement
+    (``PruneInfo.measured_increase``) when it made one, else measured here (NaN if lost)."""
+    if getattr(info, "measured_increase", None) is not None:
+        return info.objective_before, info.objective_after
+    return (math.nan if before is None else before), problem.objective()
 
 
 def _start_mask(pruner: Pruner, model: nn.Module) -> Mask:

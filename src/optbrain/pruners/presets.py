@@ -11,42 +11,59 @@ from ..curvature import GGNDiagonal
 from ..curvature.base import DiagonalCurvature
 from ..saliency import OBD, SNIP, Magnitude, Random
 from ..selection import GlobalSelector, LayerSelector
+from .adaptive import AdaptiveSteps
 from .cell_pruner import CellPruner
 from .composed import Pruner
 from .layerwise import LayerwiseOBS
 from .surgeon import OBSPruner
 
 
-def _selector(scope: str):
+def _selector(scope: str, min_kept: int = 1):
     if scope == "global":
-        return GlobalSelector()
+        return GlobalSelector(min_kept)
     if scope == "layer":
-        return LayerSelector()
+        return LayerSelector(min_kept)
     raise ValueError(f"scope must be 'global' or 'layer', not {scope!r}")
+
+
+ADAPTIVE = AdaptiveSteps()
+"""The default sub-step rule of the methods that re-estimate their curvature (OBD, OCD, OBS)."""
 
 
 def obd(
     curvature: DiagonalCurvature | None = None,
     weight_decay: float = 0.0,
     scope: str = "global",
+    *,
+    steps: AdaptiveSteps | int | None = ADAPTIVE,
+    min_kept: int = 1,
 ) -> Pruner:
-    """Optimal Brain Damage: s = ½ h w² (default h: exact GGN diagonal), zero the deleted."""
-    return Pruner(OBD(curvature or GGNDiagonal(), weight_decay), _selector(scope))
+    """Optimal Brain Damage: s = ½ h w² (default h: exact GGN diagonal), zero the deleted.
+
+    ``steps``: by default a large deletion is split into sub-steps with re-estimated curvature
+    where the measured objective departs from the prediction (:class:`AdaptiveSteps`; a deletion
+    whose prediction holds is one step, the paper's OBD); ``steps=None`` always takes one step,
+    an int k > 1 takes k even geometric sub-steps. ``min_kept``: entries every masked parameter
+    keeps (0 lets a layer lose every weight; a target that needs it raises EmptyLayerError).
+    """
+    return Pruner(
+        OBD(curvature or GGNDiagonal(), weight_decay), _selector(scope, min_kept), steps=steps
+    )
 
 
-def magnitude(scope: str = "global") -> Pruner:
-    """Magnitude pruning (OBD with H = I)."""
-    return Pruner(Magnitude(), _selector(scope))
+def magnitude(scope: str = "global", *, min_kept: int = 1) -> Pruner:
+    """Magnitude pruning (OBD with H = I): one step (its ranking does not change as entries go)."""
+    return Pruner(Magnitude(), _selector(scope, min_kept))
 
 
-def random(seed: int = 0, scope: str = "global") -> Pruner:
+def random(seed: int = 0, scope: str = "global", *, min_kept: int = 1) -> Pruner:
     """Random deletion (a control)."""
-    return Pruner(Random(seed), _selector(scope))
+    return Pruner(Random(seed), _selector(scope, min_kept))
 
 
-def snip(batches: int | None = 1, scope: str = "global") -> Pruner:
-    """SNIP connection sensitivity |w ∂E/∂w| (``batches=None``: all of the data)."""
-    return Pruner(SNIP(batches), _selector(scope))
+def snip(batches: int | None = 1, scope: str = "global", *, min_kept: int = 1) -> Pruner:
+    """SNIP connection sensitivity |w ∂E/∂w| (``batches=None``: all of the data), one step."""
+    return Pruner(SNIP(batches), _selector(scope, min_kept))
 
 
 def ocd(
@@ -54,36 +71,65 @@ def ocd(
     kinds: tuple[str, ...] = ("input",),
     method: str = "sum",
     scope: str = "global",
+    *,
+    steps: AdaptiveSteps | int | None = ADAPTIVE,
 ) -> CellPruner:
     """Optimal Cell Damage: remove whole cells (default: input variables) of lowest saliency.
 
     ``method="sum"``: a cell's saliency is the sum of the OBD saliencies of its fan-out weights
     (Cibas et al.); ``"gate"``: ½ sᵀGs (or ½ sᵀHs with ``curvature="hessian"``) for its fan-out
     weights s. ``sparsity`` counts cells (fraction or number); ``scope="layer"`` removes the same
-    fraction of every layer's cells. See :class:`~optbrain.pruners.CellPruner`.
+    fraction of every layer's cells. See :class:`~optbrain.pruners.CellPruner`. ``steps``: as
+    for :func:`obd`, counted in cells (default: adaptive sub-steps; ``None``: one step). The last
+    cell of a layer (or the last input) is never removed (EmptyLayerError).
     """
     from ..saliency.ocd import OCD
 
-    return CellPruner(OCD(curvature, kinds, method), scope=scope)
+    return CellPruner(OCD(curvature, kinds, method), scope=scope, steps=steps)
 
 
-def obs(inverse=None, weight_decay: float = 0.0, ghost_rule: bool = False) -> OBSPruner:
+def obs(
+    inverse=None,
+    weight_decay: float = 0.0,
+    ghost_rule: bool = False,
+    *,
+    steps: AdaptiveSteps | int | None = ADAPTIVE,
+    safeguard: bool = True,
+    min_kept: int = 1,
+) -> OBSPruner:
     """Optimal Brain Surgeon: delete one weight at a time by L_q = w_q²/(2[H⁻¹]_qq), move all other
     weights (biases included) by the OBS update, re-rank. See :class:`~optbrain.pruners.OBSPruner`.
+
+    Safeguarded by default: the update is kept only where it lowers the measured objective against
+    plain zeroing (``safeguard``), and a large deletion is split into sub-steps with H⁻¹
+    re-estimated where the measured increase departs from the prediction (``steps``).
+    ``safeguard=False, steps=None, min_kept=0`` is the paper's procedure.
     """
-    return OBSPruner(inverse, weight_decay=weight_decay, ghost_rule=ghost_rule)
+    return OBSPruner(
+        inverse,
+        weight_decay=weight_decay,
+        ghost_rule=ghost_rule,
+        steps=steps,
+        safeguard=safeguard,
+        min_kept=min_kept,
+    )
 
 
-def unit_obs(inverse=None) -> OBSPruner:
+def unit_obs(
+    inverse=None, *, steps: AdaptiveSteps | int | None = ADAPTIVE, safeguard: bool = True
+) -> OBSPruner:
     """Unit-OBS: delete whole inputs / hidden units (all their outgoing weights) by group OBS.
-    ``sparsity`` counts weights; ``pruner(problem, units=k)`` removes k cells."""
-    return OBSPruner(inverse, groups="unit")
+    ``sparsity`` counts weights; ``pruner(problem, units=k)`` removes k cells (in one step).
+    Safeguarded and sub-stepped like :func:`obs`."""
+    return OBSPruner(inverse, groups="unit", steps=steps, safeguard=safeguard)
 
 
 def layerwise_obs(**kwargs) -> LayerwiseOBS:
     """Layer-wise OBS (OBC's exact greedy solver for small layers, SparseGPT's blocked solver for
     large ones) on calibration inputs; ``kwargs`` go to :class:`~optbrain.pruners.LayerwiseOBS`
-    (``method``, ``nm``, ``damping``, ``blocksize``, ``sequential``, ...)."""
+    (``method``, ``nm``, ``damping``, ``blocksize``, ``sequential``, ...); ``min_kept`` defaults
+    to 1 here (no layer loses every weight)."""
+    kwargs.setdefault("min_kept", 1)
     return LayerwiseOBS(**kwargs)
 
 
