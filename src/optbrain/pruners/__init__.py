@@ -5,9 +5,12 @@
 * :class:`LayerwiseOBS` solves each Linear/Conv layer's reconstruction problem (OBC, SparseGPT);
 * :class:`CellPruner` removes whole cells: inputs, hidden units, channels (Optimal Cell Damage).
 
-All honour one call contract (:mod:`optbrain.pruners.base`); :data:`METHODS` names them.
+All honour one call contract (:mod:`optbrain.pruners.base`); :data:`METHODS` names them. Every
+step measures the objective it changed (``PruneInfo.measured_increase``); :class:`AdaptiveSteps`
+splits a large deletion into sub-steps with re-estimated curvature (:mod:`.adaptive`).
 """
 
+from .adaptive import AdaptiveSteps, SubStep
 from .base import PruneInfo, PrunerBase, PrunerProtocol, Stateless, default_mask
 from .cell_pruner import CellPruneInfo, CellPruner
 from .composed import Pruner, restricted
@@ -30,6 +33,7 @@ from .surgeon import OBSPruner
 
 __all__ = [
     "METHODS",
+    "AdaptiveSteps",
     "PRESETS",
     "CellPruneInfo",
     "CellPruner",
@@ -41,6 +45,7 @@ __all__ = [
     "PrunerBase",
     "PrunerProtocol",
     "Stateless",
+    "SubStep",
     "default_mask",
     "layerwise_obs",
     "magnitude",

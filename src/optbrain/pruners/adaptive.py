@@ -14,10 +14,10 @@ alive, b the re-estimates left (``max_re_estimates`` in all, the first estimate 
 E₀ the measured objective. Each sub-step
 
 1. estimates the saliencies at the current weights (one estimate);
-2. tries to delete the k lowest-saliency entries, k = min(n, ⌈``max_fraction``·a⌉) at first and
-   twice the last accepted size afterwards, but never fewer than
-   k_min = ⌈a·(1 − (a_goal/a)^(1/b))⌉ — the size of an even geometric split of what is left into
-   the b estimates left, so the target is always reached within the cap;
+2. tries to delete the k lowest-saliency entries, k = min(n, ⌈``max_fraction``·a⌉, twice the
+   last sub-step if it held, the last sub-step's size if it did not), but never fewer than
+   k_min = a·(1 − (a_goal/a)^(1/b)) (rounded): the size of an even geometric split of what is
+   left into the b estimates left, so the target is always reached within the cap;
 3. measures E₁ and accepts the trial when the measured increase is within the tolerance of the
    prediction P (the sum of the deleted saliencies)::
 
@@ -28,10 +28,10 @@ E₀ the measured objective. Each sub-step
    (a rejected trial costs a forward pass, not an estimate); a trial of k_min entries is accepted
    whatever it measures, and flagged as outside the tolerance.
 
-A deletion whose prediction holds is therefore taken in one step, exactly as the paper's OBD
-(on a quadratic objective with a diagonal Hessian the prediction is exact, and sub-steps could
-not change the result); one whose prediction fails is split where it fails, and never into more
-than ``max_re_estimates`` sub-steps. ``AdaptiveSteps.fixed(k)`` instead splits every deletion
+A deletion of at most ``max_fraction`` of the alive entries whose prediction holds is therefore
+taken in one step, exactly as the paper's OBD (on a quadratic objective with a diagonal Hessian
+the prediction is exact, and sub-steps could not change the result); one whose prediction fails
+is split where it fails, and never into more than ``max_re_estimates`` sub-steps. ``AdaptiveSteps.fixed(k)`` instead splits every deletion
 into k even geometric sub-steps without testing them (a fixed schedule, for studies).
 
 The measured objective is the training objective on the problem's data — the quantity the
@@ -54,7 +54,7 @@ from torch import Tensor
 
 from ..errors import NonFiniteLossError, TooFewSamplesError
 from ..masking import Mask
-from ..paramdict import named_parameters
+from ..paramdict import named_parameters, restored_on_error
 from ..problem import Problem
 from ..selection import TargetExceededError
 
@@ -252,13 +252,16 @@ def one_step(
 
 
 def _k_min(alive: int, goal_alive: int, left: int) -> int:
-    """Entries of an even geometric split of alive → goal_alive into ``left`` sub-steps."""
+    """Entries of an even geometric split of alive → goal_alive into ``left`` sub-steps (rounded,
+    at least 1, and leaving at least one entry for each later sub-step when there are enough)."""
     remaining = alive - goal_alive
     if left <= 1 or remaining <= 1:
         return remaining
     if goal_alive <= 0:
-        return math.ceil(remaining / left)
-    return max(1, min(remaining, math.ceil(alive * (1.0 - (goal_alive / alive) ** (1.0 / left)))))
+        k = round(remaining / left)
+    else:
+        k = round(alive * (1.0 - (goal_alive / alive) ** (1.0 / left)))
+    return max(1, min(k, remaining - (left - 1) if remaining >= left else 1))
 
 
 def run(
@@ -287,9 +290,54 @@ def run(
             f"AdaptiveSteps(min_samples={problem.n_samples}) if these samples are the whole "
             "objective"
         )
+    params = touched(problem, mask)
+    with restored_on_error(params):  # an error in a later sub-step undoes the earlier ones
+        return _run(rule, stepper, problem, mask, total, units, state, params)
+
+
+def _attempt(rule, stepper, problem, mask, done, k, state, before):
+    """Delete k more from ``state``; (result, E after, measured increase, within tolerance)."""
+    res = stepper.step(problem, mask, done + k, state)
+    after = res.objective if res.objective is not None else measured_objective(problem)
+    increase = after - before
+    slack = rule.rtol * abs(res.predicted) + rule.atol + rounding(problem, before, after)
+    return res, after, increase, increase <= res.predicted + slack
+
+
+def _sizes(k: int, k_min: int) -> list[int]:
+    """Trial sizes from one estimate: k, halved down to k_min."""
+    out = [k]
+    while out[-1] > k_min:
+        out.append(max(k_min, out[-1] // 2))
+    return out
+
+
+def _trials(rule, stepper, problem, mask, done, k, k_min, state, params, before):
+    """Steps 2–3 of the rule from one estimate: the first trial (k halved down to k_min) whose
+    measured increase holds is taken; the k_min trial is taken whatever it measures (flagged).
+    Returns (result, E after, increase, within, rejected trials)."""
+    sizes = _sizes(k, k_min) if rule.adapt else [k]
+    for i, size in enumerate(sizes[:-1]):
+        snap = _Snapshot(params)
+        res, after, increase, within = _attempt(
+            rule, stepper, problem, mask, done, size, state, before
+        )
+        if within:
+            return res, after, increase, within, i
+        snap.restore()
+        log.debug(
+            "trial of %d rejected: measured %.3g, predicted %.3g", size, increase, res.predicted
+        )
+    res, after, increase, within = _attempt(
+        rule, stepper, problem, mask, done, sizes[-1], state, before
+    )
+    return res, after, increase, within, len(sizes) - 1
+
+
+def _run(rule, stepper, problem, mask, total, units, state, params) -> Outcome:
+    done = stepper.done(mask)
     out = Outcome(mask, before=problem.objective())
     out.after = out.before
-    params = touched(problem, mask)
     trial = None
     estimates = 0
     biggest = -math.inf
@@ -301,32 +349,19 @@ def run(
         k_min = _k_min(alive, goal_alive, rule.max_re_estimates - estimates + 1)
         if not rule.adapt:
             trial = k_min
-        elif trial is None:
-            trial = min(total - done, max(1, math.ceil(rule.max_fraction * alive)))
-        k = max(k_min, min(trial, total - done))
-        while True:
-            snap = _Snapshot(params)
-            res = stepper.step(problem, mask, done + k, state)
-            after = res.objective if res.objective is not None else measured_objective(problem)
-            increase = after - out.after
-            slack = rule.rtol * abs(res.predicted) + rule.atol
-            slack += rounding(problem, out.after, after)
-            within = increase <= res.predicted + slack
-            if within or k <= k_min or not rule.adapt:
-                break
-            snap.restore()
-            out.rejected += 1
-            log.debug(
-                "sub-step of %d rejected: measured %.3g, predicted %.3g", k, increase, res.predicted
-            )
-            k = max(k_min, k // 2)
+        largest = max(1, math.ceil(rule.max_fraction * alive))
+        k = max(k_min, min(trial or largest, largest, total - done))
+        res, after, increase, within, rejected = _trials(
+            rule, stepper, problem, mask, done, k, k_min, state, params, out.after
+        )
+        out.rejected += rejected
         count = stepper.done(res.mask) - done
         out.sub_steps.append(SubStep(count, res.predicted, increase, within, res.extra))
         out.predicted += res.predicted
         biggest = max(biggest, res.biggest)
         mask, out.mask, out.after = res.mask, res.mask, after
         done = stepper.done(mask)
-        trial = 2 * k if within else k
+        trial = 2 * count if within else count
         state = None
         if count == 0:  # the stepper could delete nothing more (its own guards): stop
             break
