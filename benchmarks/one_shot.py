@@ -120,9 +120,7 @@ def main() -> int:
         lines.append(f"| {name} | (dense) | 0 % | {dense} | – | – | – | – |")
         for method in methods:
             for level in levels:
-                runs = [
-                    run_one(built[s], method, level, s, args.retrain_steps) for s in seeds
-                ]
+                runs = [run_one(built[s], method, level, s, args.retrain_steps) for s in seeds]
                 raw[f"{name}/{method}/{level}"] = runs
                 row = summarise(runs)
                 if "error" in row:

@@ -96,7 +96,9 @@ def test_a_failing_prediction_is_split_where_it_fails_and_the_trial_undone():
         assert s.within == (s.count <= 40)
     assert sum(s.count for s in out.sub_steps) == 600
     measured = sum(s.measured for s in out.sub_steps)
-    assert measured == pytest.approx(out.after - out.before) == pytest.approx(float(model.e.detach()))
+    assert (
+        measured == pytest.approx(out.after - out.before) == pytest.approx(float(model.e.detach()))
+    )
     assert out.predicted == pytest.approx(600)
     within = [s for s in out.sub_steps if s.within]
     assert sum(s.count for s in within) == pytest.approx(measured, abs=1e-9 + 9 * 600)

@@ -18,6 +18,7 @@ from .layerwise import LayerwiseOBS
 from .presets import (
     METHODS,
     PRESETS,
+    RECOMMENDED,
     Method,
     layerwise_obs,
     magnitude,
@@ -26,6 +27,7 @@ from .presets import (
     obs,
     ocd,
     random,
+    recommended,
     snip,
     unit_obs,
 )
@@ -42,6 +44,7 @@ __all__ = [
     "OBSPruner",
     "PruneInfo",
     "Pruner",
+    "RECOMMENDED",
     "PrunerBase",
     "PrunerProtocol",
     "Stateless",
@@ -54,6 +57,7 @@ __all__ = [
     "obs",
     "ocd",
     "random",
+    "recommended",
     "restricted",
     "snip",
     "unit_obs",

@@ -31,8 +31,9 @@ E₀ the measured objective. Each sub-step
 A deletion of at most ``max_fraction`` of the alive entries whose prediction holds is therefore
 taken in one step, exactly as the paper's OBD (on a quadratic objective with a diagonal Hessian
 the prediction is exact, and sub-steps could not change the result); one whose prediction fails
-is split where it fails, and never into more than ``max_re_estimates`` sub-steps. ``AdaptiveSteps.fixed(k)`` instead splits every deletion
-into k even geometric sub-steps without testing them (a fixed schedule, for studies).
+is split where it fails, and never into more than ``max_re_estimates`` sub-steps.
+``AdaptiveSteps.fixed(k)`` instead splits every deletion into k even geometric sub-steps without
+testing them (a fixed schedule, for studies).
 
 The measured objective is the training objective on the problem's data — the quantity the
 saliencies predict. With fewer than ``min_samples`` samples the rule refuses to steer by it

@@ -148,6 +148,7 @@ class Method:
     seeded: bool = False
     predicts_objective: bool = False
     task_options: dict[str, Any] = field(default_factory=dict)
+    needs_retraining: bool = False
 
     def make(self, seed: int = 0, *, task: bool = False, **options) -> Any:
         """A fresh pruner; ``task=True`` applies :attr:`task_options` first."""
@@ -168,12 +169,13 @@ METHODS: dict[str, Method] = {
             predicts_objective=True,
         ),
         Method("magnitude", magnitude, "magnitude pruning, s = ½w² (OBD with H = I)"),
-        Method("random", random, "random deletion (a control)", seeded=True),
+        Method("random", random, "random deletion (a control)", seeded=True, needs_retraining=True),
         Method(
             "snip",
             snip,
             "SNIP connection sensitivity |w dE/dw|",
             task_options={"batches": None},  # all of the training data, like OBD's curvature
+            needs_retraining=True,
         ),
         Method(
             "ocd",
@@ -201,6 +203,18 @@ METHODS: dict[str, Method] = {
         ),
     )
 }
+
+#: The methods measured best (docs/benchmarks.md, "One-shot pruning of every named method"): for
+#: pruning without retraining and for pruning followed by retraining. ``method="auto"`` (the
+#: default of :func:`optbrain.prune` and ``optbrain prune``) means one of them.
+RECOMMENDED: dict[str, str] = {"one_shot": "layerwise_obs", "retrained": "obd"}
+
+
+def recommended(retrain_epochs: int) -> str:
+    """The method ``"auto"`` stands for: :data:`RECOMMENDED` one-shot when ``retrain_epochs`` is
+    0, else the one measured best with retraining."""
+    return RECOMMENDED["one_shot" if retrain_epochs == 0 else "retrained"]
+
 
 PRESETS: dict[str, Callable[..., Any]] = {name: m.factory for name, m in METHODS.items()}
 """Name → factory (the table before :data:`METHODS` carried summaries)."""
