@@ -82,28 +82,31 @@ def test_the_update_length_is_the_best_of_the_line_search():
     assert mask_g == mask_u
     zeroed = {k: theta[k] * (mask_u[k].to(D) if k in mask_u else 1.0) for k in theta}
     energies = {}
-    for t in (1.0, 0.0, *SCALES):
+    for t in (1.0, 0.5, 0.25, 0.125, 0.0):  # the documented line search
         with torch.no_grad():
             for k, v in model.named_parameters():
                 v.copy_(zeroed[k] + t * (updated[k] - zeroed[k]))
         energies[t] = problem.objective()
     best = min(energies, key=energies.get)
-    assert info.sub_steps[0]["extra"]["update_scale"] == best != 1.0
+    assert info.sub_steps[0]["extra"]["update_scale"] == best == 0.5  # shortened, not dropped
     assert info.objective_after == pytest.approx(energies[best], rel=1e-12)
 
 
 def test_a_shortened_update_raises_the_damping_tenfold_levenberg_marquardt():
+    """Each sub-step records the damping its inverse used: ten times the previous one after a
+    shortened update, a tenth of it (not below the pruner's own) after a whole one."""
     model, problem = saturated(1)
     pruner = OBSPruner(AutoInverse(alpha=1e-4), safeguard=True, steps=3)
     _, info = pruner(problem, sparsity=0.6)
     extras = [d["extra"] for d in info.sub_steps]
-    assert len(extras) == 3
-    damping = 1e-4
-    for e in extras:
-        expected = damping * 10 if e["update_scale"] < 1 else max(1e-4, damping / 10)
-        assert e["damping"] == pytest.approx(expected)
-        damping = e["damping"]
-    assert any(e["update_scale"] < 1 for e in extras)
+    assert len(extras) == 3 and extras[0]["damping"] == 1e-4
+    for before, after in zip(extras, extras[1:]):
+        if before["update_scale"] < 1:
+            expected = 10 * before["damping"]
+        else:
+            expected = max(1e-4, before["damping"] / 10)
+        assert after["damping"] == pytest.approx(expected)
+    assert any(e["update_scale"] < 1 for e in extras[:-1])
     assert pruner.inverse.alpha == 1e-4  # the pruner's own estimator is not changed
 
 
@@ -185,6 +188,13 @@ def test_split_target_respects_min_kept_and_adds_up(parts, keep, data):
     if sum(caps) < sum(sizes):
         with pytest.raises(EmptyLayerError):
             split_target(forced, sizes, sum(caps) + 1, keep)
+
+
+def test_split_target_moves_a_capped_share_to_the_others():
+    """The last part's proportional share (2 of 10) exceeds its cap (2 − 1): the first part
+    takes the difference, so the counts still add up."""
+    assert split_target([0, 0], [10, 2], 10, 1) == [9, 1]
+    assert split_target([0, 0], [2, 10], 10, 1) == [1, 9]
 
 
 def test_selectors_keep_the_largest_saliencies_of_a_guarded_layer():

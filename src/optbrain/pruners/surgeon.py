@@ -497,7 +497,8 @@ class _Stepper:
 
     def _adjust_damping(self, scale: float) -> float | None:
         """Levenberg–Marquardt: ×10 after a shortened update, ÷10 (not below the pruner's own)
-        after a whole one; the damping the next estimate will use (None: not adjustable)."""
+        after a whole one. Returns the damping this sub-step's inverse used (None: the estimator
+        has none that can be changed, or ``weight_decay`` fixes it)."""
         attr = _damping_attribute(self.inverse)
         if attr is None or self.pruner.weight_decay > 0:
             return None
@@ -507,7 +508,7 @@ class _Stepper:
         if new != now:
             self.inverse = copy.copy(self.inverse)
             setattr(self.inverse, attr, new)
-        return new
+        return now
 
 
 DAMPING_FACTOR = 10.0
