@@ -69,7 +69,7 @@ def _cached(key: str, model: nn.Module, fit) -> nn.Module:
     return model
 
 
-def _table(name: str):
+def _table(name: str, standardize: bool = True):
     from sklearn import datasets
     from sklearn.model_selection import train_test_split
 
@@ -77,8 +77,12 @@ def _table(name: str):
     x_tr, x_te, y_tr, y_te = train_test_split(
         bunch.data, bunch.target, test_size=0.3, random_state=0, stratify=bunch.target
     )
-    mean, sd = x_tr.mean(0), x_tr.std(0) + 1e-12
-    x_tr, x_te = (x_tr - mean) / sd, (x_te - mean) / sd
+    if standardize:
+        mean, sd = x_tr.mean(0), x_tr.std(0) + 1e-12
+        x_tr, x_te = (x_tr - mean) / sd, (x_te - mean) / sd
+    else:  # raw features scaled by their overall magnitude only (one common factor)
+        scale = abs(x_tr).max()
+        x_tr, x_te = x_tr / scale, x_te / scale
     as_t = lambda a: torch.tensor(a, dtype=torch.float64)  # noqa: E731
     return as_t(x_tr), as_t(x_te), torch.tensor(y_tr), torch.tensor(y_te)
 
@@ -104,9 +108,10 @@ def _lbfgs(model: nn.Module, x: Tensor, y: Tensor, loss_fn, iters: int = 3000) -
     opt.step(closure)
 
 
-def tabular(name: str, seed: int, hidden: int = 16) -> Net:
-    """A tanh net ``d-hidden-C`` trained to saturation by L-BFGS (MSE on one-hot targets)."""
-    x_tr, x_te, l_tr, l_te = _table(name)
+def tabular(name: str, seed: int, hidden: int = 16, standardize: bool = True) -> Net:
+    """A tanh net ``d-hidden-C`` trained to saturation by L-BFGS (MSE on one-hot targets);
+    ``standardize=False`` keeps the raw features (divided by one common factor)."""
+    x_tr, x_te, l_tr, l_te = _table(name, standardize)
     classes = int(l_tr.max()) + 1
     onehot = lambda l: torch.eye(classes, dtype=torch.float64)[l]  # noqa: E731
     g = torch.Generator().manual_seed(seed)
@@ -116,7 +121,7 @@ def tabular(name: str, seed: int, hidden: int = 16) -> Net:
             p.copy_(torch.randn(p.shape, generator=g) * (1.0 / p.shape[-1] ** 0.5))
     model = model.double()
     loss = nn.MSELoss()
-    key = f"tabular-{name}-h{hidden}-s{seed}"
+    key = f"tabular-{name}-h{hidden}-s{seed}" + ("" if standardize else "-raw")
     _cached(key, model, lambda m: _lbfgs(m, x_tr, onehot(l_tr), loss))
     return Net(f"{name}", model, loss, x_tr, onehot(l_tr), x_te, onehot(l_te), l_tr, l_te)
 

@@ -122,6 +122,51 @@ def test_the_cap_is_never_exceeded_and_ends_as_an_even_geometric_split():
     assert ratios == pytest.approx([(32 / 1000) ** 0.2] * 5, abs=0.01)
 
 
+class EntryStepper(ScriptedStepper):
+    """Each entry has its own measured cost (predicted 1 each); vetoes skip entries."""
+
+    def __init__(self, model: Scripted, costs: list[float]):
+        super().__init__(model, cost=None)
+        self.costs = costs
+
+    def estimate(self, problem, mask):
+        self.estimates += 1
+        return frozenset()
+
+    def step(self, problem, mask, total, vetoed):
+        k = total - mask.pruned()
+        kept = mask["w"].clone()
+        free = [i for i in torch.nonzero(kept).reshape(-1).tolist() if i not in vetoed][:k]
+        kept[free] = False
+        with torch.no_grad():
+            self.model.e += sum(self.costs[i] for i in free)
+            self.model.w.mul_(kept)
+        return A.StepResult(Mask({"w": kept}), float(len(free)), 1.0)
+
+    @staticmethod
+    def veto(vetoed, mask, trial):
+        return vetoed | set(torch.nonzero(mask["w"] & ~trial["w"]).reshape(-1).tolist())
+
+
+def test_a_single_deletion_far_off_its_prediction_is_vetoed():
+    """Entries 0 and 1 are cliffs (predicted 1, measured 50 and 40): deleting one entry skips
+    them for entry 2; when every candidate fails, the least bad tried one is taken."""
+    model, problem, mask = scripted(n=6)
+    stepper = EntryStepper(model, [50.0, 40.0, 1.0, 1.0, 1.0, 1.0])
+    out = A.run(AdaptiveSteps(), stepper, problem, mask, 1, 6)
+    assert out.mask["w"].tolist() == [True, True, False, True, True, True]
+    assert out.rejected == 2 and out.sub_steps[0].within
+    model, problem, mask = scripted(n=6)
+    stepper = EntryStepper(model, [50.0, 40.0, 60.0, 45.0, 70.0, 80.0])
+    out = A.run(AdaptiveSteps(max_vetoes=3), stepper, problem, mask, 1, 6)
+    assert out.mask["w"].tolist() == [True, False, True, True, True, True]  # 40: the least
+    assert not out.sub_steps[0].within and out.after - out.before == pytest.approx(40.0)
+    model, problem, mask = scripted(n=6)
+    stepper = EntryStepper(model, [50.0, 40.0, 1.0, 1.0, 1.0, 1.0])
+    out = A.run(AdaptiveSteps(max_vetoes=0), stepper, problem, mask, 1, 6)
+    assert out.mask["w"].tolist() == [False, True, True, True, True, True]  # no veto: taken
+
+
 def test_fixed_steps_split_evenly_without_testing():
     model, problem, mask = scripted()
     stepper = ScriptedStepper(model, cost=lambda k: 1.0 * k)
@@ -174,6 +219,7 @@ def test_a_target_below_what_is_deleted_raises():
         {"max_fraction": 0.0},
         {"max_fraction": 1.5},
         {"max_re_estimates": True},
+        {"max_vetoes": -1},
     ],
 )
 def test_bad_rules_raise(bad):

@@ -136,7 +136,7 @@ def plain_setup():
     [
         (lambda **k: obd(steps=None, **k), plain_setup, 0.9, "0.weight"),  # OBD empties layer 0
         (lambda **k: magnitude(**k), weak_middle_layer, 32, "2.weight"),
-        (lambda **k: obs(**k), weak_middle_layer, 32, "2.weight"),
+        (lambda **k: obs(steps=None, **k), weak_middle_layer, 32, "2.weight"),
     ],
 )
 def test_no_layer_loses_every_weight_unless_allowed(make, build, sparsity, layer):

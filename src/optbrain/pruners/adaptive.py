@@ -26,7 +26,12 @@ E₀ the measured objective. Each sub-step
    (the last term: the rounding of the forward pass in the model's dtype). Otherwise the weights
    are restored and the trial is retried with half as many entries, from the *same* saliencies
    (a rejected trial costs a forward pass, not an estimate); a trial of k_min entries is accepted
-   whatever it measures, and flagged as outside the tolerance.
+   whatever it measures, and flagged as outside the tolerance — except a failing trial of a
+   single entry (k_min = 1): that entry is *vetoed* for this estimate and the next one in the
+   ranking tried instead, up to ``max_vetoes`` times; when none holds, the tried entry of least
+   measured increase is taken (flagged). A weight whose curvature is exactly zero (a deeply
+   saturated unit) is free by every diagonal model and can be a cliff in fact: the veto lets the
+   measurement skip it while cheaper deletions remain.
 
 A deletion of at most ``max_fraction`` of the alive entries whose prediction holds is therefore
 taken in one step, exactly as the paper's OBD (on a quadratic objective with a diagonal Hessian
@@ -75,8 +80,10 @@ class AdaptiveSteps:
     ``max_re_estimates``: the most saliency estimates one call may make (>= 1; 1 means a single
     step); ``max_fraction``: the largest fraction of the alive entries one sub-step may delete
     (the curvature describes the weights it was computed at, not a net with most of them gone);
-    ``min_samples``: the fewest samples the measured objective may steer by; ``adapt=False``:
-    exactly ``max_re_estimates`` even geometric sub-steps, untested (see :meth:`fixed`).
+    ``min_samples``: the fewest samples the measured objective may steer by; ``max_vetoes``: the
+    single entries that may be skipped per estimate when their measured increase departs from
+    the prediction; ``adapt=False``: exactly ``max_re_estimates`` even geometric sub-steps,
+    untested (see :meth:`fixed`).
     """
 
     rtol: float = 0.5
@@ -84,6 +91,7 @@ class AdaptiveSteps:
     max_re_estimates: int = 32
     max_fraction: float = 0.5
     min_samples: int = 8
+    max_vetoes: int = 8
     adapt: bool = True
 
     def __post_init__(self) -> None:
@@ -91,6 +99,9 @@ class AdaptiveSteps:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
                 raise ValueError(f"{name} must be a number >= 0, not {v!r}")
+        v = self.max_vetoes
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"max_vetoes must be an int >= 0, not {v!r}")
         for name in ("max_re_estimates", "min_samples"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -152,6 +163,9 @@ class Stepper(Protocol):
 
     def done(self, mask: Mask) -> int:
         """Units deleted in ``mask``."""
+
+    def veto(self, state: Any, mask: Mask, trial: Mask) -> Any:
+        """``state`` with the units ``trial`` deletes beyond ``mask`` excluded (optional)."""
 
     noun: str  # what done() counts, for messages: "pruned entries", "removed cells"
 
@@ -315,24 +329,52 @@ def _sizes(k: int, k_min: int) -> list[int]:
 
 def _trials(rule, stepper, problem, mask, done, k, k_min, state, params, before):
     """Steps 2–3 of the rule from one estimate: the first trial (k halved down to k_min) whose
-    measured increase holds is taken; the k_min trial is taken whatever it measures (flagged).
-    Returns (result, E after, increase, within, rejected trials)."""
+    measured increase holds is taken; a failing single entry is vetoed (:func:`_vetoes`); else
+    the k_min trial is taken whatever it measures (flagged). Returns (result, E after, increase,
+    within, rejected trials)."""
     sizes = _sizes(k, k_min) if rule.adapt else [k]
-    for i, size in enumerate(sizes[:-1]):
-        snap = _Snapshot(params)
+    vetoing = rule.adapt and rule.max_vetoes > 0 and k_min == 1 and hasattr(stepper, "veto")
+    last = len(sizes) - 1
+    for i, size in enumerate(sizes):
+        snap = _Snapshot(params) if i < last or vetoing else None
         res, after, increase, within = _attempt(
             rule, stepper, problem, mask, done, size, state, before
         )
-        if within:
+        if within or snap is None:
             return res, after, increase, within, i
         snap.restore()
         log.debug(
             "trial of %d rejected: measured %.3g, predicted %.3g", size, increase, res.predicted
         )
-    res, after, increase, within = _attempt(
-        rule, stepper, problem, mask, done, sizes[-1], state, before
+    rejected = len(sizes)
+    return _vetoes(
+        rule, stepper, problem, mask, done, state, params, before, res, increase, rejected
     )
-    return res, after, increase, within, len(sizes) - 1
+
+
+def _vetoes(rule, stepper, problem, mask, done, state, params, before, res, increase, rejected):
+    """A single entry failed: skip it and try the next, up to ``max_vetoes`` times; take the
+    first that holds, else the tried one of least measured increase."""
+    tried = [(increase, state)]
+    for _ in range(rule.max_vetoes):
+        state = stepper.veto(state, mask, res.mask)
+        snap = _Snapshot(params)
+        res, after, increase, within = _attempt(
+            rule, stepper, problem, mask, done, 1, state, before
+        )
+        if stepper.done(res.mask) == done:  # nothing left to try
+            snap.restore()
+            break
+        if within:
+            return res, after, increase, within, rejected
+        rejected += 1
+        tried.append((increase, state))
+        snap.restore()
+    best = min(range(len(tried)), key=lambda i: (tried[i][0], i))
+    res, after, increase, within = _attempt(
+        rule, stepper, problem, mask, done, 1, tried[best][1], before
+    )
+    return res, after, increase, within, rejected - 1
 
 
 def _run(rule, stepper, problem, mask, total, units, state, params) -> Outcome:

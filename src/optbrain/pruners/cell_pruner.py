@@ -197,6 +197,15 @@ class _CellStepper:
     def done(self, mask: Mask) -> int:
         return sum(removed_cells(self.found, mask))
 
+    def veto(self, sal: CellSaliencies, mask: Mask, trial: Mask) -> CellSaliencies:
+        """The saliencies with the cells ``trial`` removes beyond ``mask`` set to +inf."""
+        before, after = removed_cells(self.found, mask), removed_cells(self.found, trial)
+        values = sal.values.clone()
+        for i, (b, a) in enumerate(zip(before, after)):
+            if a and not b:
+                values[i] = torch.inf
+        return CellSaliencies(sal.cells, values, sal.method)
+
 
 def removed_cells(found: list[Cell], mask: Mask) -> list[bool]:
     """For each cell: are all its fan-out weights pruned in ``mask``?"""

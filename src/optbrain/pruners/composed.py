@@ -130,6 +130,16 @@ class _Ranked:
     def done(mask: Mask) -> int:
         return mask.pruned()
 
+    @staticmethod
+    def veto(scores: ParamDict, mask: Mask, trial: Mask) -> ParamDict:
+        """The scores with the entries ``trial`` deleted beyond ``mask`` set to +inf."""
+        out = dict(scores)
+        for k in mask.names:
+            gone = (mask[k] & ~trial[k]).to(scores[k].device)
+            if gone.any():
+                out[k] = torch.where(gone, torch.inf, scores[k])
+        return out
+
 
 def deleted_sum(scores: ParamDict, old: Mask, new: Mask) -> tuple[float, float]:
     """(sum, max) of the saliencies of the entries ``old`` keeps and ``new`` deletes (max 0.0

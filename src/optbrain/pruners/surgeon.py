@@ -69,6 +69,7 @@ class _Session:
         self.mask_names = mask.names
         self.prunable = torch.zeros(self.coords.size, dtype=torch.bool, device=dev)
         self.name_rows = {}  # masked name -> rows of its alive entries (the min_kept guard)
+        self.vetoed = torch.zeros(self.coords.size, dtype=torch.bool, device=dev)
         for n in mask.names:
             self.name_rows[n] = self.coords.rows[n][self.coords.positions[n]].to(dev)
             self.prunable[self.name_rows[n]] = True
@@ -348,7 +349,7 @@ class OBSPruner(PrunerBase):
         also another unit's protected last output (nets with >= 2 hidden layers), q stays +inf,
         so no unit is ever left with live inputs and no output, whatever the loop order."""
         sal = obs_saliencies(s.inv, s.theta, self.weight_decay)
-        sal = torch.where(s.prunable, sal, torch.inf)
+        sal = torch.where(s.prunable & ~s.vetoed, sal, torch.inf)
         if self.min_kept:  # a parameter down to min_kept alive entries loses no more
             for rows in s.name_rows.values():
                 if int(s.inv.alive[rows].sum()) <= self.min_kept:
@@ -494,6 +495,19 @@ class _Stepper:
     @staticmethod
     def done(mask: Mask) -> int:
         return mask.pruned()
+
+    @staticmethod
+    def veto(s: _Session, mask: Mask, trial: Mask) -> _Session:
+        """A copy of the session whose candidates exclude the entries ``trial`` deleted beyond
+        ``mask`` (weight mode)."""
+        out = s.copy()
+        out.vetoed = s.vetoed.clone()
+        for n in mask.names:
+            gone = torch.nonzero((mask[n] & ~trial[n]).reshape(-1)).reshape(-1)
+            if gone.numel() and n in s.coords.rows:
+                rows = s.coords.rows[n].to(gone.device)[gone]
+                out.vetoed[rows[rows >= 0].to(out.vetoed.device)] = True
+        return out
 
     def _adjust_damping(self, scale: float) -> float | None:
         """Levenberg–Marquardt: ×10 after a shortened update, ÷10 (not below the pruner's own)
