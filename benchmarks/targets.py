@@ -11,6 +11,9 @@
     same number of weights, on the tabular nets (mean over seeds; per seed too).
 (5) ``ocd(kinds=("unit",))`` at global scope: units left in the smallest layer, one step against
     the default adaptive steps (the issue saw a layer collapse to 1 unit).
+(6) Stress variants of (1): 8 hidden units, and raw (unstandardised) features — L-BFGS drives
+    some of these to huge, cancelling weights and deeply saturated units whose curvature is
+    exactly 0, the issue's failure mode.
 
 Also reported: re-estimates per call, and OBD in one step (the paper's procedure, ``steps=None``)
 for comparison. Run ``python benchmarks/targets.py --help``; the results are recorded in
@@ -112,6 +115,33 @@ def tabular_targets(seeds, nets, levels) -> tuple[list[dict], list[str]]:
     return rows, lines
 
 
+STRESS = (("wine", 8, True), ("breast_cancer", 8, True), ("iris", 8, True),
+          ("breast_cancer", 16, False), ("iris", 16, False))  # fmt: skip
+
+
+def stress_targets(seeds, levels) -> list[str]:
+    lines = []
+    for name, hidden, standard in STRESS:
+        cells = []
+        for s in levels:
+            runs = {"obd": [], "obd_1": [], "magnitude": []}
+            for seed in seeds:
+                net = _nets.tabular(name, seed, hidden, standard)
+                runs["obd"].append(one(net, obd, s))
+                runs["obd_1"].append(one(net, lambda: obd(steps=None), s))
+                runs["magnitude"].append(one(net, magnitude, s))
+            m = {k: mean(r["increase"] for r in v) for k, v in runs.items()}
+            ok = m["obd"] <= (2.0 if s > 0.8 else 1.0) * m["magnitude"]
+            cells.append(
+                f"{m['obd']:.3g} / {m['obd_1']:.3g} / {m['magnitude']:.3g}"
+                + ("" if ok else " **miss**")
+            )
+        feats = "standardised" if standard else "raw"
+        lines.append(f"| {name}, {hidden} hidden, {feats} | " + " | ".join(cells) + " |")
+        log(lines[-1])
+    return lines
+
+
 def ce_targets(seeds, levels) -> tuple[list[dict], list[str]]:
     rows, lines = [], []
     for s in levels:
@@ -209,6 +239,14 @@ def main() -> int:
         "|---|---|---|---|---|",
     ]
     out += cell_targets(seeds, (0.5, 0.8) if not args.quick else (0.5,))
+    out += [
+        "",
+        "Stress variants: ΔE obd() / obd(steps=None) / magnitude, mean over seeds",
+        "",
+        "| net | " + " | ".join(f"{100 * s:g} %" for s in mse_levels) + " |",
+        "|---|" + "---|" * len(mse_levels),
+    ]
+    out += stress_targets(seeds, mse_levels) if not args.quick else []
     out += ["", f"total {time.perf_counter() - t0:.0f} s"]
     print("\n".join(out))
     if args.json:
