@@ -182,7 +182,7 @@ def test_prune_methods_match_the_library():
         a for a in cli.build_parser()._subparsers._group_actions[0].choices["prune"]._actions
         if a.dest == "method"
     )  # fmt: skip
-    assert tuple(prune.choices) == tasks.METHODS
+    assert tuple(prune.choices) == ("auto", *tasks.METHODS) and prune.default == "auto"
 
 
 # ------------------------------------------------------------------------------ demo

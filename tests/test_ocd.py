@@ -243,7 +243,7 @@ def test_pruner_removes_the_planted_irrelevant_inputs(trained, method):
 def test_pruner_removes_units_fan_in_and_fan_out():
     model, loss_fn, data = mlp("ce")
     problem = Problem(model, loss_fn, data)
-    pruner = ocd(kinds=("unit",))
+    pruner = ocd(kinds=("unit",), steps=None)  # one step: the lowest saliency goes
     sal = pruner.cell_scores(problem)
     lowest = int(sal.values.argmin())
     start = Mask.ones(model, ["0.weight", "0.bias", "2.weight"])
@@ -386,7 +386,7 @@ def test_layer_scope_counts_add_up_to_the_target():
     model = _init(nn.Sequential(*layers, nn.Linear(3, 3)).to(F64), 6)
     _, loss_fn, data = mlp("ce")
     problem = Problem(model, loss_fn, data)
-    pruner = ocd(kinds=("unit",), scope="layer")
+    pruner = ocd(kinds=("unit",), scope="layer", steps=None)  # one step: the lowest go
     sal = pruner.cell_scores(problem).values
     mask, info = pruner(problem, sparsity=4)  # three layers of 3 units: 1 + 2 + 1, not 1 + 1 + 1
     assert info.cells_removed == 4 and len(info.removed) == 4

@@ -120,7 +120,7 @@ def test_pruner_returns_mask_without_attaching_and_zeroes_deleted_weights():
 
 def test_predicted_increase_is_the_sum_of_the_deleted_saliencies():
     s, problem = setup()
-    pruner = obd(GGNDiagonal(dtype=F64))
+    pruner = obd(GGNDiagonal(dtype=F64), steps=None)  # one step: the paper's OBD
     old = Mask.ones(s.model)
     sal = pruner.scores(problem)
     mask, info = pruner(problem, sparsity=0.4)
@@ -178,7 +178,7 @@ def test_obd_preset_prunes_the_lowest_half_h_w_squared_of_an_independent_oracle(
     flat = torch.cat([v.reshape(-1) for v in sal.values()])
     n = 40
     threshold = flat.sort().values[n - 1]
-    mask, _ = obd()(problem, sparsity=n)
+    mask, _ = obd(steps=None)(problem, sparsity=n)  # one step: the paper's OBD
     for k, v in sal.items():
         assert torch.equal(~mask[k], v <= threshold), k
 

@@ -178,6 +178,40 @@ def test_a_method_needing_validation_data_names_the_missing_loader(tmp_path):
         tasks.prune("fixtures_task:task", method="validation_obd", rounds=1, out_dir=tmp_path)
 
 
+@pytest.mark.parametrize("method, epochs, chosen", [("auto", 0, "layerwise_obs"), (None, 1, "obd")])
+def test_auto_is_the_method_measured_best(method, epochs, chosen, tmp_path):
+    """The default method is the recommended one (docs/benchmarks.md): one-shot without a
+    retraining budget, the one measured best with retraining otherwise."""
+    from optbrain.pruners import RECOMMENDED, recommended
+
+    assert recommended(0) == RECOMMENDED["one_shot"] == "layerwise_obs"
+    assert recommended(3) == RECOMMENDED["retrained"] == "obd"
+    res = tasks.prune(
+        "fixtures_task:task",
+        method=method,
+        sparsity=0.5,
+        rounds=1,
+        retrain_epochs=epochs,
+        out_dir=tmp_path,
+    )
+    assert res.history.config["method"] == chosen
+    assert (tmp_path / chosen / "model.pt").is_file()
+
+
+@pytest.mark.parametrize("method", ["snip", "random"])
+def test_a_method_that_needs_retraining_is_refused_without_a_budget(method, tmp_path):
+    with pytest.raises(ValueError, match=rf"{method!r} needs retraining.*retrain_epochs >= 1"):
+        tasks.prune("fixtures_task:task", method=method, retrain_epochs=0, out_dir=tmp_path)
+    assert not any(tmp_path.iterdir())  # nothing written
+    from optbrain import cli
+
+    code = cli.main(
+        ["prune", "--task", "fixtures_task:task", "--method", method, "--retrain-epochs", "0",
+         "--out", str(tmp_path), "--no-progress"]
+    )  # fmt: skip
+    assert code == 2
+
+
 def test_prune_regression_task_and_schedules(tmp_path):
     res = tasks.prune(
         tasks.load_task("fixtures_task:regression_task"),

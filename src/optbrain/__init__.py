@@ -5,7 +5,8 @@ The public API is :data:`__all__`; everything else is private or lives in a name
 
     import optbrain as ob
     problem = ob.Problem(model, torch.nn.CrossEntropyLoss(), loader)
-    mask, info = ob.obd()(problem, sparsity=0.5)           # one OBD step
+    mask, info = ob.obd()(problem, sparsity=0.5)   # OBD, sub-stepped where its prediction fails
+    info.predicted_increase, info.measured_increase, info.re_estimates
     ob.attach(model, mask)
     history = ob.iterative_prune(model, ob.obd(), ob.schedule.geometric(0.3), rounds=8,
                                  make_problem=lambda m: ob.Problem(m, loss_fn, loader))
@@ -19,6 +20,7 @@ from .masking import Mask, attach, detach, load_pruned, save_pruned
 from .problem import Problem
 from .pruners import (
     METHODS,
+    AdaptiveSteps,
     CellPruner,
     LayerwiseOBS,
     OBSPruner,
@@ -40,6 +42,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "METHODS",
+    "AdaptiveSteps",
     "CellPruner",
     "History",
     "LayerwiseOBS",

@@ -231,7 +231,11 @@ def _add_prune(sub) -> None:
         "--task", required=True, metavar="MODULE:FUNCTION", help="the function giving the task"
     )
     prn.add_argument(
-        "--method", choices=METHODS, default="obd", help="saliency to rank weights by (obd)"
+        "--method",
+        choices=("auto", *METHODS),
+        default="auto",
+        help="pruning method (auto: the one measured best, layerwise_obs with --retrain-epochs 0, "
+        "obd with retraining; see docs/benchmarks.md)",
     )
     prn.add_argument(
         "--sparsity",
@@ -444,6 +448,8 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         return _fail(args, exc)
     except OptbrainError as exc:
         return _fail(args, exc, code=1)
+    except ValueError as exc:  # e.g. a method that needs retraining with --retrain-epochs 0
+        return _fail(args, exc)
     print(result.table)
     print(f"\nreport: {result.report}")
     print(

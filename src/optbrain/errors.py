@@ -41,7 +41,8 @@ class CalibrationError(OptbrainError, ValueError):
 
 
 class EmptyLayerError(OptbrainError, ValueError):
-    """A request would remove every input of the network or every unit/channel of a layer."""
+    """A request would remove every input of the network, every unit/channel of a layer, or (with
+    a selector's ``min_kept`` guard) every weight of a layer."""
 
 
 class UnsupportedArgumentError(OptbrainError, TypeError):
@@ -55,3 +56,8 @@ class NonFiniteDataError(OptbrainError, ValueError):
 
 class UnsafeFileError(OptbrainError, ValueError):
     """A file holds pickled code or objects; optbrain loads tensors only (weights_only=True)."""
+
+
+class TooFewSamplesError(OptbrainError, ValueError):
+    """The problem's data have too few samples for the measured objective to steer a pruner's
+    adaptive sub-steps (:class:`optbrain.pruners.AdaptiveSteps`)."""

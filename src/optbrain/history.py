@@ -16,7 +16,8 @@ class RoundRecord:
     """One round. Round 0 is the unpruned model (metrics only).
 
     ``predicted_increase`` is the sum of the saliencies deleted this round; ``actual_increase`` is
-    the measured change of the problem's objective caused by the deletion (before retraining).
+    the measured change of the problem's objective caused by the deletion (before retraining): the
+    pruner's own ``PruneInfo.measured_increase`` when it measured one (one field, not two).
     ``metrics_pruned`` are the user's metrics right after deletion, ``metrics`` after retraining.
     ``generalization`` holds the FPE estimate of the retrained model when the loop was asked for
     it (``fpe``, ``n_eff``, ``train_error``, ``gamma2``, ``n_params``, ``damping``; see

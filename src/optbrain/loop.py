@@ -206,11 +206,12 @@ class _Recorder:
                 )
                 self.save()
                 return self.history.stopped
-        self.objective = (step.problem.objective(), math.nan)
+        measures = getattr(self.pruner, "measure", False) is True
+        self.objective = (None if measures else step.problem.objective(), math.nan)
         return None
 
     def deleted(self, step: Step) -> None:
-        self.objective = (self.objective[0], step.problem.objective())
+        self.objective = _measured(step.problem, step.info, self.objective[0])
         self.metrics_pruned = dict(self.evaluate(self.model))
 
     def after(self, step: Step) -> str | None:
@@ -243,6 +244,14 @@ class _Recorder:
         if self.progress is not None:
             self.progress(step.round, self.rounds)
         return self.history.stopped
+
+
+def _measured(problem: Problem, info: Any, before: float | None) -> tuple[float, float]:
+    """(E before, E after) of a round's deletion: the pruner's own measurement
+    (``PruneInfo.measured_increase``) when it made one, else measured here (NaN if lost)."""
+    if getattr(info, "measured_increase", None) is not None:
+        return info.objective_before, info.objective_after
+    return (math.nan if before is None else before), problem.objective()
 
 
 def _start_mask(pruner: Pruner, model: nn.Module) -> Mask:

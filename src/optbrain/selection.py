@@ -4,6 +4,13 @@
 float in [0, 1) is the fraction of the mask's entries to have pruned, an int the number of pruned
 entries (as ``amount`` in ``torch.nn.utils.prune``). Ties are broken deterministically by position
 (mask name order, then flat index). Entries already pruned are never selected again.
+
+A selector built with ``min_kept=k > 0`` keeps at least k entries of every masked parameter, so
+that no layer loses every weight (the named methods of :mod:`optbrain.pruners.presets` use
+``min_kept=1`` unless told ``min_kept=0``; the selectors themselves default to 0, the plain
+ranking). Within a parameter the entries kept by this guard are those of largest saliency; a
+target that cannot be reached with the guard raises :class:`~optbrain.errors.EmptyLayerError`,
+naming the largest reachable target.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from .errors import OptbrainError
+from .errors import EmptyLayerError, OptbrainError
 from .masking import Mask
 
 
@@ -62,6 +69,39 @@ def _check(saliency: Mapping[str, Tensor], mask: Mask) -> None:
             raise ValueError(f"saliency of {n} contains NaN")
 
 
+def check_min_kept(min_kept: int) -> int:
+    if isinstance(min_kept, bool) or not isinstance(min_kept, int) or min_kept < 0:
+        raise ValueError(f"min_kept must be an int >= 0, not {min_kept!r}")
+    return min_kept
+
+
+def _guarded(saliency: Mapping[str, Tensor], mask: Mask, names: list[str], min_kept: int) -> Tensor:
+    """Flat bool over ``names``: the kept entries that may be deleted, i.e. all kept entries but
+    the ``min_kept`` of largest saliency in each parameter (stable: ties keep the later one)."""
+    parts = []
+    for n in names:
+        kept = mask[n].reshape(-1).cpu()
+        free = kept.clone()
+        alive = int(kept.sum())
+        if min_kept and alive:
+            s = torch.where(
+                kept, saliency[n].detach().reshape(-1).cpu().to(torch.float64), -torch.inf
+            )
+            top = torch.sort(s, stable=True).indices[-min(min_kept, alive) :]
+            free[top] = False
+        parts.append(free)
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.bool)
+
+
+def _unreachable(target: int, reachable: int, total: int, min_kept: int) -> EmptyLayerError:
+    return EmptyLayerError(
+        f"pruning {target} of {total} entries would leave a layer with fewer than {min_kept} "
+        f"kept entr{'y' if min_kept == 1 else 'ies'}; at most {reachable} "
+        f"({reachable / total:.4%}) can be pruned while every masked parameter keeps "
+        f"{min_kept}; pass min_kept=0 to allow a layer to lose every weight"
+    )
+
+
 def _smallest_kept(scores: Tensor, kept: Tensor, n: int) -> Tensor:
     """Flat indices of the n smallest scores among kept entries (stable: ties by position)."""
     s = torch.where(kept, scores.to(torch.float64), torch.inf)
@@ -70,7 +110,11 @@ def _smallest_kept(scores: Tensor, kept: Tensor, n: int) -> Tensor:
 
 
 class GlobalSelector:
-    """Delete the lowest-saliency entries over all masked parameters together."""
+    """Delete the lowest-saliency entries over all masked parameters together, never the last
+    ``min_kept`` entries of a parameter (default 0: no guard)."""
+
+    def __init__(self, min_kept: int = 0):
+        self.min_kept = check_min_kept(min_kept)
 
     def __call__(self, saliency: Mapping[str, Tensor], mask: Mask, sparsity) -> Mask:
         _check(saliency, mask)
@@ -83,21 +127,29 @@ class GlobalSelector:
             raise TargetExceededError(
                 f"target of {target} pruned entries is below the {already} already pruned"
             )
-        idx = _smallest_kept(scores, kept, target - already)
+        free = _guarded(saliency, mask, names, self.min_kept)
+        if target - already > int(free.sum()):
+            raise _unreachable(target, already + int(free.sum()), kept.numel(), self.min_kept)
+        idx = _smallest_kept(scores, free, target - already)
         return mask.with_pruned(_split(idx, names, mask))
 
     def __repr__(self) -> str:
-        return "GlobalSelector()"
+        return f"GlobalSelector(min_kept={self.min_kept})" if self.min_kept else "GlobalSelector()"
 
 
-def split_target(forced: Sequence[int], sizes: Sequence[int], target: int) -> list[int]:
+def split_target(
+    forced: Sequence[int], sizes: Sequence[int], target: int, min_kept: int = 0
+) -> list[int]:
     """Split ``target`` deletions over parts of ``sizes`` entries in proportion to their sizes
     (cumulative rounding), each part getting at least its ``forced`` (already deleted) entries and
-    at most its size; the parts add up to exactly ``target``.
+    at most its size less ``min_kept`` (or its forced count, if larger); the parts add up to
+    exactly ``target``.
 
-    Raises :class:`TargetExceededError` if ``target`` is below the forced
-    total and ``ValueError`` if it is above the total size."""
+    Raises :class:`TargetExceededError` if ``target`` is below the forced total,
+    ``ValueError`` if it is above the total size and
+    :class:`~optbrain.errors.EmptyLayerError` if it needs a part below ``min_kept`` kept."""
     forced_l, sizes_l = [int(v) for v in forced], [int(v) for v in sizes]
+    caps = [max(s - min_kept, f) for f, s in zip(forced_l, sizes_l)]
     total = sum(sizes_l)
     if target < sum(forced_l):
         raise TargetExceededError(
@@ -105,15 +157,18 @@ def split_target(forced: Sequence[int], sizes: Sequence[int], target: int) -> li
         )
     if target > total:
         raise ValueError(f"target of {target} pruned entries exceeds the {total} entries")
+    if target > sum(caps):
+        raise _unreachable(target, sum(caps), total, min_kept)
     if total == 0:
         return [0] * len(sizes_l)
-    after = sum(forced_l)
+    after, room = sum(forced_l), sum(caps)
     out, done, cum = [], 0, 0
-    for f, s in zip(forced_l, sizes_l):
+    for f, s, c in zip(forced_l, sizes_l, caps):
         after -= f
+        room -= c
         cum += s
         want = round(target * cum / total) - done
-        q = min(max(want, f), target - done - after, s)
+        q = min(max(want, f, target - done - room), target - done - after, c)
         out.append(q)
         done += q
     return out
@@ -124,14 +179,21 @@ class LayerSelector:
 
     The total target is split over the parameters by size (:func:`split_target`), so the counts add
     up to it exactly; a parameter that already has more entries pruned than its share keeps them and
-    the others make up the rest (after a global step, say)."""
+    the others make up the rest (after a global step, say). No parameter keeps fewer than
+    ``min_kept`` entries (the others take the difference)."""
+
+    def __init__(self, min_kept: int = 0):
+        self.min_kept = check_min_kept(min_kept)
 
     def __call__(self, saliency: Mapping[str, Tensor], mask: Mask, sparsity) -> Mask:
         _check(saliency, mask)
         kept = {n: mask[n].reshape(-1).cpu() for n in mask.names}
         forced = [int((~k).sum()) for k in kept.values()]
         quota = split_target(
-            forced, [k.numel() for k in kept.values()], target_count(sparsity, mask.total())
+            forced,
+            [k.numel() for k in kept.values()],
+            target_count(sparsity, mask.total()),
+            self.min_kept,
         )
         prune: dict[str, Tensor] = {}
         for (n, k), q, f in zip(kept.items(), quota, forced):
@@ -139,29 +201,30 @@ class LayerSelector:
         return mask.with_pruned(prune)
 
     def __repr__(self) -> str:
-        return "LayerSelector()"
+        return f"LayerSelector(min_kept={self.min_kept})" if self.min_kept else "LayerSelector()"
 
 
 class ThresholdSelector:
-    """Delete every kept entry whose saliency is below ``threshold`` (``sparsity`` caps it)."""
+    """Delete every kept entry whose saliency is below ``threshold`` (``sparsity`` caps it), but
+    never the last ``min_kept`` entries of a parameter."""
 
-    def __init__(self, threshold: float):
+    def __init__(self, threshold: float, min_kept: int = 0):
         self.threshold = float(threshold)
+        self.min_kept = check_min_kept(min_kept)
 
     def __call__(self, saliency: Mapping[str, Tensor], mask: Mask, sparsity=None) -> Mask:
         _check(saliency, mask)
         names = list(mask.names)
-        kept = torch.cat([mask[n].reshape(-1).cpu() for n in names])
+        free = _guarded(saliency, mask, names, self.min_kept)
         scores = torch.cat([saliency[n].detach().reshape(-1).cpu() for n in names])
-        below = int((kept & (scores.to(torch.float64) < self.threshold)).sum())
-        n = below
+        n = int((free & (scores.to(torch.float64) < self.threshold)).sum())
         if sparsity is not None:
-            already = int((~kept).sum())
-            n = min(n, max(0, target_count(sparsity, kept.numel()) - already))
-        return mask.with_pruned(_split(_smallest_kept(scores, kept, n), names, mask))
+            n = min(n, max(0, target_count(sparsity, mask.total()) - mask.pruned()))
+        return mask.with_pruned(_split(_smallest_kept(scores, free, n), names, mask))
 
     def __repr__(self) -> str:
-        return f"ThresholdSelector({self.threshold!r})"
+        extra = f", min_kept={self.min_kept}" if self.min_kept else ""
+        return f"ThresholdSelector({self.threshold!r}{extra})"
 
 
 def _split(flat_idx: Tensor, names: list[str], mask: Mask) -> dict[str, Tensor]:
@@ -173,3 +236,14 @@ def _split(flat_idx: Tensor, names: list[str], mask: Mask) -> dict[str, Tensor]:
         out[n] = sel
         start += size
     return out
+
+
+def selector_for(scope: str, min_kept: int = 1):
+    """The selector of a preset's ``scope``: ``"global"`` (one ranking over every masked
+    parameter) or ``"layer"`` (each parameter its share); ``min_kept`` entries of each parameter
+    are never deleted (1: no layer is emptied)."""
+    if scope == "global":
+        return GlobalSelector(min_kept)
+    if scope == "layer":
+        return LayerSelector(min_kept)
+    raise ValueError(f"scope must be 'global' or 'layer', not {scope!r}")

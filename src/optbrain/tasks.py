@@ -353,6 +353,25 @@ def _pruner(method: str, seed: int, task: Task | None = None):
     return make(method, seed, task=True, validation=task.val_loader)
 
 
+def resolve_method(method: str | None, retrain_epochs: int) -> str:
+    """The method a run uses: ``"auto"``/None → :func:`optbrain.pruners.recommended`; a method
+    that needs retraining (:attr:`optbrain.pruners.Method.needs_retraining`) is refused with a
+    retraining budget of 0."""
+    from .pruners import recommended
+
+    if method is None or method == "auto":
+        return recommended(retrain_epochs)
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from auto, {', '.join(METHODS)}")
+    if retrain_epochs == 0 and _METHOD_TABLE[method].needs_retraining:
+        raise ValueError(
+            f"method {method!r} needs retraining after pruning (it ranks weights for a network "
+            f"that is trained afterwards) but retrain_epochs=0; give retrain_epochs >= 1, or "
+            f"method='auto' ({recommended(0)!r}, measured best without retraining)"
+        )
+    return method
+
+
 def make_schedule(name: str, sparsity: float, rounds: int):
     """The schedule ``name`` reaching ``sparsity`` at round ``rounds``."""
     from . import schedule as S
@@ -376,7 +395,7 @@ def make_schedule(name: str, sparsity: float, rounds: int):
 
 def prune(
     task: Task | str,
-    method: str = "obd",
+    method: str | None = "auto",
     sparsity: float = 0.9,
     rounds: int = 5,
     retrain_epochs: int = 1,
@@ -395,8 +414,12 @@ def prune(
     ``task`` is a :class:`Task` or a spec for :func:`load_task`. Each round deletes the weights of
     lowest saliency (``method``: ``obd`` with the exact Gauss–Newton diagonal of the training
     loss, ``magnitude``, ``random``, ``snip``; ``obs`` deletes one weight at a time and moves the
-    others to compensate (a dense inverse curvature: small nets); ``ocd`` removes whole input
-    variables instead, and ``sparsity`` is then the fraction of the inputs) up to the
+    others to compensate (a dense inverse curvature: small nets); ``layerwise_obs`` solves each
+    layer's reconstruction; ``ocd`` removes whole input variables instead, and ``sparsity`` is
+    then the fraction of the inputs; ``"auto"`` or None, the default, is the method measured best
+    (:func:`optbrain.pruners.recommended`, docs/benchmarks.md): ``layerwise_obs`` without
+    retraining (``retrain_epochs=0``), ``obd`` with it; ``snip`` and ``random`` need retraining
+    and are refused with ``retrain_epochs=0``) up to the
     ``schedule``'s total for that round (``geometric``: the same fraction of the remaining
     weights each round; ``linear``, ``cubic``, ``one_shot``), then retrains ``retrain_epochs``
     epochs on the training loader (``optimizer`` ``"adam"`` or ``"sgd"``, ``lr``; deleted weights
@@ -415,6 +438,7 @@ def prune(
     model of the same architecture), ``report.md``, its PNGs and ``run.json``.
     """
     t_start = time.perf_counter()
+    method = resolve_method(method, retrain_epochs)
     run = _Settings(method, sparsity, rounds, retrain_epochs, schedule, lr, optimizer, seed)
     sched = run.check()
     task = load_task(task) if isinstance(task, str) else as_task(task)
@@ -601,7 +625,7 @@ def prune_model(
     *,
     val_data: Any = None,
     test_data: Any = None,
-    method: str = "obd",
+    method: str | None = "auto",
     sparsity: float = 0.9,
     rounds: int = 5,
     retrain_epochs: int = 1,
@@ -609,7 +633,8 @@ def prune_model(
     **options: Any,
 ) -> PruneResult:
     """The Python form of ``optbrain prune``: prune ``model`` in place to ``sparsity`` in ``rounds``
-    rounds of ``method`` (a name of :data:`optbrain.pruners.METHODS`), retraining
+    rounds of ``method`` (a name of :data:`optbrain.pruners.METHODS`, or ``"auto"``: the method
+    measured best, see :func:`prune`), retraining
     ``retrain_epochs`` epochs after each, and return the :class:`PruneResult` (``.history``,
     ``.model``, the round table as ``str(result)``).
 

@@ -182,16 +182,17 @@ def make_pruner(
     α, chosen by cost), ``"unit_obs"`` (Stahlberger–Riedmiller: all outgoing weights of an input
     or hidden unit at once), ``"obd"`` (½ h w², ``obd_curvature`` ``"ggn"`` or ``"hessian"``
     diagonal), ``"magnitude"``. ``weight_decay`` is the λ the net was trained with (the
-    weight-decay-aware saliencies of PAPERS.md §4)."""
+    weight-decay-aware saliencies of PAPERS.md §4). The papers' procedures: one step per call, no
+    guard keeping a weight per layer (biases are deletable weights here)."""
     from ..pruners import presets
 
     if method == "obd":
         from ..curvature import ExactHessianDiagonal, GGNDiagonal
 
         curvature = ExactHessianDiagonal() if obd_curvature == "hessian" else GGNDiagonal()
-        return presets.obd(curvature, weight_decay=weight_decay)
+        return presets.obd(curvature, weight_decay=weight_decay, steps=None, min_kept=0)
     if method == "magnitude":
-        return presets.magnitude()
+        return presets.magnitude(min_kept=0)
     if method in ("obs", "unit_obs"):
         from ..curvature.inverse import AutoInverse
         from ..pruners import OBSPruner

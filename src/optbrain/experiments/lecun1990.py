@@ -196,12 +196,15 @@ def _pruner(cfg: Config, method: str, seed: int):
     from ..curvature import ESTIMATORS
     from ..pruners import magnitude, obd, random
 
+    # the paper's procedure: one step per call, no guard keeping a weight per layer
     if method.startswith("obd"):
-        return obd(ESTIMATORS[cfg.curvature](), weight_decay=cfg.weight_decay)
+        return obd(
+            ESTIMATORS[cfg.curvature](), weight_decay=cfg.weight_decay, steps=None, min_kept=0
+        )
     if method == "magnitude":
-        return magnitude()
+        return magnitude(min_kept=0)
     if method == "random":
-        return random(seed=10_000 + seed)
+        return random(seed=10_000 + seed, min_kept=0)
     raise ValueError(f"unknown method {method!r}")
 
 

@@ -5,10 +5,13 @@
 * :class:`LayerwiseOBS` solves each Linear/Conv layer's reconstruction problem (OBC, SparseGPT);
 * :class:`CellPruner` removes whole cells: inputs, hidden units, channels (Optimal Cell Damage).
 
-All honour one call contract (:mod:`optbrain.pruners.base`); :data:`METHODS` names them.
+All honour one call contract (:mod:`optbrain.pruners.base`); :data:`METHODS` names them. Every
+step measures the objective it changed (``PruneInfo.measured_increase``); :class:`AdaptiveSteps`
+splits a large deletion into sub-steps with re-estimated curvature (:mod:`.adaptive`).
 """
 
 from ..errors import UnsupportedArgumentError
+from .adaptive import AdaptiveSteps, SubStep
 from .base import PruneInfo, PrunerBase, PrunerProtocol, Stateless, default_mask
 from .cell_pruner import CellPruneInfo, CellPruner
 from .composed import Pruner, restricted
@@ -17,6 +20,7 @@ from .layerwise import LayerwiseOBS
 from .presets import (
     METHODS,
     PRESETS,
+    RECOMMENDED,
     Method,
     layerwise_obs,
     magnitude,
@@ -25,6 +29,7 @@ from .presets import (
     obs,
     ocd,
     random,
+    recommended,
     snip,
     unit_obs,
 )
@@ -33,6 +38,7 @@ from .surgeon import OBSPruner
 __all__ = [
     "GAMMA_STOP",
     "METHODS",
+    "AdaptiveSteps",
     "PRESETS",
     "CellPruneInfo",
     "CellPruner",
@@ -41,11 +47,13 @@ __all__ = [
     "OBSPruner",
     "PruneInfo",
     "Pruner",
+    "RECOMMENDED",
     "PrunerBase",
     "PrunerProtocol",
     "Stateless",
     "UnsupportedArgumentError",
     "all_positive",
+    "SubStep",
     "default_mask",
     "ebd",
     "esp",
@@ -58,6 +66,7 @@ __all__ = [
     "obs",
     "ocd",
     "random",
+    "recommended",
     "restricted",
     "snip",
     "unit_obs",

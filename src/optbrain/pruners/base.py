@@ -45,9 +45,19 @@ class PruneInfo:
     """What one prune step did.
 
     ``predicted_increase`` is the sum of the deleted saliencies: the objective increase the
-    saliency's model predicts for this step. ``per_parameter`` maps each masked name to
-    ``(kept, total)``; ``excluded`` lists the model's trainable parameters that the mask does not
-    cover (never pruned), with the reason (:mod:`optbrain.prunable`).
+    saliency's model predicts for this step (summed over sub-steps, each predicted at its own
+    weights). ``per_parameter`` maps each masked name to ``(kept, total)``; ``excluded`` lists the
+    model's trainable parameters that the mask does not cover (never pruned), with the reason
+    (:mod:`optbrain.prunable`).
+
+    Measured (:mod:`optbrain.pruners.adaptive`; None when the pruner was built with
+    ``measure=False``): ``objective_before`` and ``objective_after`` are E =
+    ``Problem.objective()`` on the problem's data before and after the step (+inf when the
+    deletion made the loss non-finite), ``measured_increase`` their difference — the quantity
+    ``predicted_increase`` predicts. ``re_estimates`` counts the saliency (or inverse) estimates
+    after the first, ``rejected`` the trial sub-steps undone because their measured increase
+    departed from the prediction, and ``sub_steps`` lists the accepted sub-steps (count,
+    predicted, measured, within the tolerance, extras such as OBS's safeguard).
     """
 
     sparsity: float
@@ -58,6 +68,12 @@ class PruneInfo:
     max_deleted_saliency: float
     per_parameter: dict[str, tuple[int, int]] = field(default_factory=dict)
     excluded: dict[str, str] = field(default_factory=dict)
+    objective_before: float | None = None
+    objective_after: float | None = None
+    measured_increase: float | None = None
+    re_estimates: int = 0
+    rejected: int = 0
+    sub_steps: list[dict] = field(default_factory=list)
 
     @classmethod
     def step(

@@ -25,6 +25,8 @@ from ..problem import Problem
 from ..saliency.ocd import OCD, CellSaliencies, describe
 from ..selection import TargetExceededError, split_target, target_count
 from ..update import ZeroUpdate
+from . import adaptive
+from .adaptive import AdaptiveSteps, StepResult, as_steps
 from .base import PruneInfo, PrunerBase
 
 log = logging.getLogger(__name__)
@@ -58,18 +60,33 @@ class CellPruner(PrunerBase):
     one group), lowest saliency first within each: the total target is split over the layers in
     proportion to their cell counts with the counts adding up to it exactly, a layer that already
     lost more than its share keeping those and the others removing fewer.
+
+    ``steps`` (default None: one step): an :class:`~optbrain.pruners.AdaptiveSteps` splits a large
+    removal into sub-steps with the cell saliencies re-estimated where the measured objective
+    departs from the prediction (counted in cells; :mod:`optbrain.pruners.adaptive`); an int k > 1
+    takes k geometric sub-steps. ``measure``: record the objective before and after.
     """
 
     counts = "cells"
     accepts_scores = True
     removes_cells = True
 
-    def __init__(self, saliency: OCD, update=None, scope: str = "global"):
+    def __init__(
+        self,
+        saliency: OCD,
+        update=None,
+        scope: str = "global",
+        *,
+        steps: AdaptiveSteps | int | None = None,
+        measure: bool = True,
+    ):
         if scope not in ("global", "layer"):
             raise ValueError(f"scope must be 'global' or 'layer', not {scope!r}")
         self.saliency = saliency
         self.update = update if update is not None else ZeroUpdate()
         self.scope = scope
+        self.steps = as_steps(steps)
+        self.measure = bool(measure) or self.steps is not None
 
     # ------------------------------------------------------------------ scores
     def cell_scores(self, problem: Problem, mask: Mask | None = None) -> CellSaliencies:
@@ -97,10 +114,37 @@ class CellPruner(PrunerBase):
             raise ValueError("give either sparsity or units (both count cells here), not both")
         mask = mask if mask is not None else self.default_mask(problem.model)
         found = self.saliency.cells(problem.model)
-        removed = removed_cells(found, mask)
+        before = removed_cells(found, mask)
         what = "units" if units is not None else "sparsity"
         target = target_count(units if units is not None else sparsity, len(found), what)
-        sal = self._saliencies(problem, found, scores)
+        state = self._saliencies(problem, found, scores) if scores is not None else None
+        stepper = _CellStepper(self, found)
+        if self.steps is None:
+            out = adaptive.one_step(stepper, problem, mask, target, state, measure=self.measure)
+        else:
+            out = adaptive.run(self.steps, stepper, problem, mask, target, len(found), state)
+        new = out.mask
+        after = removed_cells(found, new)
+        picked = [c for c, b, a in zip(found, before, after) if a and not b]
+        info = CellPruneInfo.step(
+            problem.model,
+            mask,
+            new,
+            out.predicted,
+            out.biggest,
+            cells_total=len(found),
+            cells_removed=sum(after),
+            removed=[(c.kind, c.layer, c.index) for c in picked],
+            **out.info_fields(),
+        )
+        log.debug("removed %d cells: %s", len(picked), ", ".join(map(describe, picked)))
+        return new, info
+
+    def _select(
+        self, problem: Problem, mask: Mask, found: list[Cell], sal: CellSaliencies, target: int
+    ) -> StepResult:
+        """Remove cells up to ``target`` removed in all (one step from ``sal``), zero them."""
+        removed = removed_cells(found, mask)
         already = sum(removed)
         if self.scope == "global":
             chosen = choose(found, sal.values, removed, target)
@@ -129,18 +173,7 @@ class CellPruner(PrunerBase):
         weights = sal.to_params({k: mask[k] for k in mask.names})
         self.update(problem, mask, new, weights)
         values = sal.values[chosen] if chosen else torch.zeros(0, dtype=torch.float64)
-        info = CellPruneInfo.step(
-            problem.model,
-            mask,
-            new,
-            float(values.sum()),
-            float(values.max()) if chosen else 0.0,
-            cells_total=len(found),
-            cells_removed=already + len(chosen),
-            removed=[(c.kind, c.layer, c.index) for c in picked],
-        )
-        log.debug("removed %d cells: %s", len(picked), ", ".join(map(describe, picked)))
-        return new, info
+        return StepResult(new, float(values.sum()), float(values.max()) if chosen else 0.0)
 
     def _saliencies(self, problem: Problem, found: list[Cell], scores) -> CellSaliencies:
         if scores is None:
@@ -154,7 +187,35 @@ class CellPruner(PrunerBase):
 
     # ------------------------------------------------------------------ state
     def __repr__(self) -> str:
-        return f"CellPruner({self.saliency!r}, {self.update!r}, scope={self.scope!r})"
+        extra = f", steps={self.steps!r}" if self.steps is not None else ""
+        return f"CellPruner({self.saliency!r}, {self.update!r}, scope={self.scope!r}{extra})"
+
+
+class _CellStepper:
+    """The adaptive rule's view of a :class:`CellPruner`, counting removed cells."""
+
+    noun = "removed cells"
+
+    def __init__(self, pruner: CellPruner, found: list[Cell]):
+        self.pruner, self.found = pruner, found
+
+    def estimate(self, problem: Problem, mask: Mask) -> CellSaliencies:
+        return self.pruner.saliency(problem, self.found)
+
+    def step(self, problem: Problem, mask: Mask, total: int, sal: CellSaliencies) -> StepResult:
+        return self.pruner._select(problem, mask, self.found, sal, total)
+
+    def done(self, mask: Mask) -> int:
+        return sum(removed_cells(self.found, mask))
+
+    def veto(self, sal: CellSaliencies, mask: Mask, trial: Mask) -> CellSaliencies:
+        """The saliencies with the cells ``trial`` removes beyond ``mask`` set to +inf."""
+        before, after = removed_cells(self.found, mask), removed_cells(self.found, trial)
+        values = sal.values.clone()
+        for i, (b, a) in enumerate(zip(before, after)):
+            if a and not b:
+                values[i] = torch.inf
+        return CellSaliencies(sal.cells, values, sal.method)
 
 
 def removed_cells(found: list[Cell], mask: Mask, strict: bool = True) -> list[bool]:

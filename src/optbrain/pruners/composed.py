@@ -8,8 +8,10 @@ from ..masking import Mask
 from ..paramdict import ParamDict
 from ..problem import Problem
 from ..saliency.base import Saliency
-from ..selection import GlobalSelector
+from ..selection import GlobalSelector, ThresholdSelector, target_count
 from ..update import ZeroUpdate
+from . import adaptive
+from .adaptive import AdaptiveSteps, StepResult, as_steps
 from .base import PruneInfo, PrunerBase
 
 
@@ -34,14 +36,31 @@ class Pruner(PrunerBase):
     The update is applied to the stored weights in place (zeroing for OBD); the mask is returned,
     not attached: ``optbrain.masking.attach(model, mask)`` does that (``iterative_prune`` does it
     for you).
+
+    ``steps``: ``None`` (default) deletes in one step; an :class:`~optbrain.pruners.AdaptiveSteps`
+    splits a deletion into sub-steps with re-estimated saliencies where the measured objective
+    departs from the prediction (:mod:`optbrain.pruners.adaptive`; a threshold selector always
+    takes one step); an int k > 1 splits it into k even geometric sub-steps. ``measure=True``
+    measures the objective before and after (two forward passes; required by adaptive steps) and
+    records it in the :class:`PruneInfo`.
     """
 
     accepts_scores = True
 
-    def __init__(self, saliency: Saliency, selector=None, update=None):
+    def __init__(
+        self,
+        saliency: Saliency,
+        selector=None,
+        update=None,
+        *,
+        steps: AdaptiveSteps | int | None = None,
+        measure: bool = True,
+    ):
         self.saliency = saliency
         self.selector = selector if selector is not None else GlobalSelector()
         self.update = update if update is not None else ZeroUpdate()
+        self.steps = as_steps(steps)
+        self.measure = bool(measure) or self.steps is not None
 
     def __call__(
         self,
@@ -57,21 +76,16 @@ class Pruner(PrunerBase):
         self._check_arguments(scores, units)
         mask = mask if mask is not None else self.default_mask(problem.model)
         sub = restricted(problem, mask)
-        if scores is None:
-            scores = self.saliency(sub)
-        new = self.selector({k: scores[k] for k in mask.names}, mask, sparsity)
-        deleted = {k: mask[k] & ~new[k] for k in mask.names}
-        predicted, biggest = 0.0, float("-inf")
-        for k, d in deleted.items():
-            if d.any():
-                vals = scores[k].detach().to(torch.float64)[d.to(scores[k].device)]
-                predicted += float(vals.sum())
-                biggest = max(biggest, float(vals.max()))
-        self.update(sub, mask, new, scores)
+        stepper = _Ranked(self, sub)
+        if self.steps is None or sparsity is None or isinstance(self.selector, ThresholdSelector):
+            out = adaptive.one_step(stepper, sub, mask, sparsity, scores, measure=self.measure)
+        else:
+            total = target_count(sparsity, mask.total())
+            out = adaptive.run(self.steps, stepper, sub, mask, total, mask.total(), scores)
         info = PruneInfo.step(
-            problem.model, mask, new, predicted, biggest if biggest > float("-inf") else 0.0
+            problem.model, mask, out.mask, out.predicted, out.biggest, **out.info_fields()
         )
-        return new, info
+        return out.mask, info
 
     def scores(self, problem: Problem, mask: Mask | None = None) -> ParamDict:
         """The saliencies the pruner would use, without pruning."""
@@ -95,4 +109,51 @@ class Pruner(PrunerBase):
             getattr(self, name).load_state_dict(value)
 
     def __repr__(self) -> str:
-        return f"Pruner({self.saliency!r}, {self.selector!r}, {self.update!r})"
+        extra = f", steps={self.steps!r}" if self.steps is not None else ""
+        return f"Pruner({self.saliency!r}, {self.selector!r}, {self.update!r}{extra})"
+
+
+class _Ranked:
+    """The adaptive rule's view of a :class:`Pruner`: estimate = saliencies, step = select to a
+    total and update; the saliencies are not changed by a step (a retry reuses them)."""
+
+    noun = "pruned entries"
+
+    def __init__(self, pruner: Pruner, sub: Problem):
+        self.pruner, self.sub = pruner, sub
+
+    def estimate(self, problem: Problem, mask: Mask) -> ParamDict:
+        return self.pruner.saliency(self.sub)
+
+    def step(self, problem: Problem, mask: Mask, total, scores: ParamDict) -> StepResult:
+        new = self.pruner.selector({k: scores[k] for k in mask.names}, mask, total)
+        predicted, biggest = deleted_sum(scores, mask, new)
+        self.pruner.update(self.sub, mask, new, scores)
+        return StepResult(new, predicted, biggest)
+
+    @staticmethod
+    def done(mask: Mask) -> int:
+        return mask.pruned()
+
+    @staticmethod
+    def veto(scores: ParamDict, mask: Mask, trial: Mask) -> ParamDict:
+        """The scores with the entries ``trial`` deleted beyond ``mask`` set to +inf."""
+        out = dict(scores)
+        for k in mask.names:
+            gone = (mask[k] & ~trial[k]).to(scores[k].device)
+            if gone.any():
+                out[k] = torch.where(gone, torch.inf, scores[k])
+        return out
+
+
+def deleted_sum(scores: ParamDict, old: Mask, new: Mask) -> tuple[float, float]:
+    """(sum, max) of the saliencies of the entries ``old`` keeps and ``new`` deletes (max 0.0
+    when none is deleted)."""
+    predicted, biggest = 0.0, float("-inf")
+    for k in old.names:
+        d = old[k] & ~new[k]
+        if d.any():
+            vals = scores[k].detach().to(torch.float64)[d.to(scores[k].device)]
+            predicted += float(vals.sum())
+            biggest = max(biggest, float(vals.max()))
+    return predicted, biggest if biggest > float("-inf") else 0.0

@@ -21,7 +21,7 @@ from ..curvature.base import DiagonalCurvature
 from ..masking import Mask
 from ..paramdict import ParamDict
 from ..saliency.generalization import EBD, ESP, GammaOBD, GammaOBS, ValidationOBD
-from ..selection import GlobalSelector, LayerSelector
+from ..selection import selector_for as _selector
 from .composed import Pruner
 
 __all__ = [
@@ -33,14 +33,6 @@ __all__ = [
     "gamma_obs",
     "validation_obd",
 ]
-
-
-def _selector(scope: str):
-    if scope == "global":
-        return GlobalSelector()
-    if scope == "layer":
-        return LayerSelector()
-    raise ValueError(f"scope must be 'global' or 'layer', not {scope!r}")
 
 
 GAMMA_STOP = 0.0

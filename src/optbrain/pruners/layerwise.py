@@ -44,7 +44,8 @@ from ..errors import (
 from ..masking import Mask, current_mask
 from ..paramdict import ParamDict, named_parameters, restored_on_error
 from ..problem import Problem
-from ..selection import TargetExceededError, split_target, target_count
+from ..selection import TargetExceededError, check_min_kept, split_target, target_count
+from .adaptive import measured_objective
 from .base import PruneInfo, PrunerBase
 
 log = logging.getLogger(__name__)
@@ -412,6 +413,10 @@ class LayerwiseOBS(PrunerBase):
     After a call, ``last_errors[name]`` is the layer's calibration reconstruction error
     (1/n)‖(W − Ŵ)X‖²_F (n calibration rows, undamped H), ``PruneInfo.predicted_increase`` their
     sum, and ``last_layers[name]`` records the method, damping λ, rows n and dead inputs.
+    ``measure=True`` records the objective on ``problem`` before and after
+    (``PruneInfo.measured_increase``, the change of E the layer errors stand for); ``min_kept``:
+    no layer keeps fewer entries (0: no guard; a target that needs more raises
+    :class:`~optbrain.errors.EmptyLayerError`).
     """
 
     methods = ("auto", "exact", "blocked")
@@ -428,6 +433,8 @@ class LayerwiseOBS(PrunerBase):
         dtype: torch.dtype = torch.float64,
         exact_limit: float = EXACT_LIMIT,
         progress: Progress | None = None,
+        measure: bool = True,
+        min_kept: int = 0,
     ):
         if method not in self.methods:
             raise ValueError(f"method must be one of {self.methods}, not {method!r}")
@@ -443,6 +450,8 @@ class LayerwiseOBS(PrunerBase):
         self.dtype = dtype
         self.exact_limit = float(exact_limit)
         self.progress = progress
+        self.measure = bool(measure)
+        self.min_kept = check_min_kept(min_kept)
         self.last_errors: dict[str, float] = {}
         self.last_layers: dict[str, dict] = {}
 
@@ -467,11 +476,18 @@ class LayerwiseOBS(PrunerBase):
         params = named_parameters(model, trainable_only=False)
         for name, path in layers.items():  # before any weight changes
             _check_nm_columns(self.nm, params[name][0].numel(), f"layer {path!r}")
+        before = problem.objective() if self.measure else None
         with restored_on_error({name: params[name] for name in layers}):
             new, errors, biggest = self._prune_layers(problem, mask, layers, targets, params)
         out = Mask({n: new.get(n, mask[n]) for n in mask.names})
         self.last_errors = errors
-        info = PruneInfo.step(model, mask, out, sum(errors.values()), biggest)
+        after = measured_objective(problem) if self.measure else None
+        measured = {
+            "objective_before": before,
+            "objective_after": after,
+            "measured_increase": None if before is None else after - before,
+        }
+        info = PruneInfo.step(model, mask, out, sum(errors.values()), biggest, **measured)
         return out, info
 
     def _prune_layers(
@@ -568,7 +584,7 @@ class LayerwiseOBS(PrunerBase):
         names = list(mask.names)
         forced = [int((~mask[n]).sum()) for n in names]
         sizes = [mask[n].numel() for n in names]
-        quota = split_target(forced, sizes, target_count(sparsity, total))
+        quota = split_target(forced, sizes, target_count(sparsity, total), self.min_kept)
         return dict(zip(names, quota))
 
     def _choose(self, rows: int, k: int) -> str:

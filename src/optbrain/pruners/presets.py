@@ -10,35 +10,52 @@ from typing import Any
 from ..curvature import GGNDiagonal
 from ..curvature.base import DiagonalCurvature
 from ..saliency import OBD, SNIP, Magnitude, Random
+from ..selection import selector_for as _selector
+from .adaptive import AdaptiveSteps
 from .cell_pruner import CellPruner
 from .composed import Pruner
-from .generalization import _selector, ebd, esp, gamma_obd, gamma_obs, validation_obd
+from .generalization import ebd, esp, gamma_obd, gamma_obs, validation_obd
 from .layerwise import LayerwiseOBS
 from .surgeon import OBSPruner
+
+ADAPTIVE = AdaptiveSteps()
+"""The default sub-step rule of the methods that re-estimate their curvature (OBD, OCD, OBS)."""
 
 
 def obd(
     curvature: DiagonalCurvature | None = None,
     weight_decay: float = 0.0,
     scope: str = "global",
+    *,
+    steps: AdaptiveSteps | int | None = ADAPTIVE,
+    min_kept: int = 1,
 ) -> Pruner:
-    """Optimal Brain Damage: s = ½ h w² (default h: exact GGN diagonal), zero the deleted."""
-    return Pruner(OBD(curvature or GGNDiagonal(), weight_decay), _selector(scope))
+    """Optimal Brain Damage: s = ½ h w² (default h: exact GGN diagonal), zero the deleted.
+
+    ``steps``: by default a large deletion is split into sub-steps with re-estimated curvature
+    where the measured objective departs from the prediction (:class:`AdaptiveSteps`; a deletion
+    whose prediction holds is one step, the paper's OBD); ``steps=None`` always takes one step,
+    an int k > 1 takes k even geometric sub-steps. ``min_kept``: entries every masked parameter
+    keeps (0 lets a layer lose every weight; a target that needs it raises EmptyLayerError).
+    """
+    return Pruner(
+        OBD(curvature or GGNDiagonal(), weight_decay), _selector(scope, min_kept), steps=steps
+    )
 
 
-def magnitude(scope: str = "global") -> Pruner:
-    """Magnitude pruning (OBD with H = I)."""
-    return Pruner(Magnitude(), _selector(scope))
+def magnitude(scope: str = "global", *, min_kept: int = 1) -> Pruner:
+    """Magnitude pruning (OBD with H = I): one step (its ranking does not change as entries go)."""
+    return Pruner(Magnitude(), _selector(scope, min_kept))
 
 
-def random(seed: int = 0, scope: str = "global") -> Pruner:
+def random(seed: int = 0, scope: str = "global", *, min_kept: int = 1) -> Pruner:
     """Random deletion (a control)."""
-    return Pruner(Random(seed), _selector(scope))
+    return Pruner(Random(seed), _selector(scope, min_kept))
 
 
-def snip(batches: int | None = 1, scope: str = "global") -> Pruner:
-    """SNIP connection sensitivity |w ∂E/∂w| (``batches=None``: all of the data)."""
-    return Pruner(SNIP(batches), _selector(scope))
+def snip(batches: int | None = 1, scope: str = "global", *, min_kept: int = 1) -> Pruner:
+    """SNIP connection sensitivity |w ∂E/∂w| (``batches=None``: all of the data), one step."""
+    return Pruner(SNIP(batches), _selector(scope, min_kept))
 
 
 def ocd(
@@ -46,36 +63,65 @@ def ocd(
     kinds: tuple[str, ...] = ("input",),
     method: str = "sum",
     scope: str = "global",
+    *,
+    steps: AdaptiveSteps | int | None = ADAPTIVE,
 ) -> CellPruner:
     """Optimal Cell Damage: remove whole cells (default: input variables) of lowest saliency.
 
     ``method="sum"``: a cell's saliency is the sum of the OBD saliencies of its fan-out weights
     (Cibas et al.); ``"gate"``: ½ sᵀGs (or ½ sᵀHs with ``curvature="hessian"``) for its fan-out
     weights s. ``sparsity`` counts cells (fraction or number); ``scope="layer"`` removes the same
-    fraction of every layer's cells. See :class:`~optbrain.pruners.CellPruner`.
+    fraction of every layer's cells. See :class:`~optbrain.pruners.CellPruner`. ``steps``: as
+    for :func:`obd`, counted in cells (default: adaptive sub-steps; ``None``: one step). The last
+    cell of a layer (or the last input) is never removed (EmptyLayerError).
     """
     from ..saliency.ocd import OCD
 
-    return CellPruner(OCD(curvature, kinds, method), scope=scope)
+    return CellPruner(OCD(curvature, kinds, method), scope=scope, steps=steps)
 
 
-def obs(inverse=None, weight_decay: float = 0.0, ghost_rule: bool = False) -> OBSPruner:
+def obs(
+    inverse=None,
+    weight_decay: float = 0.0,
+    ghost_rule: bool = False,
+    *,
+    steps: AdaptiveSteps | int | None = ADAPTIVE,
+    safeguard: bool = True,
+    min_kept: int = 1,
+) -> OBSPruner:
     """Optimal Brain Surgeon: delete one weight at a time by L_q = w_q²/(2[H⁻¹]_qq), move all other
     weights (biases included) by the OBS update, re-rank. See :class:`~optbrain.pruners.OBSPruner`.
+
+    Safeguarded by default: the update is kept only where it lowers the measured objective against
+    plain zeroing (``safeguard``), and a large deletion is split into sub-steps with H⁻¹
+    re-estimated where the measured increase departs from the prediction (``steps``).
+    ``safeguard=False, steps=None, min_kept=0`` is the paper's procedure.
     """
-    return OBSPruner(inverse, weight_decay=weight_decay, ghost_rule=ghost_rule)
+    return OBSPruner(
+        inverse,
+        weight_decay=weight_decay,
+        ghost_rule=ghost_rule,
+        steps=steps,
+        safeguard=safeguard,
+        min_kept=min_kept,
+    )
 
 
-def unit_obs(inverse=None) -> OBSPruner:
+def unit_obs(
+    inverse=None, *, steps: AdaptiveSteps | int | None = ADAPTIVE, safeguard: bool = True
+) -> OBSPruner:
     """Unit-OBS: delete whole inputs / hidden units (all their outgoing weights) by group OBS.
-    ``sparsity`` counts weights; ``pruner(problem, units=k)`` removes k cells."""
-    return OBSPruner(inverse, groups="unit")
+    ``sparsity`` counts weights; ``pruner(problem, units=k)`` removes k cells (in one step).
+    Safeguarded and sub-stepped like :func:`obs`."""
+    return OBSPruner(inverse, groups="unit", steps=steps, safeguard=safeguard)
 
 
 def layerwise_obs(**kwargs) -> LayerwiseOBS:
     """Layer-wise OBS (OBC's exact greedy solver for small layers, SparseGPT's blocked solver for
     large ones) on calibration inputs; ``kwargs`` go to :class:`~optbrain.pruners.LayerwiseOBS`
-    (``method``, ``nm``, ``damping``, ``blocksize``, ``sequential``, ...)."""
+    (``method``, ``nm``, ``damping``, ``blocksize``, ``sequential``, ...); ``min_kept`` defaults
+    to 1 here (no layer loses every weight)."""
+    kwargs.setdefault("min_kept", 1)
     return LayerwiseOBS(**kwargs)
 
 
@@ -96,6 +142,7 @@ class Method:
     predicts_objective: bool = False
     needs_validation: bool = False
     task_options: dict[str, Any] = field(default_factory=dict)
+    needs_retraining: bool = False
 
     def make(self, seed: int = 0, *, task: bool = False, **options) -> Any:
         """A fresh pruner; ``task=True`` applies :attr:`task_options` first."""
@@ -116,12 +163,13 @@ METHODS: dict[str, Method] = {
             predicts_objective=True,
         ),
         Method("magnitude", magnitude, "magnitude pruning, s = ½w² (OBD with H = I)"),
-        Method("random", random, "random deletion (a control)", seeded=True),
+        Method("random", random, "random deletion (a control)", seeded=True, needs_retraining=True),
         Method(
             "snip",
             snip,
             "SNIP connection sensitivity |w dE/dw|",
             task_options={"batches": None},  # all of the training data, like OBD's curvature
+            needs_retraining=True,
         ),
         Method(
             "ocd",
@@ -168,6 +216,18 @@ METHODS: dict[str, Method] = {
         ),
     )
 }
+
+#: The methods measured best (docs/benchmarks.md, "One-shot pruning of every named method"): for
+#: pruning without retraining and for pruning followed by retraining. ``method="auto"`` (the
+#: default of :func:`optbrain.prune` and ``optbrain prune``) means one of them.
+RECOMMENDED: dict[str, str] = {"one_shot": "layerwise_obs", "retrained": "obd"}
+
+
+def recommended(retrain_epochs: int) -> str:
+    """The method ``"auto"`` stands for: :data:`RECOMMENDED` one-shot when ``retrain_epochs`` is
+    0, else the one measured best with retraining."""
+    return RECOMMENDED["one_shot" if retrain_epochs == 0 else "retrained"]
+
 
 PRESETS: dict[str, Callable[..., Any]] = {name: m.factory for name, m in METHODS.items()}
 """Name → factory (the table before :data:`METHODS` carried summaries)."""

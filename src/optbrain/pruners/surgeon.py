@@ -7,17 +7,33 @@ mask included: they compensate but are never deleted), shrink H⁻¹ to the rema
 (:meth:`~optbrain.curvature.inverse.InverseHessian.eliminate`), re-rank, repeat. On a
 quadratic objective (least squares with a linear model, where the Gauss–Newton matrix is the exact
 and constant Hessian) every step's saliency is the exact increase of E.
+
+Away from a quadratic the compensating update can hurt: with a nearly singular (damped,
+α = 10⁻⁶) Gauss–Newton matrix it moves weights far along near-null directions, where the quadratic
+model no longer holds. The *safeguard* (``safeguard=True``; on in the preset
+:func:`~optbrain.pruners.obs`) keeps the update only where the measured objective says it helps
+(:func:`safeguarded`): after a (sub-)step it compares E at the updated weights with E at plain
+zeroing of the same weights, and when the update does not win it takes the best of the shortened
+updates (a line search on its length, t ∈ {½, ¼, ⅛}) and plain zeroing (t = 0), so a step never
+ends above plain zeroing. A shortened update also raises the damping of the next sub-step's
+inverse tenfold (Levenberg–Marquardt; lowered tenfold again, not below the original, after an
+update kept whole; not with ``weight_decay``, whose damping is the decay). With ``steps`` (an
+:class:`~optbrain.pruners.AdaptiveSteps`, also on in the preset) a large deletion is split into
+sub-steps with the inverse re-estimated at the current weights wherever the measured increase
+departs from the prediction, as for OBD (:mod:`optbrain.pruners.adaptive`).
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-from ..errors import TargetUnreachableError
+from ..curvature.inverse import InverseHessian
+from ..errors import EmptyLayerError, TargetUnreachableError
 from ..masking import Mask
 from ..paramdict import ParamDict, named_parameters, restored_on_error
 from ..problem import Problem
@@ -29,7 +45,9 @@ from ..saliency.obs import (
     obs_saliencies,
     resolve_inverse,
 )
-from ..selection import TargetExceededError, target_count
+from ..selection import TargetExceededError, check_min_kept, target_count
+from . import adaptive
+from .adaptive import AdaptiveSteps, StepResult, as_steps, measured_objective
 from .base import PruneInfo, PrunerBase
 from .cell_pruner import CellPruneInfo, removed_cells
 
@@ -41,16 +59,21 @@ GROUPS = ("weight", "unit")
 class _Session:
     """One inverse and the coordinate vector it acts on, with the pruner's bookkeeping."""
 
-    def __init__(self, pruner: OBSPruner, problem: Problem, params, mask: Mask, cells):
-        self.inv = pruner.inverse.inverse(problem, mask)
+    def __init__(
+        self, pruner: OBSPruner, problem: Problem, params, mask: Mask, cells, inverse=None
+    ):
+        self.inv = (inverse or pruner.inverse).inverse(problem, mask)
         check_regularizer(self.inv, pruner.weight_decay)
         self.coords = self.inv.coords
         self.theta = self.inv.gather(params)
         dev = self.theta.device
         self.mask_names = mask.names
         self.prunable = torch.zeros(self.coords.size, dtype=torch.bool, device=dev)
+        self.name_rows = {}  # masked name -> rows of its alive entries (the min_kept guard)
+        self.vetoed = torch.zeros(self.coords.size, dtype=torch.bool, device=dev)
         for n in mask.names:
-            self.prunable[self.coords.rows[n][self.coords.positions[n]].to(dev)] = True
+            self.name_rows[n] = self.coords.rows[n][self.coords.positions[n]].to(dev)
+            self.prunable[self.name_rows[n]] = True
         self.fan_in = [self._slab_rows(c.fan_in) for c in cells]
         self.fan_out = [self._slab_rows(c.fan_out) for c in cells]
         self.hidden = torch.tensor([c.kind != "input" for c in cells], dtype=torch.bool)
@@ -89,6 +112,14 @@ class _Session:
 
     def alive(self, rows: Tensor) -> Tensor:
         return rows[self.inv.alive[rows]]
+
+    def copy(self) -> _Session:
+        """An independent copy of the inverse and θ (the rest is read-only and shared)."""
+        out = copy.copy(self)
+        out.inv = InverseHessian(self.inv.coords, self.inv.matrix.clone(), self.inv.info)
+        out.inv.alive = self.inv.alive.clone()
+        out.theta = self.theta.clone()
+        return out
 
     def delete(self, rows: Tensor, delta: Tensor | None) -> None:
         """Apply δθ (if any), set ``rows`` exactly to 0 and eliminate them from H⁻¹."""
@@ -156,6 +187,17 @@ class OBSPruner(PrunerBase):
     of a hidden unit that still has a live input weight is never deleted alone. When one weight
     is both (nets with >= 2 hidden layers) the protection wins. Parameters outside a restricted
     ``Problem(params=...)`` are held fixed; their nonzero input weights count as live.
+
+    ``safeguard=True`` keeps the compensating update only where it lowers the measured objective
+    against plain zeroing (line search on its length, Levenberg–Marquardt damping for the next
+    sub-step; see the module docstring); each sub-step's ``update_scale`` and ``damping`` are in
+    ``PruneInfo.sub_steps``. ``steps``: None (one step, the paper's procedure), an
+    :class:`~optbrain.pruners.AdaptiveSteps` or an int k > 1 (k geometric sub-steps), each sub-step
+    with H⁻¹ recomputed at the current weights (weight mode; ``units=`` takes one step).
+    ``measure``: record the objective before and after in the :class:`PruneInfo`.
+    ``min_kept``: in weight mode, no masked parameter keeps fewer alive entries (0: no guard; a
+    target that needs more raises :class:`~optbrain.errors.EmptyLayerError`). The preset
+    :func:`~optbrain.pruners.obs` turns on the safeguard, adaptive steps and ``min_kept=1``.
     """
 
     _why_no_scores = "it re-ranks after every deletion from its own inverse"
@@ -168,6 +210,11 @@ class OBSPruner(PrunerBase):
         ghost_rule: bool = False,
         refresh: int | None = None,
         progress: Callable[[int, int], None] | None = None,
+        *,
+        steps: AdaptiveSteps | int | None = None,
+        safeguard: bool = False,
+        measure: bool = True,
+        min_kept: int = 0,
     ):
         if groups not in GROUPS:
             raise ValueError(f"groups must be one of {GROUPS}, not {groups!r}")
@@ -183,13 +230,17 @@ class OBSPruner(PrunerBase):
         self.ghost_rule = bool(ghost_rule)
         self.refresh = refresh
         self.progress = progress
+        self.steps = as_steps(steps)
+        self.safeguard = bool(safeguard)
+        self.measure = bool(measure) or self.steps is not None or self.safeguard
+        self.min_kept = check_min_kept(min_kept)
 
+    # ------------------------------------------------------------------ public
     @property
     def removes_cells(self) -> bool:
         """Unit-OBS (``groups="unit"``) removes cells and accepts ``units=``."""
         return self.groups == "unit"
 
-    # ------------------------------------------------------------------ public
     def __call__(
         self,
         problem: Problem,
@@ -207,18 +258,26 @@ class OBSPruner(PrunerBase):
         self._check_arguments(scores, units)
         mask = mask if mask is not None else self.default_mask(problem.model)
         params = self._params(problem, mask)
-        goal = self._goal(problem, mask, sparsity, units)
-        with restored_on_error(params):
-            new, steps = self._run(problem, params, mask, goal)
-        with torch.no_grad():
-            for k in new.names:
-                params[k].mul_(new[k].to(device=params[k].device, dtype=params[k].dtype))
-        args = (problem.model, mask, new, sum(steps), max(steps) if steps else 0.0)
+        kind, wanted = self._goal(problem, mask, sparsity, units)
+        self._check_reachable(mask, kind, wanted)
+        stepper = _Stepper(self, problem, params, kind)
+        with restored_on_error(adaptive.touched(problem, mask)):
+            if kind == "units" or self.steps is None:
+                total = wanted if kind == "units" else mask.pruned() + wanted
+                out = adaptive.one_step(stepper, problem, mask, total, measure=self.measure)
+            else:
+                total = mask.pruned() + wanted
+                out = adaptive.run(self.steps, stepper, problem, mask, total, mask.total())
+            new = out.mask
+            with torch.no_grad():
+                for k in new.names:
+                    params[k].mul_(new[k].to(device=params[k].device, dtype=params[k].dtype))
+        args = (problem.model, mask, new, out.predicted, out.biggest)
         if self.groups != "unit":
-            return new, PruneInfo.step(*args)
-        return new, self._cell_info(problem, mask, new, args)
+            return new, PruneInfo.step(*args, **out.info_fields())
+        return new, self._cell_info(problem, mask, new, args, out.info_fields())
 
-    def _cell_info(self, problem: Problem, mask: Mask, new: Mask, args) -> CellPruneInfo:
+    def _cell_info(self, problem: Problem, mask: Mask, new: Mask, args, fields) -> CellPruneInfo:
         """The step record of Unit-OBS, with the cell counts."""
         found = self._cells(problem)
         before, after = removed_cells(found, mask, strict=False), removed_cells(found, new, False)
@@ -228,6 +287,7 @@ class OBSPruner(PrunerBase):
             cells_total=len(found),
             cells_removed=sum(after),
             removed=[(c.kind, c.layer, c.index) for c in gone],
+            **fields,
         )
 
     def scores(self, problem: Problem, mask: Mask | None = None) -> ParamDict:
@@ -249,10 +309,19 @@ class OBSPruner(PrunerBase):
         return {k: out[k] for k in mask.names}
 
     def __repr__(self) -> str:
+        extra = "".join(
+            f", {k}={v!r}"
+            for k, v in (
+                ("steps", self.steps),
+                ("safeguard", self.safeguard),
+                ("min_kept", self.min_kept),
+            )
+            if v
+        )
         return (
             f"OBSPruner(inverse={self.inverse!r}, groups={self.groups!r}, "
             f"weight_decay={self.weight_decay!r}, ghost_rule={self.ghost_rule!r}, "
-            f"refresh={self.refresh!r})"
+            f"refresh={self.refresh!r}{extra})"
         )
 
     # ------------------------------------------------------------------ internals
@@ -276,6 +345,20 @@ class OBSPruner(PrunerBase):
             )
         return "weights", target - already
 
+    def _check_reachable(self, mask: Mask, kind: str, wanted: int) -> None:
+        """``min_kept``: a weight target that needs a parameter below it raises EmptyLayerError."""
+        if kind != "weights" or not self.min_kept:
+            return
+        room = sum(max(int(mask[n].sum()) - self.min_kept, 0) for n in mask.names)
+        if wanted > room:
+            reachable = mask.pruned() + room
+            raise EmptyLayerError(
+                f"pruning {mask.pruned() + wanted} of {mask.total()} entries would leave a layer "
+                f"with fewer than {self.min_kept} kept; at most {reachable} "
+                f"({reachable / mask.total():.4%}) can be pruned while every masked parameter "
+                f"keeps {self.min_kept}; pass min_kept=0 to allow a layer to lose every weight"
+            )
+
     def _cells(self, problem: Problem):
         if self.groups == "weight" and not self.ghost_rule:
             return []
@@ -294,7 +377,11 @@ class OBSPruner(PrunerBase):
         also another unit's protected last output (nets with >= 2 hidden layers), q stays +inf,
         so no unit is ever left with live inputs and no output, whatever the loop order."""
         sal = obs_saliencies(s.inv, s.theta, self.weight_decay)
-        sal = torch.where(s.prunable, sal, torch.inf)
+        sal = torch.where(s.prunable & ~s.vetoed, sal, torch.inf)
+        if self.min_kept:  # a parameter down to min_kept alive entries loses no more
+            for rows in s.name_rows.values():
+                if int(s.inv.alive[rows].sum()) <= self.min_kept:
+                    sal[rows] = torch.inf
         groups: dict[int, Tensor] = {}
         if not self.ghost_rule:
             return sal, groups
@@ -337,11 +424,20 @@ class OBSPruner(PrunerBase):
             vals.append(group_saliency(s.inv, s.theta, alive, self.weight_decay))
         return idx, rows, vals
 
-    def _run(self, problem: Problem, params, mask: Mask, goal: tuple[str, int]):
+    def _run(
+        self,
+        problem: Problem,
+        params,
+        mask: Mask,
+        goal: tuple[str, int],
+        s: _Session | None = None,
+        inverse=None,
+    ):
+        """The greedy loop from session ``s`` (made here when None) until ``goal`` is met."""
         kind, wanted = goal
         cells = self._cells(problem)
         current = mask  # the mask the session's inverse excludes
-        s = _Session(self, problem, params, current, cells)
+        s = s if s is not None else _Session(self, problem, params, current, cells, inverse)
         already = s.removed_cells()
         if kind == "units":  # a total: the cells still to remove
             if wanted < already:
@@ -356,7 +452,7 @@ class OBSPruner(PrunerBase):
             if self.refresh is not None and since_refresh == self.refresh:
                 s.write_back(params)
                 current = current.with_pruned(s.deleted())
-                s = _Session(self, problem, params, current, cells)
+                s = _Session(self, problem, params, current, cells, inverse)
                 since_refresh = 0
             before = int((~s.inv.alive & s.prunable).sum())
             if self.groups == "unit":
@@ -401,3 +497,118 @@ class OBSPruner(PrunerBase):
             if dead.numel():
                 s.delete(dead, None)
         return loss
+
+
+class _Stepper:
+    """The adaptive rule's view of an :class:`OBSPruner`: estimate = a session (H⁻¹ at the current
+    weights, with the current Levenberg–Marquardt damping), step = the greedy loop on a copy of it,
+    then the safeguard."""
+
+    noun = "pruned entries"
+
+    def __init__(self, pruner: OBSPruner, problem: Problem, params, kind: str):
+        self.pruner, self.params, self.kind = pruner, params, kind
+        self.cells = pruner._cells(problem)
+        self.inverse = pruner.inverse
+
+    def estimate(self, problem: Problem, mask: Mask) -> _Session:
+        return _Session(self.pruner, problem, self.params, mask, self.cells, self.inverse)
+
+    def step(self, problem: Problem, mask: Mask, total: int, s: _Session) -> StepResult:
+        start = {k: p.detach().clone() for k, p in self.params.items()}
+        wanted = total if self.kind == "units" else total - mask.pruned()
+        new, losses = self.pruner._run(
+            problem, self.params, mask, (self.kind, wanted), s.copy(), self.inverse
+        )
+        result = StepResult(new, sum(losses), max(losses) if losses else 0.0)
+        if self.pruner.safeguard and losses:
+            scale, result.objective = safeguarded(problem, self.params, start, new)
+            damping = self._adjust_damping(scale)
+            result.extra = {"update_scale": scale, "damping": damping}
+        return result
+
+    @staticmethod
+    def done(mask: Mask) -> int:
+        return mask.pruned()
+
+    @staticmethod
+    def veto(s: _Session, mask: Mask, trial: Mask) -> _Session:
+        """A copy of the session whose candidates exclude the entries ``trial`` deleted beyond
+        ``mask`` (weight mode)."""
+        out = s.copy()
+        out.vetoed = s.vetoed.clone()
+        for n in mask.names:
+            gone = torch.nonzero((mask[n] & ~trial[n]).reshape(-1)).reshape(-1)
+            if gone.numel() and n in s.coords.rows:
+                rows = s.coords.rows[n].to(gone.device)[gone]
+                out.vetoed[rows[rows >= 0].to(out.vetoed.device)] = True
+        return out
+
+    def _adjust_damping(self, scale: float) -> float | None:
+        """Levenberg–Marquardt: ×10 after a shortened update, ÷10 (not below the pruner's own)
+        after a whole one. Returns the damping this sub-step's inverse used (None: the estimator
+        has none that can be changed, or ``weight_decay`` fixes it)."""
+        attr = _damping_attribute(self.inverse)
+        if attr is None or self.pruner.weight_decay > 0:
+            return None
+        base = getattr(self.pruner.inverse, attr)
+        now = getattr(self.inverse, attr)
+        new = now * DAMPING_FACTOR if scale < 1.0 else max(base, now / DAMPING_FACTOR)
+        if new != now:
+            self.inverse = copy.copy(self.inverse)
+            setattr(self.inverse, attr, new)
+        return now
+
+
+DAMPING_FACTOR = 10.0
+SCALES = (0.5, 0.25, 0.125)
+"""The shortened updates tried when the whole one does not beat plain zeroing."""
+
+
+def _damping_attribute(inverse) -> str | None:
+    """The estimator's multiple of I added to the curvature (``alpha`` or a positive
+    ``damping``), or None when it has none that can be raised."""
+    if isinstance(getattr(inverse, "alpha", None), float) and inverse.alpha > 0:
+        return "alpha"
+    if isinstance(getattr(inverse, "damping", None), float) and inverse.damping > 0:
+        return "damping"
+    return None
+
+
+def safeguarded(
+    problem: Problem, params: dict[str, Tensor], start: dict[str, Tensor], new: Mask
+) -> tuple[float, float]:
+    """Keep the compensating update only where it lowers the measured objective.
+
+    ``start``: the weights before the step, ``params``: after it (the OBS update u applied,
+    deleted entries 0). With z = ``start`` with the newly deleted entries zeroed (plain zeroing),
+    the weights become z + t·(u − z) for the t in {1, ½, ¼, ⅛, 0} of lowest measured E (1 when it
+    is not above plain zeroing, without trying the others). Returns (t, E there); the weights
+    are left at that t."""
+    updated = {k: p.detach().clone() for k, p in params.items()}
+    zeroed = {
+        k: v * new[k].to(device=v.device, dtype=v.dtype) if k in new else v
+        for k, v in start.items()
+    }
+
+    def at(t: float) -> float:
+        with torch.no_grad():
+            for k, p in params.items():
+                p.copy_(zeroed[k] + t * (updated[k] - zeroed[k]) if t else zeroed[k])
+        return measured_objective(problem)
+
+    tried = {0.0: at(0.0), 1.0: at(1.0)}
+    if tried[1.0] > tried[0.0]:
+        for t in SCALES:
+            tried[t] = at(t)
+    best = min(tried, key=lambda t: (tried[t], -t))
+    if best != 1.0:
+        at(best)
+        log.info(
+            "OBS update shortened to %g of its length (objective %.4g, update %.4g, zeroing %.4g)",
+            best,
+            tried[best],
+            tried[1.0],
+            tried[0.0],
+        )
+    return best, tried[best]
