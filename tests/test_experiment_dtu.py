@@ -271,3 +271,18 @@ def test_larsen_data_has_the_stated_relevant_inputs():
     m = {"0.weight": torch.tensor([[True, False], [False, True]]),
          "2.weight": torch.tensor([[True, False]])}  # fmt: skip
     assert larsen._inputs(m, "net") == [0]
+
+
+def test_sunspot_data_in_nnsysids_scale():
+    from optbrain.data.sunspots import NMSE_VARIANCE, NNSYSID_SCALE, load_sunspots, sunspot_series
+
+    years, act = sunspot_series()
+    d = load_sunspots(12, scale=NNSYSID_SCALE)
+    assert d.offset == 0.0 and d.scale == NNSYSID_SCALE
+    assert d.x["train"].shape == (209, 12)
+    assert d.x["train"][0].tolist() == pytest.approx((act[:12] / NNSYSID_SCALE).tolist())
+    assert float(d.y["test2"][1, 0]) == pytest.approx(0.9947, abs=1e-4)  # 1957 in solplet.asc
+    assert d.nmse(0.01) == pytest.approx(0.01 * NNSYSID_SCALE**2 / NMSE_VARIANCE)
+    for bad in (0, -1.0, "191"):
+        with pytest.raises(ValueError, match="scale"):
+            load_sunspots(12, scale=bad)

@@ -22,7 +22,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["NMSE_VARIANCE", "NNSYSID_SCALE", "SPLITS", "SunspotData", "load_sunspots", "sunspot_series"]
+__all__ = [
+    "NMSE_VARIANCE",
+    "NNSYSID_SCALE",
+    "SPLITS",
+    "SunspotData",
+    "load_sunspots",
+    "sunspot_series",
+]
 
 SPLITS = {"train": (1700, 1920), "test1": (1921, 1955), "test2": (1956, 1979)}
 """Year ranges of the splits (targets; the training range also supplies the first lags)."""

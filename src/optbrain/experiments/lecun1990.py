@@ -672,13 +672,7 @@ def _analyse(cfg, model_name, runs, size, result: Result) -> None:
             hist = runs[s]["histories"][method]
             recs = hist.records
             a0 = recs[0].metrics["test_accuracy"]
-            best = hist.select("smallest_within", tolerance=tol, metric="metrics.val_accuracy")
-            v_best = max(r.metrics["val_accuracy"] for r in recs)
-            cont = recs[0]  # conservative: stop before the first round that falls out
-            for rec in recs[1:]:
-                if rec.metrics["val_accuracy"] < v_best - tol:
-                    break
-                cont = rec
+            best, cont = bar_choice(hist, tol)
             f_w = best.total / max(best.remaining, 1)
             f_all = size["params"] / max(best.remaining_params, 1)
             f_cont = cont.total / max(cont.remaining, 1)
@@ -729,6 +723,21 @@ def _analyse(cfg, model_name, runs, size, result: Result) -> None:
                 paper=_PAPER["bar"],
             )
         )
+
+
+def bar_choice(history, tolerance: float):
+    """The rounds the bar reads, both chosen on the validation accuracy only: the smallest
+    network within ``tolerance`` of the best round's (``History.select("smallest_within")``),
+    and the conservative one — the last round before the first that falls out of it."""
+    best = history.select("smallest_within", tolerance=tolerance, metric="metrics.val_accuracy")
+    recs = history.records
+    v_best = max(r.metrics["val_accuracy"] for r in recs)
+    cont = recs[0]
+    for rec in recs[1:]:
+        if rec.metrics["val_accuracy"] < v_best - tolerance:
+            break
+        cont = rec
+    return best, cont
 
 
 def _notes(cfg: Config, sizes: dict[str, dict[str, int]]) -> list[str]:
