@@ -142,6 +142,7 @@ def test_larsen_quick_table(quick):
         ("pedersen1996-mackey-glass", "weight_decay", "0", "weight_decay"),
         ("gorodkin1993-contiguity", "sizes", "200,100", "increase"),
         ("tresp1997-ebd", "hidden", "10", "one size per data set"),
+        ("tresp1997-ebd", "seeds", "1,1", "distinct"),
         ("larsen1996-validation", "linear_inputs", "60", "N > p"),
     ],
 )

@@ -65,11 +65,12 @@ PAPER_BOSTON = {"early": 0.2283, "obd": (0.2275, 0.997), "esp": (0.2178, 0.954),
 
 @dataclass
 class Config(base.Config):
-    """Setting; defaults = the full run (the paper's 5 repetitions). ``hidden`` per data set as
-    ``datasets``; early stopping: Adam (``lr``, batches of ``batch_size``), at most
-    ``max_epochs``, ``patience`` epochs without improvement of the validation MSE."""
+    """Setting; defaults = the full run (the paper's 5 repetitions: ``seeds``, each its own
+    split and initialisation). ``hidden`` per data set as ``datasets``. Early stopping: Adam
+    (``lr``, batches of ``batch_size``), at most ``max_epochs``, ``patience`` epochs without
+    improvement of the validation MSE."""
 
-    repetitions: int = 5
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     datasets: tuple[Literal["breast_cancer", "diabetes"], ...] = DATASETS
     hidden: tuple[int, ...] = (10, 5)
     fraction: float = 0.5
@@ -82,11 +83,12 @@ class Config(base.Config):
     @classmethod
     def quick(cls) -> Config:
         """Two repetitions, shorter patience."""
-        return cls(repetitions=2, max_epochs=300, patience=15)
+        return cls(seeds=(0, 1), max_epochs=300, patience=15)
 
     def validate(self) -> None:
         need = self.need
-        need(self.repetitions >= 1, "repetitions", "must be >= 1")
+        need(len(self.seeds) > 0, "seeds", "give at least one seed (one per repetition)")
+        need(len(set(self.seeds)) == len(self.seeds), "seeds", "seeds must be distinct")
         need(len(self.datasets) > 0, "datasets", "give at least one data set")
         need(len(set(self.datasets)) == len(self.datasets), "datasets", "must be distinct")
         need(len(self.hidden) == len(self.datasets), "hidden", "give one size per data set")
@@ -175,11 +177,11 @@ def _prune_retrain(cfg: Config, method: str, net: nn.Module, data: _Split, seed:
 def run(config: Config, out_dir: str | Path, progress: Progress | None = None) -> Result:
     """Run the reproduction into ``out_dir`` (see the module docstring) and return the result."""
     cfg = config
-    total = len(cfg.datasets) * cfg.repetitions * (1 + len(METHODS)) + 1
+    total = len(cfg.datasets) * len(cfg.seeds) * (1 + len(METHODS)) + 1
     session = Session(cfg, out_dir, total, progress, log)
     runs: dict[str, list[dict[str, Any]]] = {d: [] for d in cfg.datasets}
     for dataset, hidden in zip(cfg.datasets, cfg.hidden):
-        for rep in range(cfg.repetitions):
+        for rep in cfg.seeds:
             data = load_split(dataset, seed=rep)
             net = tanh_net(data.x["train"].shape[1], hidden, rep, init=0.1)
             epoch = _early_stopped(cfg, net, data, rep)
