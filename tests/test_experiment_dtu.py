@@ -287,3 +287,44 @@ def test_sunspot_data_in_nnsysids_scale():
     for bad in (0, -1.0, "191"):
         with pytest.raises(ValueError, match="scale"):
             load_sunspots(12, scale=bad)
+
+
+def test_gamma_obs_surgeon_deletes_the_least_with_the_obs_update():
+    """On a quadratic (linear model at its regularised minimum) one call deletes the entry of
+    least γOBS saliency and moves the others so that E rises by exactly ζ_q."""
+    from optbrain.experiments.hassibi_common import all_parameters_mask
+    from optbrain.masking import attach
+    from optbrain.saliency.generalization import GammaOBS
+
+    lam = 0.05
+    model, x, y = _linear_at_minimum(lam)
+    attach(model, all_parameters_mask(model))
+    data = mackey._Data(x, y, x, y, 1.0)
+    problem = mackey._problem(model, data)
+    scores = GammaOBS(lam)(problem)
+    flat = torch.cat([scores["0.weight"].reshape(-1), scores["0.bias"].reshape(-1)])
+    q = int(torch.argmin(flat))
+    e0 = problem.objective()
+    pruner = mackey.GammaOBSSurgeon(lam)
+    mask = pruner.default_mask(model)
+    new, info = pruner(problem, mask, 1)
+    assert new.pruned() == 1
+    kept = torch.cat([new["0.weight"].reshape(-1), new["0.bias"].reshape(-1)])
+    assert not bool(kept[q]) and info.predicted_increase == pytest.approx(float(flat[q]))
+    attach(model, new)
+    w = torch.cat([p.detach().reshape(-1) for p in (model[0].weight, model[0].bias)])
+    assert float(w[q]) == 0.0
+    # E rose by the OBS saliency with decay, ζ_q = γ-saliency + (2/N)·E·(N_eff drop)
+    from optbrain.saliency.generalization import neff_drop
+
+    zeta = float(flat[q]) + 2 / 40 * e0 * float(neff_drop(_inverse_of(lam, x), lam)[q])
+    assert problem.objective() - e0 == pytest.approx(zeta, rel=1e-6)
+    with pytest.raises(ValueError, match="one entry per call"):
+        pruner(problem, new, 3)
+
+
+def _inverse_of(lam, x):
+    """(G + λI)⁻¹ of the linear model's mean MSE on x (with the bias column)."""
+    n = x.shape[0]
+    a = torch.cat([x, torch.ones(n, 1, dtype=x.dtype)], 1)
+    return torch.linalg.inv(2 / n * a.T @ a + lam * torch.eye(4, dtype=x.dtype))

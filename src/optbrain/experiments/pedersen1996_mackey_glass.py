@@ -15,8 +15,8 @@ with the training mean and standard deviation, no added noise (the paper's noise
 known). Weight decay λ (our scale, E the per-sample MSE) is ours: ``weight_decay`` = 10⁻⁴ gives
 N_eff ≈ 38 of 81, a regime where decay matters. Training by full-batch L-BFGS to the regularised
 minimum, then one weight at a time deleted by γOBD (:func:`optbrain.pruners.gamma_obd`) or γOBS
-(:func:`optbrain.pruners.gamma_obs`, which ranks by NNSYSID's OBS saliency with decay corrected
-for generalisation but leaves the weight update to the retraining) with ``retrain_iter`` L-BFGS
+(:class:`GammaOBSSurgeon`: NNSYSID's OBS saliency with decay corrected for generalisation, the
+weight deleted *with* the OBS update, as the paper's γOBS does), with ``retrain_iter`` L-BFGS
 iterations after each deletion; every weight and bias is a candidate. The network of least FPE
 is selected; γOBD's stopping rule (stop once every saliency is positive) is recorded too.
 
@@ -37,6 +37,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from ..pruners.base import PruneInfo, PrunerBase
 from . import base
 from .base import Claim, Progress, Result, Session
 from .dtu_common import Elimination, eliminate, on_grid, restore, spearman, tanh_net
@@ -77,7 +78,6 @@ class Config(base.Config):
     retrain_iter: int = 50
     methods: tuple[Literal["gamma_obd", "gamma_obs"], ...] = ("gamma_obd", "gamma_obs")
     min_kept: int = 8
-    per_step: int = 1
     rank_rho: float = 0.7
     alpha: float = 0.05
     gain_margin: float = 0.05
@@ -85,8 +85,8 @@ class Config(base.Config):
 
     @classmethod
     def quick(cls) -> Config:
-        """One seed, 2000 test samples, three weights per step, shorter training."""
-        return cls(seeds=(0,), n_test=2000, max_iter=500, retrain_iter=15, per_step=3, min_kept=20)
+        """One seed, 2000 test samples, the first 20 deletions, shorter training."""
+        return cls(seeds=(0,), n_test=2000, max_iter=500, retrain_iter=15, min_kept=61)
 
     def validate(self) -> None:
         need = self.need
@@ -102,7 +102,6 @@ class Config(base.Config):
         need(len(set(self.methods)) == len(self.methods), "methods", "must be distinct")
         n = 8 * self.hidden + 1
         need(1 <= self.min_kept < n, "min_kept", f"must be in 1..{n - 1}")
-        need(self.per_step >= 1, "per_step", "must be >= 1")
         need(-1 <= self.rank_rho <= 1, "rank_rho", "must be in [-1, 1]")
         need(0 < self.alpha < 1, "alpha", "must be in (0, 1)")
         need(0 <= self.gain_margin < 1, "gain_margin", "must be in [0, 1)")
@@ -161,9 +160,86 @@ def _metrics(model: nn.Module, data: _Data) -> dict[str, float]:
 
 
 def _pruner(method: str, lam: float):
-    from ..pruners import gamma_obd, gamma_obs
+    from ..pruners import gamma_obd
 
-    return gamma_obd(lam) if method == "gamma_obd" else gamma_obs(lam)
+    return gamma_obd(lam) if method == "gamma_obd" else GammaOBSSurgeon(lam)
+
+
+# --------------------------------------------------------------------------- γOBS with its update
+def _write(params: dict[str, Tensor], inv, vec: Tensor) -> None:
+    """Store the alive coordinates of ``vec`` (row order of ``inv``) in ``params`` in place."""
+    values = inv.scatter(vec)
+    with torch.no_grad():
+        for name in inv.names:
+            p = params[name]
+            pos = inv.coords.positions[name]
+            flat = p.detach().reshape(-1).clone()
+            flat[pos] = values[name].reshape(-1)[pos].to(p.dtype)
+            p.copy_(flat.reshape(p.shape))
+
+
+def obs_deleted(inv, theta: Tensor, q: int, lam: float) -> Tensor:
+    """θ after deleting row q with NNSYSID's OBS update θ ← θ − (θ_q/[H⁻¹]_qq) H⁻¹e_q
+    (:func:`optbrain.saliency.obs.group_step`); entry q exactly 0."""
+    from ..saliency.obs import group_step
+
+    _, delta = group_step(inv, theta, [q], lam)
+    new = theta + delta
+    new[q] = 0.0
+    return new
+
+
+class GammaOBSSurgeon(PrunerBase):
+    """γOBS as Pedersen et al. apply it: delete the entry of least γOBS saliency
+    (:class:`~optbrain.saliency.GammaOBS`) *with* the OBS weight update, one entry per call
+    (:func:`optbrain.pruners.gamma_obs` ranks the same way but leaves the update to
+    retraining). Candidates: the entries of the mask attached to the model."""
+
+    def __init__(self, weight_decay: float):
+        from ..saliency.generalization import GammaOBS
+
+        self.saliency = GammaOBS(weight_decay)
+        self.weight_decay = weight_decay
+
+    def scores(self, problem, mask=None):
+        return self.saliency(problem)
+
+    def __call__(self, problem, mask=None, sparsity=None, *, scores=None):
+        from ..masking import Mask, current_mask
+        from ..paramdict import named_parameters
+        from ..selection import target_count
+
+        mask = mask if mask is not None else self.default_mask(problem.model)
+        if target_count(sparsity, mask.total()) != mask.pruned() + 1:
+            raise ValueError("GammaOBSSurgeon deletes one entry per call (per_step = 1)")
+        params = named_parameters(problem.model)
+        attached = current_mask(problem.model)
+        inv = self.saliency.inverse.inverse(
+            problem, Mask({n: attached[n] for n in attached.names if n in params})
+        )
+        s = inv.gather(self.saliency(problem))
+        candidates = torch.zeros_like(inv.alive)
+        for n in mask.names:
+            rows = inv.coords.rows[n][inv.coords.positions[n]].to(s.device)
+            keep = mask[n].reshape(-1)[inv.coords.positions[n]].to(s.device)
+            candidates[rows[keep]] = True
+        s = torch.where(candidates & inv.alive, s, torch.inf)
+        q = int(torch.argmin(s))
+        theta = inv.gather(params)
+        _write(params, inv, obs_deleted(inv, theta, q, self.weight_decay))
+        name, flat = _coordinate(inv, q)
+        new = mask.with_pruned({name: [flat]})
+        return new, PruneInfo.step(problem.model, mask, new, float(s[q]), float(s[q]))
+
+
+def _coordinate(inv, q: int) -> tuple[str, int]:
+    """(parameter name, flat index) of row q of ``inv``."""
+    for name in inv.names:
+        rows = inv.coords.rows[name]
+        hit = torch.nonzero(rows == q).reshape(-1)
+        if hit.numel():
+            return name, int(hit[0])
+    raise IndexError(f"row {q} is not an alive coordinate")
 
 
 # --------------------------------------------------------------------------- rank consistency
@@ -204,26 +280,15 @@ def per_weight_changes(
                     with torch.no_grad():
                         p.copy_(saved[name])
             return est, act
-        saliency = GammaOBS(lam)
-        scores = saliency(problem)
         from ..masking import Mask
 
-        inv = saliency.inverse.inverse(problem, Mask({k: v for k, v in masks.items()}))
+        saliency = GammaOBS(lam)
+        scores = saliency(problem)
+        inv = saliency.inverse.inverse(problem, Mask(masks))
         theta = inv.gather(params)
-        h = inv.matrix
-        rows = torch.nonzero(inv.alive).reshape(-1).tolist()
         flat_scores = inv.gather(scores)
-        for q in rows:
-            new = theta - theta[q] / h[q, q] * h[:, q]
-            new[q] = 0.0
-            values = inv.scatter(new)
-            with torch.no_grad():
-                for name in inv.names:
-                    p = params[name]
-                    pos = inv.coords.positions[name]
-                    flat = p.detach().reshape(-1).clone()
-                    flat[pos] = values[name].reshape(-1)[pos].to(p.dtype)
-                    p.copy_(flat.reshape(p.shape))
+        for q in torch.nonzero(inv.alive).reshape(-1).tolist():
+            _write(params, inv, obs_deleted(inv, theta, q, lam))
             act.append(_test_mse(model, data) - base_mse)
             est.append(float(flat_scores[q]))
             with torch.no_grad():
@@ -258,7 +323,6 @@ def _eliminate(cfg: Config, method: str, net: nn.Module, seed: int, data: _Data)
         evaluate=lambda m: _metrics(m, data),
         min_kept=cfg.min_kept,
         weight_decay=lam,
-        per_step=cfg.per_step,
         track_saliency=True,
     )
 
@@ -418,9 +482,9 @@ def _notes(cfg: Config) -> list[str]:
         f"Net: 6-{cfg.hidden}-1 tanh, linear output, {cfg.n_params} parameters (all prunable), "
         f"initial weights U(−0.5, 0.5); weight decay λ = {cfg.weight_decay:g} on E + ½λ‖θ‖² "
         "(E the per-sample MSE).",
-        f"Training: full-batch L-BFGS, {cfg.max_iter} iterations; after each deletion of "
-        f"{cfg.per_step} weight(s), {cfg.retrain_iter} iterations; down to {cfg.min_kept} "
-        "weights. FPE in NNSYSID's full form with decay; selection by least FPE.",
+        f"Training: full-batch L-BFGS, {cfg.max_iter} iterations; one weight deleted at a time "
+        f"(γOBS with its OBS update), then {cfg.retrain_iter} iterations; down to "
+        f"{cfg.min_kept} weights. FPE in NNSYSID's full form with decay; selection by least FPE.",
     ]
 
 
