@@ -328,3 +328,15 @@ def _inverse_of(lam, x):
     n = x.shape[0]
     a = torch.cat([x, torch.ones(n, 1, dtype=x.dtype)], 1)
     return torch.linalg.inv(2 / n * a.T @ a + lam * torch.eye(4, dtype=x.dtype))
+
+
+def test_contiguity_receptive_fields():
+    w1 = torch.zeros(3, 10, dtype=torch.bool)
+    w1[0, [3, 4]] = True  # an edge detector on positions 3, 4
+    w1[1, [0, 7]] = True  # not local
+    w1[2, 5] = True  # no output weight: not live
+    mask = {"0.weight": w1, "2.weight": torch.tensor([[True, True, False]])}
+    fields = contiguity.receptive_fields(mask)
+    assert fields == [[3, 4], [0, 7]]
+    assert [contiguity.is_local(f) for f in fields] == [True, False]
+    assert contiguity.is_local([9]) and not contiguity.is_local([2, 4])

@@ -219,7 +219,24 @@ def _one(cfg: Config, n_train: int, seed: int) -> dict[str, Any]:
         weight_decay=lam,
         per_step=cfg.per_step,
     )
-    return {"elimination": el, "single": single}
+    i = el.select("smallest_within", tolerance=0.0, metric="metrics.train_error_rate")
+    return {"elimination": el, "single": single, "fields": receptive_fields(el.states[i]["mask"])}
+
+
+def receptive_fields(mask_state: dict[str, Tensor]) -> list[list[int]]:
+    """The input positions (0 … 9) of every live hidden unit (one whose output weight is kept
+    and which still has an input weight) of a masked 10-H-1 net."""
+    w1, w2 = mask_state["0.weight"], mask_state["2.weight"][0]
+    return [
+        sorted(int(j) for j in torch.nonzero(w1[u]).reshape(-1))
+        for u in range(w1.shape[0])
+        if bool(w2[u]) and bool(w1[u].any())
+    ]
+
+
+def is_local(field: list[int]) -> bool:
+    """One input, or two neighbouring ones: an edge detector's receptive field."""
+    return len(field) == 1 or (len(field) == 2 and field[1] - field[0] == 1)
 
 
 def run(config: Config, out_dir: str | Path, progress: Progress | None = None) -> Result:
@@ -234,11 +251,16 @@ def run(config: Config, out_dir: str | Path, progress: Progress | None = None) -
             r["elimination"].history.save(session.path(f"histories/n{n}_seed{seed}.json"))
             session.tick(f"{n} training strings, seed {seed}: OBD elimination")
     session.write_json(
+        "receptive_fields.json", {str(n): {str(s): runs[n][s]["fields"] for s in cfg.seeds}
+                                  for n in cfg.sizes},
+    )  # fmt: skip
+    session.write_json(
         "single_deletions.json",
         {str(s): runs[cfg.sizes[-1]][s]["single"] for s in cfg.seeds},
     )
     result = session.result(NAME, TITLE)
     result.notes = _notes(cfg)
+    _fields_table(cfg, runs, result)
     curves = _learning_curves(cfg, runs, result)
     _claims(cfg, runs, curves, result)
     return session.finish(result, _figures(cfg, runs, curves, session.out))
@@ -275,6 +297,23 @@ def _learning_curves(cfg: Config, runs, result: Result) -> dict[str, list]:
             row[f"{k}: parameters"] = fmt(mean_sd(sizes[k]), 1)
         result.tables.setdefault("learning_curves", []).append(row)
     return curves
+
+
+def _fields_table(cfg: Config, runs, result: Result) -> None:
+    for n in cfg.sizes:
+        fields = [runs[n][s]["fields"] for s in cfg.seeds]
+        units = [len(f) for f in fields]
+        inputs = [len(u) for f in fields for u in f]
+        local = sum(is_local(u) for f in fields for u in f)
+        result.tables.setdefault("receptive_fields", []).append(
+            {
+                "training strings": n,
+                "live hidden units": fmt(mean_sd(units), 1),
+                "inputs per unit": fmt(mean_sd(inputs), 2),
+                "units with one input or two neighbours": f"{local}/{sum(units)}",
+                "seed 0": " ".join("".join(map(str, u)) for u in fields[0]),
+            }
+        )
 
 
 def _ockham(el: Elimination) -> float:
