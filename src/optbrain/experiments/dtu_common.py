@@ -140,6 +140,22 @@ def _smallest_kept(scores: Mapping[str, Tensor], mask: Mask) -> float:
     return float(torch.cat(vals).min()) if vals else math.nan
 
 
+def _delete(pruner: Any, problem: Problem, mask: Mask, target: int, track: bool):
+    """One pruner call to ``target`` pruned entries: (new mask, info, smallest kept saliency
+    before it, NaN unless ``track``); saliencies computed for tracking are handed to pruners that
+    take them (those with a selector)."""
+    if not track:
+        new, info = pruner(problem, mask, target)
+        return new, info, math.nan
+    scores = pruner.scores(problem, mask)
+    smallest = _smallest_kept(scores, mask)
+    if hasattr(pruner, "selector"):
+        new, info = pruner(problem, mask, target, scores=scores)
+    else:
+        new, info = pruner(problem, mask, target)
+    return new, info, smallest
+
+
 def eliminate(
     model: nn.Module,
     pruner: Any,
@@ -196,18 +212,10 @@ def eliminate(
         step += 1
         t0 = time.perf_counter()
         problem = make_problem(model)
-        scores = None
-        if track_saliency:
-            scores = pruner.scores(problem, mask)
-            out.min_saliency.append(_smallest_kept(scores, mask))
-        else:
-            out.min_saliency.append(math.nan)
         before = problem.objective()
         target = min(mask.pruned() + per_step, mask.total() - min_kept)
-        if scores is not None and hasattr(pruner, "selector"):
-            new, info = pruner(problem, mask, target, scores=scores)
-        else:
-            new, info = pruner(problem, mask, target)
+        new, info, smallest = _delete(pruner, problem, mask, target, track_saliency)
+        out.min_saliency.append(smallest)
         mask = attach(model, new)
         after = problem.objective()
         pruned_metrics = evaluate(model)

@@ -257,17 +257,15 @@ def _selected(cfg: Config, el: Elimination, data: _Data) -> dict[str, Any]:
     }
 
 
-def _analyse(cfg: Config, method: str, runs, full, data: _Data, result: Result) -> None:
-    seeds = list(runs)
-    tag = seeds_tag(len(seeds), LABELS[method])
-    sel = {s: _selected(cfg, runs[s], data) for s in seeds}
-    for s in seeds:
+def _seed_rows(method: str, runs, sel, full, data: _Data) -> list[dict[str, Any]]:
+    rows = []
+    for s in runs:
         recs = runs[s].history.records
         fpe = [data.nmse_of(r.generalization["fpe"]) for r in recs]
         test = [r.metrics["test_nmse"] for r in recs]
         steps = recs[1:]
         ratio = [r.predicted_increase / r.actual_increase for r in steps if r.actual_increase > 0]
-        result.tables.setdefault("selected_by_fpe", []).append(
+        rows.append(
             {
                 "method": LABELS[method],
                 "seed": s,
@@ -285,6 +283,16 @@ def _analyse(cfg: Config, method: str, runs, full, data: _Data, result: Result) 
                 "median_pred/actual_dE": round(_median(ratio), 3),
             }
         )
+    return rows
+
+
+def _analyse(cfg: Config, method: str, runs, full, data: _Data, result: Result) -> None:
+    seeds = list(runs)
+    tag = seeds_tag(len(seeds), LABELS[method])
+    sel = {s: _selected(cfg, runs[s], data) for s in seeds}
+    result.tables.setdefault("selected_by_fpe", []).extend(
+        _seed_rows(method, runs, sel, full, data)
+    )
     keys = ("weights", *[f"{x}_nmse" for x in SPLITS])
     stat = {k: mean_sd([sel[s][k] for s in seeds]) for k in keys}
     full_stat = {k: mean_sd([full[s][f"{k}_nmse"] for s in seeds]) for k in SPLITS}
