@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from optbrain import experiments
 from optbrain.experiments import Result, apply_overrides, lecun1990
@@ -170,3 +171,55 @@ def test_registry():
         experiments.get("nope")
     assert isinstance(experiments.make_config("lecun1990", quick=True), Config)
     assert callable(lecun1990.run) and Path(lecun1990.__file__).name == "lecun1990.py"
+
+
+def test_bar_is_chosen_on_the_validation_set(quick):
+    """The 8x bar's round comes from History.select on validation accuracy, not the test set."""
+    result, out, _, _ = quick
+    from optbrain.history import History
+
+    rows = [r for r in result.tables["compression"] if r["method"] == "obd"]
+    assert {r["model"] for r in rows} == {"cnn", "mlp"}
+    for r in rows:
+        hist = History.load(out / "histories" / f"{r['model']}_obd_seed{r['seed']}.json")
+        recs = hist.records
+        best_val = max(x.metrics["val_accuracy"] for x in recs)
+        ok = [x for x in recs if x.metrics["val_accuracy"] >= best_val - 0.01 - 1e-12]
+        chosen = min(ok, key=lambda x: (x.remaining_params, -x.round))
+        assert r["chosen_round"] == chosen.round
+        assert r["test_acc_there"] == round(chosen.metrics["test_accuracy"], 4)
+        assert all({"val_accuracy", "test_accuracy"} <= set(x.metrics) for x in recs)
+    bar = _claim(result, "Our bar", "cnn")
+    assert "chosen on validation" in bar.name and "on the validation set" in bar.detail
+
+
+def test_validation_and_test_digits_are_disjoint_halves():
+    cfg = Config.quick()
+    data = lecun1990._load(cfg, "mlp")
+    assert data.x_val.shape[0] + data.x_test.shape[0] == 540
+    assert abs(data.x_val.shape[0] - data.x_test.shape[0]) <= 1
+    val_rows = {tuple(r.tolist()) for r in data.x_val}
+    assert not any(tuple(r.tolist()) in val_rows for r in data.x_test[:50])
+    assert sorted(torch.bincount(data.y_val).tolist())[0] >= 25  # stratified: every class
+
+
+def test_bar_choice_reads_validation_only():
+    """Rounds whose validation and test accuracies disagree: the choice follows validation."""
+    from optbrain.history import History, RoundRecord
+
+    acc = [  # (remaining, val, test, train)
+        (100, 0.95, 0.90, 1.0),
+        (50, 0.945, 0.80, 1.0),  # within a point on validation, far off on test
+        (25, 0.90, 0.91, 1.0),  # out on validation, fine on test
+        (12, 0.95, 0.70, 0.5),  # back in on validation (not on test, nor on training)
+    ]
+    hist = History(
+        [
+            RoundRecord(i, 0, 0, n, 100, n, metrics={"val_accuracy": v, "test_accuracy": t,
+                                                      "train_accuracy": tr})
+            for i, (n, v, t, tr) in enumerate(acc)
+        ]
+    )  # fmt: skip
+    best, cont = lecun1990.bar_choice(hist, 0.01)
+    assert best.remaining == 12  # the smallest within a point of the best validation accuracy
+    assert cont.remaining == 50  # the last before the first round out of it (25)

@@ -9,8 +9,9 @@ whole 1700–1979 record, ≈ 1495.6 (:data:`NMSE_VARIANCE`; whether the origina
 this series and variance is not verified).
 
 Inputs and targets are scaled by one affine map, (v − offset)/scale, with the mean and standard
-deviation of the training years 1700–1920 by default (``standardize=False``: raw values);
-:meth:`SunspotData.nmse` turns a mean squared error on that scale back into an NMSE.
+deviation of the training years 1700–1920 by default (``standardize=False``: raw values;
+``scale=s``: v/s without centring, e.g. :data:`NNSYSID_SCALE` for the series of NNSYSID's sunspot
+demo); :meth:`SunspotData.nmse` turns a mean squared error on that scale back into an NMSE.
 """
 
 from __future__ import annotations
@@ -21,13 +22,24 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["NMSE_VARIANCE", "SPLITS", "SunspotData", "load_sunspots", "sunspot_series"]
+__all__ = [
+    "NMSE_VARIANCE",
+    "NNSYSID_SCALE",
+    "SPLITS",
+    "SunspotData",
+    "load_sunspots",
+    "sunspot_series",
+]
 
 SPLITS = {"train": (1700, 1920), "test1": (1921, 1955), "test2": (1956, 1979)}
 """Year ranges of the splits (targets; the training range also supplies the first lags)."""
 
 NMSE_VARIANCE = 1495.5937651785714
 """Population variance of the activity over 1700–1979 (statsmodels' series): the NMSE divisor."""
+
+NNSYSID_SCALE = 191.2
+"""NNSYSID's ``solplet.asc`` holds the activity divided by this (1957: 190.2 → 0.9947; 1700:
+5 → 0.0262): the scale of the data its sunspot pruning demo trains on."""
 
 
 def sunspot_series() -> tuple[np.ndarray, np.ndarray]:
@@ -61,16 +73,29 @@ class SunspotData:
 
 
 def load_sunspots(
-    lags: int = 12, standardize: bool = True, dtype: torch.dtype = torch.float64
+    lags: int = 12,
+    standardize: bool = True,
+    dtype: torch.dtype = torch.float64,
+    *,
+    scale: float | None = None,
 ) -> SunspotData:
-    """The 1700–1920 / 1921–1955 / 1956–1979 splits with ``lags`` previous years as inputs."""
+    """The 1700–1920 / 1921–1955 / 1956–1979 splits with ``lags`` previous years as inputs.
+
+    ``scale`` (> 0) divides the activity by it without centring (overrides ``standardize``)."""
     if not isinstance(lags, int) or not 1 <= lags <= 100:
         raise ValueError(f"lags must be an int in 1..100, not {lags!r}")
+    if scale is not None and not (isinstance(scale, (int, float)) and scale > 0):
+        raise ValueError(f"scale must be a number > 0, not {scale!r}")
     years, act = sunspot_series()
     record = act[(years >= 1700) & (years <= 1979)]
     variance = float(record.var())
     train_years = act[(years >= SPLITS["train"][0]) & (years <= SPLITS["train"][1])]
-    offset, scale = (float(train_years.mean()), float(train_years.std())) if standardize else (0, 1)
+    if scale is not None:
+        offset, scale = 0.0, float(scale)
+    elif standardize:
+        offset, scale = float(train_years.mean()), float(train_years.std())
+    else:
+        offset, scale = 0.0, 1.0
     scaled = (act - offset) / scale
     xs, ys, ts = {}, {}, {}
     for name, (lo, hi) in SPLITS.items():

@@ -89,6 +89,46 @@ REGISTRY: dict[str, ExperimentSpec] = {
             "removed on the 5-d Gaussian mixture, OBS (no retraining) vs OBD with 60 retraining "
             "epochs per step",
         ),
+        ExperimentSpec(
+            "nnsysid-sunspots",
+            "optbrain.experiments.nnsysid_sunspots",
+            "NNSYSID's sunspot demo: the 12-8-1 tapped-delay net (113 weights) with weight decay, "
+            "pruned by OBS, OBD and γOBD with retraining, FPE selection; NMSE beside WRH and TAR",
+        ),
+        ExperimentSpec(
+            "pedersen1996-mackey-glass",
+            "optbrain.experiments.pedersen1996_mackey_glass",
+            "γOBD and γOBS (Pedersen, Hansen & Larsen 1996) on Mackey-Glass: 6-10-1 net, 250 "
+            "training / 8500 test samples; training, test and FPE against parameters, estimated "
+            "vs actual test error per weight",
+        ),
+        ExperimentSpec(
+            "gorodkin1993-contiguity",
+            "optbrain.experiments.gorodkin1993_contiguity",
+            "OBD on the contiguity problem (Gorodkin et al. 1993): learning curves with and "
+            "without OBD, the smallest-successful-architecture heuristic, OBD's predicted vs "
+            "measured ΔE",
+        ),
+        ExperimentSpec(
+            "tresp1997-ebd",
+            "optbrain.experiments.tresp1997_ebd",
+            "Early Brain Damage (Tresp, Neuneier & Zimmermann 1997), Table 1: early stopping, "
+            "prune 50 %, retrain; OBD vs ESP vs EBD on scikit-learn's breast-cancer (WDBC) and "
+            "diabetes data",
+        ),
+        ExperimentSpec(
+            "larsen1996-validation",
+            "optbrain.experiments.larsen1996_validation",
+            "Validation-set OBD (Larsen, Hansen, Svarer & Ohlsson 1996) against training-set OBD "
+            "and FPE selection on a linear model and a small net: test error of the selected "
+            "architectures",
+        ),
+        ExperimentSpec(
+            "pedersen1995-recurrent-sunspots",
+            "optbrain.experiments.pedersen1995_recurrent_sunspots",
+            "The pruned 4-4-1 recurrent sunspot net (Pedersen & Hansen 1995): OBS with weight "
+            "decay, FPE selection; lag inputs kept and the impulse response of the selected net",
+        ),
     )
 }
 

@@ -51,25 +51,34 @@ def gamma_obd(
     weight_decay: float | Mapping[str, float] = 0.0,
     curvature: DiagonalCurvature | None = None,
     scope: str = "global",
+    *,
+    min_kept: int = 1,
 ) -> Pruner:
-    """γOBD: delete by the estimated change of the test error (Pedersen et al.)."""
-    return Pruner(GammaOBD(weight_decay, curvature), _selector(scope))
+    """γOBD: delete by the estimated change of the test error (Pedersen et al.). ``min_kept``:
+    entries every masked parameter keeps (as for :func:`~optbrain.pruners.obd`)."""
+    return Pruner(GammaOBD(weight_decay, curvature), _selector(scope, min_kept))
 
 
-def gamma_obs(weight_decay: float = 0.0, inverse: Any = None, scope: str = "global") -> Pruner:
+def gamma_obs(
+    weight_decay: float = 0.0, inverse: Any = None, scope: str = "global", *, min_kept: int = 1
+) -> Pruner:
     """γOBS ranking (NNSYSID's OBS saliency with weight decay, corrected for generalisation);
     deletes without the OBS weight update: retrain after each round."""
-    return Pruner(GammaOBS(weight_decay, inverse), _selector(scope))
+    return Pruner(GammaOBS(weight_decay, inverse), _selector(scope, min_kept))
 
 
-def esp(curvature: DiagonalCurvature | None = None, scope: str = "global") -> Pruner:
+def esp(
+    curvature: DiagonalCurvature | None = None, scope: str = "global", *, min_kept: int = 1
+) -> Pruner:
     """ESP: OBD plus the first-order term −g·w, for nets not at a minimum (Tresp et al.)."""
-    return Pruner(ESP(curvature), _selector(scope))
+    return Pruner(ESP(curvature), _selector(scope, min_kept))
 
 
-def ebd(curvature: DiagonalCurvature | None = None, scope: str = "global") -> Pruner:
+def ebd(
+    curvature: DiagonalCurvature | None = None, scope: str = "global", *, min_kept: int = 1
+) -> Pruner:
     """Early Brain Damage: ESP plus ½g²/h (Tresp et al.)."""
-    return Pruner(EBD(curvature), _selector(scope))
+    return Pruner(EBD(curvature), _selector(scope, min_kept))
 
 
 def validation_obd(
@@ -77,7 +86,9 @@ def validation_obd(
     curvature: DiagonalCurvature | None = None,
     scope: str = "global",
     loss_fn: Any = None,
+    *,
+    min_kept: int = 1,
 ) -> Pruner:
     """Validation-set OBD (Larsen et al.): the second-order change of the validation error;
     ``validation`` (an ``(X, Y)`` tuple or a DataLoader) is required."""
-    return Pruner(ValidationOBD(validation, curvature, loss_fn), _selector(scope))
+    return Pruner(ValidationOBD(validation, curvature, loss_fn), _selector(scope, min_kept))
