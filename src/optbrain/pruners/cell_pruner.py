@@ -20,7 +20,7 @@ from ..errors import EmptyLayerError
 from ..masking import Mask
 from ..paramdict import ParamDict
 from ..problem import Problem
-from ..saliency.ocd import OCD, CellSaliencies, describe
+from ..saliency.ocd import OCD, CellSaliencies, describe, problem_example
 from ..selection import TargetExceededError, split_target, target_count
 from ..update import ZeroUpdate
 from .base import PruneInfo, PrunerBase
@@ -68,7 +68,7 @@ class CellPruner(PrunerBase):
     # ------------------------------------------------------------------ scores
     def cell_scores(self, problem: Problem, mask: Mask | None = None) -> CellSaliencies:
         """The cells' saliencies at the current weights (removed cells score 0)."""
-        return self.saliency(problem, self.saliency.cells(problem.model))
+        return self.saliency(problem, self._cells(problem))
 
     def scores(self, problem: Problem, mask: Mask | None = None) -> ParamDict:
         """Cell saliencies broadcast onto the mask's weights (see ``CellSaliencies.to_params``)."""
@@ -86,7 +86,7 @@ class CellPruner(PrunerBase):
     ) -> tuple[Mask, CellPruneInfo]:
         """``scores``: saliencies already computed by :meth:`cell_scores` or :meth:`scores`."""
         mask = mask if mask is not None else self.default_mask(problem.model)
-        found = self.saliency.cells(problem.model)
+        found = self._cells(problem)
         removed = removed_cells(found, mask)
         sal = self._saliencies(problem, found, scores)
         target = target_count(sparsity, len(found))
@@ -130,6 +130,9 @@ class CellPruner(PrunerBase):
         )
         log.debug("removed %d cells: %s", len(picked), ", ".join(map(describe, picked)))
         return new, info
+
+    def _cells(self, problem: Problem) -> list[Cell]:
+        return self.saliency.cells(problem.model, problem_example(problem))
 
     def _saliencies(self, problem: Problem, found: list[Cell], scores) -> CellSaliencies:
         if scores is None:
