@@ -266,7 +266,8 @@ def _n_inputs(ug: UnitGraph) -> int:
 
 
 def _not_removable(key: str, i: int, g, ug: UnitGraph) -> str:
-    what = "input" if key == INPUTS else f"unit {i} of layer {key!r}"
+    kind = next((p.kind for p in ug.producers if p.key == key), "unit")
+    what = f"input {i}" if key == INPUTS else f"{kind} {i} of layer {key!r}"
     if g.block is None:
         return f"{what} is not a cell"
     last = (
