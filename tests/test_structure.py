@@ -9,7 +9,7 @@ from torch import nn
 from optbrain import structure
 from optbrain.cellgraph import UnitRemovalError
 from optbrain.cells import cell_mask, cells, layer_chain
-from optbrain.errors import EmptyLayerError, ShapeMismatchError, UnsupportedModuleError
+from optbrain.errors import EmptyLayerError, ShapeMismatchError
 from optbrain.masking import Mask, apply_, attach, current_mask
 from optbrain.models import LeCunTanh
 from optbrain.models.digits import digits_cnn, digits_mlp
