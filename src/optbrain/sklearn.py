@@ -28,7 +28,7 @@ except ImportError as exc:  # missing, or older than 1.6 (no validate_data)
 
 from .masking import Mask, attach, detach
 from .problem import Problem
-from .pruners.cell_pruner import CellPruner
+from .pruners.cell_pruner import CellPruner, removed_cells
 from .saliency.ocd import OCD
 
 __all__ = ["OCDSelector"]
@@ -168,7 +168,7 @@ class OCDSelector(SelectorMixin, BaseEstimator):
         while True:
             score, vloss = data.score(model)
             sal = pruner.cell_scores(problem)
-            alive = mask["0.weight"].any(0).numpy()
+            alive = ~np.array(removed_cells(list(sal.cells), mask))
             history.append(
                 {
                     "n_features": int(alive.sum()),

@@ -239,6 +239,7 @@ def _parse_spec(spec, ug: UnitGraph) -> set[int]:
     roots: set[int] = set()
     for key, idx in items:
         if key != INPUTS and key not in sizes:
+            _raise_if_blocked_layer(ug, key)
             raise KeyError(
                 f"no hidden layer {key!r}; layers with cells are {_keys_with_cells(ug)} "
                 f"(and {INPUTS!r})"
@@ -255,6 +256,18 @@ def _parse_spec(spec, ug: UnitGraph) -> set[int]:
                 )
             roots.add(g.root)
     return roots
+
+
+def _raise_if_blocked_layer(ug: UnitGraph, key: str) -> None:
+    """A layer that has no units in the graph because a block stopped the walk at it."""
+    for gn in ug.graph.nodes:
+        target = gn.node.target if gn.kind == "leaf" else None
+        if target is not None and (key == target or key.startswith(f"{target}.l")):
+            reasons = {b.reason for b in ug.rec.uf.blocks.values() if b.node == gn.name}
+            if reasons:
+                raise UnitRemovalError(
+                    f"layer {key!r} has no removable units: {sorted(reasons)[0]}", gn.name
+                )
 
 
 def _n_inputs(ug: UnitGraph) -> int:

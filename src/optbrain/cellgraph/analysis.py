@@ -224,8 +224,37 @@ def unit_graph(model: nn.Module, example: Tensor | None = None, input_shape=None
         return hit[1]
     with torch.no_grad(), eval_mode(model):
         ug = _walk(model, graph, x, given)
+        _check_traced(model, ug, x)
     _CACHE[model] = (sig, ug)
     return ug
+
+
+def _check_traced(model: nn.Module, ug: UnitGraph, x: Tensor) -> None:
+    """The traced graph must compute what the model computes on the example (a ``forward``
+    whose Python branches depend on types or values is traced along one branch only)."""
+    out = next(gn for gn in ug.graph.nodes if gn.kind == "output")
+    traced = map_arg(out.node.args[0], lambda n: ug.real[n.name])
+    if not _close(traced, model(x)):
+        raise GraphReadError(
+            "the traced graph does not compute the model's output (a branch of forward that "
+            "depends on types or values, e.g. isinstance() of a layer's output?)",
+            out.name,
+        )
+
+
+def _close(a, b) -> bool:
+    if isinstance(a, Tensor) and isinstance(b, Tensor):
+        if a.shape != b.shape or a.dtype != b.dtype:
+            return False
+        if not a.is_floating_point():
+            return bool(torch.equal(a, b))
+        scale = 1.0 + float(b.abs().max()) if b.numel() else 1.0
+        return bool(torch.allclose(a, b, rtol=1e-4, atol=1e-5 * scale, equal_nan=True))
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_close(u, v) for u, v in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_close(a[k], b[k]) for k in a)
+    return type(a) is type(b)
 
 
 def _walk(model: nn.Module, graph: ModelGraph, x: Tensor, given: bool) -> UnitGraph:
@@ -323,6 +352,3 @@ def _call(rec: Records, gn, order: int, real: dict, atoms: dict, x: Tensor):
     except (RuntimeError, TypeError, ValueError, IndexError) as exc:
         raise CellGraphError(f"cannot follow units through this call ({exc})", gn.name) from exc
     return out, got
-
-
-_ = GraphReadError

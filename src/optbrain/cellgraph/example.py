@@ -65,14 +65,38 @@ def _first_reader(graph: ModelGraph) -> nn.Module | None:
             gn = graph.by_name.get(user.name)
             if gn is None:
                 continue
-            if gn.kind == "leaf":
+            if gn.kind == "leaf" or _functional(graph, gn) is not None:
                 reached.add(user.name)
-            if gn.kind == "glue" or (gn.kind == "leaf" and _passes(gn.module)):
+                if gn.kind == "leaf" and _passes(gn.module):
+                    frontier.append(user)
+            elif gn.kind == "glue":
                 frontier.append(user)
     for gn in graph.nodes:
-        if gn.name in reached and not _passes(gn.module):
+        if gn.name not in reached:
+            continue
+        layer = _functional(graph, gn)
+        if layer is not None:
+            return layer
+        if not _passes(gn.module):
             return gn.module
     return None
+
+
+def _functional(graph: ModelGraph, gn) -> nn.Module | None:
+    """For ``F.linear(x, w)`` / ``F.conv*d(x, w)`` on a parameter: a layer of that shape."""
+    import torch.nn.functional as F
+
+    if gn.kind != "glue" or gn.node.target not in (F.linear, F.conv1d, F.conv2d, F.conv3d):
+        return None
+    w = gn.node.args[1] if len(gn.node.args) > 1 else gn.node.kwargs.get("weight")
+    src = graph.by_name.get(getattr(w, "name", ""))
+    if src is None or src.kind != "param":
+        return None
+    shape = src.param[1].shape
+    if gn.node.target is F.linear:
+        return nn.Linear(shape[1], shape[0], bias=False, device="meta")
+    conv = {3: nn.Conv1d, 4: nn.Conv2d, 5: nn.Conv3d}[len(shape)]
+    return conv(shape[1], shape[0], 1, bias=False, device="meta")
 
 
 def _passes(m: nn.Module) -> bool:

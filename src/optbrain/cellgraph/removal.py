@@ -33,6 +33,7 @@ def check(ug: UnitGraph, removed: set[int]) -> None:
     if not removed:
         return
     gone = torch.tensor(sorted(removed), dtype=torch.long)
+    _check_recurrent(ug, gone)
     env: dict[str, object] = {}
     reads = {}
     for r in ug.rec.reads:
@@ -49,19 +50,18 @@ def check(ug: UnitGraph, removed: set[int]) -> None:
             rargs = map_arg(gn.node.args, lambda n: ug.real[n.name])
             rkwargs = map_arg(gn.node.kwargs, lambda n: ug.real[n.name])
             call = Call(gn, order, tuple(args), dict(kwargs), tuple(rargs), dict(rkwargs), real)
+            _check_reads(ug, reads.get(name, []), gone)
             if not _carries(real):
                 expected = _recompute(call)
             elif gn.kind == "leaf":
-                _check_reads(ug, reads.get(name, []), gone)
                 why = layers.check(call, expected)
                 if why:
                     raise CellGraphError(f"cannot remove these units: {why}", name)
-            else:
+            elif not (name in reads and glue.kind(call) == "layer"):
                 why = glue.check(call, expected)
                 if why:
                     raise CellGraphError(f"cannot remove these units: {gn.glue.name} {why}", name)
         env[name] = expected
-    _check_recurrent(ug, gone)
 
 
 def _carries(value) -> bool:
