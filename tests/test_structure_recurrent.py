@@ -294,3 +294,14 @@ def test_a_trace_that_differs_from_the_model_is_refused_naming_the_output():
         model = _TypeBranch(layers=2).eval()
     with pytest.raises(UnsupportedModuleError, match="does not compute the model's output"):
         cells(model)
+
+
+def test_gate_saliency_of_a_float32_lstm_falls_back_to_float64():
+    """oneDNN's float32 LSTM kernel has no forward-mode derivative: the Gauss–Newton gate form
+    is computed on a float64 copy instead (the same numbers as asking for float64)."""
+    model = _build(mode="lstm", seed=2)
+    x = _seq(model, n=5)
+    problem = Problem(model, nn.MSELoss(), [(x, torch.zeros(5, 5, 2))])
+    got = OCD(kinds=("unit",), method="gate")(problem)
+    want = OCD(kinds=("unit",), method="gate", dtype=F64)(problem)
+    torch.testing.assert_close(got.values, want.values, rtol=1e-12, atol=0)

@@ -235,7 +235,21 @@ def gate_curvature(
     """
     if matrix not in ("ggn", "hessian"):
         raise ValueError(f"matrix must be 'ggn' or 'hessian', not {matrix!r}")
-    work = in_dtype(problem, dtype)
+    try:
+        result = _gate_forms(in_dtype(problem, dtype), cell_list, matrix, progress)
+    except NotImplementedError as exc:
+        if dtype == torch.float64:
+            raise
+        # e.g. oneDNN's float32 LSTM kernel has no forward-mode derivative; float64 runs
+        # PyTorch's own kernel
+        log.info("gate curvature in float64: %s", str(exc).splitlines()[0])
+        result = _gate_forms(in_dtype(problem, torch.float64), cell_list, matrix, progress)
+    if not torch.isfinite(result).all():
+        raise NonFiniteLossError("a cell's gate curvature is NaN or infinite (NaN or inf loss)")
+    return result
+
+
+def _gate_forms(work: Problem, cell_list, matrix: str, progress) -> Tensor:
     fn = _Functional(work)
     size = sum(v.numel() for v in fn.wanted.values())
     per_chunk = max(1, _BUDGET // max(1, size))
@@ -253,8 +267,6 @@ def gate_curvature(
             result[start : start + len(chunk)] = q.detach().to("cpu", torch.float64)
             if progress is not None:
                 progress(start + len(chunk), total)
-    if not torch.isfinite(result).all():
-        raise NonFiniteLossError("a cell's gate curvature is NaN or infinite (NaN or inf loss)")
     return result
 
 
