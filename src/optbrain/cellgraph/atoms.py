@@ -120,20 +120,19 @@ def merge_along(uf: UnionFind, amap: Tensor, axis: int, node: str, what: str) ->
     """One atom per position along ``axis`` of ``amap``: the atoms of each slice united.
 
     A layer that reads (or acts per channel on) this axis sees each position as one unit, so all
-    atoms of a slice belong together, unless a slice holds units of two different layers (e.g.
-    a Linear applied to the wrong axis of a conv output): those are blocked, naming ``node``.
+    atoms of a slice belong together (the entries of one input variable at every position), unless
+    a slice holds several layer units (e.g. a Linear applied along the length axis of a conv
+    output): those are blocked, naming ``node``.
     Returns the ids (0 for a slice of constants), one per position."""
     axis = axis % amap.dim()
     rows = amap.movedim(axis, 0).reshape(amap.shape[axis], -1)
     roots = uf.roots_of(rows)
+    if rows.shape[1] == 0:
+        return torch.zeros(rows.shape[0], dtype=torch.long)
     big = torch.iinfo(torch.long).max
-    lo = torch.where(roots > 0, roots, big).amin(1) if roots.shape[1] else roots.new_zeros(0)
-    hi = roots.amax(1) if roots.shape[1] else roots.new_zeros(0)
-    out = (
-        torch.where(hi > 0, hi, 0)
-        if roots.shape[1]
-        else torch.zeros(rows.shape[0], dtype=torch.long)
-    )
+    lo = torch.where(roots > 0, roots, big).amin(1)
+    hi = roots.amax(1)
+    out = hi.clone()
     for p in torch.nonzero((hi > 0) & (lo != hi)).flatten().tolist():
         present = [r for r in torch.unique(roots[p]).tolist() if r]
         if sum(uf.owned[r] for r in present) >= 2:

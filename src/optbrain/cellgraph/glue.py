@@ -36,7 +36,7 @@ from ..curvature.graph import glue as G
 from ..paramdict import clean_name
 from .atoms import UnionFind, broadcast_union, merge_along, mix_along
 from .base import Records
-from .call import Call, Read, along, block_inputs, fresh_blocked, is_float, same, zeros_like_value
+from .call import Call, Read, along, block_inputs, fresh_blocked, same, zeros_like_value
 
 IDENTITY = {
     "to", "float", "double", "half", "bfloat16", "type_as", "contiguous", "clone", "detach",
@@ -288,5 +288,3 @@ def _any_nonzero(value) -> bool:
 def _shape(value):
     return tuple(value.shape) if isinstance(value, Tensor) else None
 
-
-_ = is_float
