@@ -287,4 +287,3 @@ def _any_nonzero(value) -> bool:
 
 def _shape(value):
     return tuple(value.shape) if isinstance(value, Tensor) else None
-
