@@ -14,7 +14,6 @@ function mixes it with other units; a grouped convolution; ...).
 from __future__ import annotations
 
 import logging
-import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -196,36 +195,20 @@ def _positions(line: Tensor) -> dict[int, list[int]]:
 
 
 # --------------------------------------------------------------------------- the walk
-_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _signature(model: nn.Module, x: Tensor) -> tuple:
-    return (
-        tuple((name, type(m), id(m)) for name, m in model.named_modules()),
-        tuple((id(p), tuple(p.shape)) for p in model.parameters()),
-        tuple((id(b), tuple(b.shape)) for b in model.buffers()),
-        tuple(x.shape),
-        x.dtype,
-    )
-
-
 def unit_graph(model: nn.Module, example: Tensor | None = None, input_shape=None) -> UnitGraph:
-    """Read ``model``'s units (cached per model structure and input shape).
+    """Read ``model``'s units.
 
     ``example``: an input batch (the first two samples are used) or ``input_shape``: one
     sample's shape; without either the shape is guessed (:mod:`.example`). Raises
     :class:`~optbrain.curvature.graph.GraphReadError` (naming the node) when the model cannot
-    be traced."""
+    be traced or its traced graph computes something else than the model. Not cached: the
+    result holds the model, and reading a small model costs milliseconds (OCD and the cell
+    pruner read it once per step)."""
     graph = read_graph(model, layers.EXTRA_LEAVES)
     x, given = _example.make(model, graph, example, input_shape)
-    sig = _signature(model, x)
-    hit = _CACHE.get(model)
-    if hit is not None and hit[0] == sig and (hit[1].example_given or not given):
-        return hit[1]
     with torch.no_grad(), eval_mode(model):
         ug = _walk(model, graph, x, given)
         _check_traced(model, ug, x)
-    _CACHE[model] = (sig, ug)
     return ug
 
 
