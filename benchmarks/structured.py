@@ -5,6 +5,13 @@ keep 25 % of the hidden units/channels of every hidden layer (those with the lar
 weight norm; the others are deleted with ``optbrain.structure.remove``) and time the dense forward
 pass of the pruned model against the original at batch 1 and batch 256 (CPU, inference mode).
 
+Part 3, recurrent (issue #11, item 5): an LSTM sequence model (32 inputs, hidden 128 and 512,
+40 steps, a Linear read-out at every step) loses 75 % of its hidden units (those of smallest
+fan-out norm: their ``weight_hh`` columns in every gate and their read-out columns), deleted
+with ``optbrain.structure.remove`` (their rows in every gate of ``weight_ih``/``weight_hh`` and
+the biases go with them); the forward pass of the smaller LSTM is timed against the original at
+batch 1 and 256.
+
 Part 2, unstructured: a square weight ``W`` (1024² and 4096²) with 50 / 90 / 99 % of its entries
 zero, ``x @ W.T`` as a dense matmul against ``torch.sparse`` CSR (``W_csr @ x.T``) at batch 1 and
 256: when does unstructured sparsity pay without special hardware?
@@ -17,6 +24,7 @@ Every figure is a ratio candidate / baseline taken in interleaved rounds in the 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import sys
@@ -133,6 +141,61 @@ def structured(repeats: int, batches: list[int], names: list[str]) -> list[dict]
     return rows
 
 
+class LSTMReadout(nn.Module):
+    """An LSTM and a Linear read-out of every step."""
+
+    def __init__(self, hidden: int, inputs: int = 32, outputs: int = 10):
+        super().__init__()
+        self.rnn = nn.LSTM(inputs, hidden, batch_first=True)
+        self.out = nn.Linear(hidden, outputs)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(self.rnn(x)[0])
+
+
+def recurrent(repeats: int, batches: list[int], hiddens: list[int], steps: int = 40) -> list[dict]:
+    rows = []
+    gen = torch.Generator().manual_seed(2)
+    for hidden in hiddens:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = LSTMReadout(hidden).eval()
+        removal = keep_strongest(model, 0.25)
+        small = removal.model.eval()
+        for b in batches:
+            x = torch.randn(b, steps, 32, generator=gen)
+            with torch.inference_mode():
+                err = float((small(x) - _masked_reference(model, removal)(x)).abs().max())
+                res = _pair(partial(model, x), partial(small, x), repeats)
+            rows.append(
+                {
+                    "network": f"LSTM 32-{hidden}-10, {steps} steps",
+                    "batch": b,
+                    "params_before": removal.params_before,
+                    "params_after": removal.params_after,
+                    "hidden_before": hidden,
+                    "hidden_after": small.rnn.hidden_size,
+                    "max_abs_diff_vs_masked": err,
+                    **res,
+                }
+            )
+            _log(rows[-1])
+    return rows
+
+
+def _masked_reference(model: nn.Module, removal: structure.Removal) -> nn.Module:
+    """The original model with the removed units' fan-out weights zeroed."""
+    from optbrain.cells import cell_mask
+    from optbrain.masking import Mask, attach
+
+    ref = copy.deepcopy(model)
+    hidden = [c for c in cells(model) if c.kind != "input"]
+    gone = [c for c in hidden if c.index in removal.removed.get(c.layer, [])]
+    names = [n for n, _ in model.named_parameters()]
+    attach(ref, cell_mask(Mask.ones(model, names), gone, part="fan_out"))
+    return ref
+
+
 def _sparse_weight(n: int, sparsity: float, gen: torch.Generator) -> Tensor:
     w = torch.randn(n, n, generator=gen)
     keep = torch.rand(n, n, generator=gen) >= sparsity
@@ -163,10 +226,24 @@ def _log(row: dict) -> None:
     print(json.dumps(row), file=sys.stderr, flush=True)
 
 
-def report(struct_rows: list[dict], sparse_rows: list[dict], meta: dict) -> str:
+def report(
+    struct_rows: list[dict], sparse_rows: list[dict], meta: dict, rec_rows: list[dict] = ()
+) -> str:
     out = [
         f"torch {meta['torch']}, {meta['threads']} threads, {meta['machine']}, "
         f"{meta['repeats']} rounds per row",
+    ]
+    if struct_rows:
+        out += _structured_section(struct_rows)
+    if rec_rows:
+        out += _recurrent_section(rec_rows)
+    if sparse_rows:
+        out += _sparse_section(sparse_rows)
+    return "\n".join(out)
+
+
+def _structured_section(rows: list[dict]) -> list[str]:
+    out = [
         "",
         "### Structured: 25 % of the hidden units/channels kept (`structure.remove`)",
         "",
@@ -174,7 +251,7 @@ def report(struct_rows: list[dict], sparse_rows: list[dict], meta: dict) -> str:
         "| ms before | ms after | after / before [IQR] | speed-up |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for r in struct_rows:
+    for r in rows:
         q1, q3 = r["ratio_q1_q3"]
         out.append(
             f"| {r['network']} | {r['params_before']:,} → {r['params_after']:,} "
@@ -182,7 +259,7 @@ def report(struct_rows: list[dict], sparse_rows: list[dict], meta: dict) -> str:
             f"| {r['base_ms']:.3f} | {r['cand_ms']:.3f} | {r['ratio']:.3f} [{q1:.3f}–{q3:.3f}] "
             f"| {1 / r['ratio']:.2f}× |"
         )
-    big = [r for r in struct_rows if r["network"].startswith("mlp 784") and r["batch"] == 256]
+    big = [r for r in rows if r["network"].startswith("mlp 784") and r["batch"] == 256]
     if big:
         s = 1 / big[0]["ratio"]
         verdict = "met" if s >= TARGET_SPEEDUP else "NOT met"
@@ -190,20 +267,45 @@ def report(struct_rows: list[dict], sparse_rows: list[dict], meta: dict) -> str:
             "",
             f"Target (784-1024-1024-10, batch 256, ≥ {TARGET_SPEEDUP}×): {s:.2f}× — {verdict}.",
         ]
-    out += [
+    return out
+
+
+def _recurrent_section(rows: list[dict]) -> list[str]:
+    out = [
+        "",
+        "### Recurrent: 75 % of an LSTM's hidden units removed (`structure.remove`)",
+        "",
+        "| network | params before → after | hidden | batch | ms before | ms after "
+        "| after / before [IQR] | speed-up | max abs diff vs masked |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        q1, q3 = r["ratio_q1_q3"]
+        out.append(
+            f"| {r['network']} | {r['params_before']:,} → {r['params_after']:,} "
+            f"| {r['hidden_before']} → {r['hidden_after']} | {r['batch']} "
+            f"| {r['base_ms']:.3f} | {r['cand_ms']:.3f} "
+            f"| {r['ratio']:.3f} [{q1:.3f}–{q3:.3f}] | {1 / r['ratio']:.2f}× "
+            f"| {r['max_abs_diff_vs_masked']:.1e} |"
+        )
+    return out
+
+
+def _sparse_section(rows: list[dict]) -> list[str]:
+    out = [
         "",
         "### Unstructured: CSR sparse vs dense matmul (`x @ W.T`, W n×n)",
         "",
         "| n | sparsity | batch | dense ms | CSR ms | CSR / dense [IQR] |",
         "|---:|---:|---:|---:|---:|---:|",
     ]
-    for r in sparse_rows:
+    for r in rows:
         q1, q3 = r["ratio_q1_q3"]
         out.append(
             f"| {r['n']} | {r['sparsity']:.0%} | {r['batch']} | {r['base_ms']:.3f} "
             f"| {r['cand_ms']:.3f} | {r['ratio']:.2f} [{q1:.2f}–{q3:.2f}] |"
         )
-    return "\n".join(out)
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -215,6 +317,12 @@ def main(argv: list[str] | None = None) -> None:
         "--sizes", default="1024,4096", help="weight sizes n of the CSR part (comma-separated)"
     )
     ap.add_argument("--json", help="also write all rows to this JSON file")
+    ap.add_argument(
+        "--parts",
+        default="structured,unstructured,recurrent",
+        help="comma-separated parts to run (structured, unstructured, recurrent)",
+    )
+    ap.add_argument("--hidden", default="128,512", help="LSTM hidden sizes of the recurrent part")
     ap.add_argument(
         "--quiet",
         type=float,
@@ -237,13 +345,23 @@ def main(argv: list[str] | None = None) -> None:
         "quick": args.quick,
         "quiet": args.quiet,
     }
-    struct_rows = structured(repeats, [1, 256], list(NETWORKS))
-    sparse_rows = unstructured(repeats, [1, 256], sizes)
-    print(report(struct_rows, sparse_rows, meta))
+    parts = set(args.parts.split(","))
+    struct_rows = structured(repeats, [1, 256], list(NETWORKS)) if "structured" in parts else []
+    sparse_rows = unstructured(repeats, [1, 256], sizes) if "unstructured" in parts else []
+    hiddens = [int(h) for h in args.hidden.split(",")]
+    rec_rows = recurrent(repeats, [1, 256], hiddens) if "recurrent" in parts else []
+    print(report(struct_rows, sparse_rows, meta, rec_rows))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(
-                {"meta": meta, "structured": struct_rows, "unstructured": sparse_rows}, f, indent=1
+                {
+                    "meta": meta,
+                    "structured": struct_rows,
+                    "unstructured": sparse_rows,
+                    "recurrent": rec_rows,
+                },
+                f,
+                indent=1,
             )
 
 

@@ -15,8 +15,6 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from optbrain.errors import UnsupportedModuleError
-
 CLASSES = 3
 N = 48
 
@@ -90,7 +88,7 @@ KINDS = [
         "residual",
         Residual,
         (6,),
-        cannot={"ocd": UnsupportedModuleError, "unit_obs": UnsupportedModuleError},
+        cannot={},  # cells and Unit-OBS follow the residual group through the graph reader
     ),
 ]
 BY_NAME = {k.name: k for k in KINDS}

@@ -6,8 +6,9 @@ import pytest
 import torch
 from torch import nn
 
+from optbrain.cellgraph import unit_graph
 from optbrain.cells import Slab, cell_mask, cell_sums, cells, layer_chain
-from optbrain.errors import UnsupportedModuleError
+from optbrain.errors import ShapeMismatchError, UnsupportedModuleError
 from optbrain.masking import Mask, attach
 from optbrain.models import LeCunTanh
 from optbrain.models.digits import digits_cnn, digits_mlp
@@ -247,30 +248,81 @@ class _Branchy(nn.Module):
 _lin = nn.Linear(3, 3)
 
 
+def _units(found):
+    return [(c.kind, c.layer, c.index) for c in found if c.kind != "input"]
+
+
+# Models the nn.Sequential walker refused are read as graphs now: what is a cell, and what
+# blocks the others (the unit graph names the node).
 @pytest.mark.parametrize(
-    ("model", "match"),
+    ("model", "n_inputs", "units", "blocked"),
     [
-        (_Branchy(), "container with its own forward"),
-        (nn.Sequential(nn.Linear(3, 3), _Branchy(), nn.Linear(3, 2)), "_Branchy at '1'"),
-        (nn.Sequential(nn.RNN(3, 3)), "recurrent"),
-        (nn.Sequential(nn.Conv2d(4, 4, 3, groups=2), nn.Flatten(), nn.Linear(4, 2)), "groups=2"),
-        (nn.Sequential(_lin, nn.Tanh(), _lin), "shares a parameter"),
-        (nn.Sequential(nn.BatchNorm1d(3), nn.Linear(3, 2)), "before the first"),
-        (nn.Sequential(nn.Conv1d(3, 4, 2), nn.Linear(4, 2)), "without a Flatten"),
+        (_Branchy(), 3, [], "model output"),  # a and b add: one group, reaching the output
+        (
+            nn.Sequential(nn.Linear(3, 3), _Branchy(), nn.Linear(3, 2)),
+            3,
+            [("unit", "0", j) for j in range(3)] + [("unit", "1.a", j) for j in range(3)],
+            None,
+        ),
+        (nn.Sequential(nn.RNN(3, 3)), 3, [], "model output"),
+        (
+            nn.Sequential(nn.Conv2d(4, 4, 3, groups=2), nn.Flatten(), nn.Linear(4, 2)),
+            0,
+            [],
+            "grouped convolution (groups=2)",
+        ),
+        (nn.Sequential(_lin, nn.Tanh(), _lin), 0, [], "model output"),  # a layer called twice
+        (nn.Sequential(nn.BatchNorm1d(3), nn.Linear(3, 2)), 3, [], None),
+        (nn.Sequential(nn.Conv1d(3, 4, 2), nn.Linear(4, 2)), 3, [], "several units at one"),
         (
             nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(start_dim=2), nn.Linear(4, 2)),
-            "start_dim=2",
+            1,
+            [],
+            "several units at one",
         ),
-        (nn.Sequential(nn.Linear(3, 4), nn.Softmax(-1), nn.Linear(4, 2)), "Softmax at '1'"),
-        (nn.Sequential(nn.Linear(3, 4), nn.Linear(5, 2)), "has 5 inputs"),
-        (nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2)), "LayerNorm"),
-        (nn.Sequential(nn.Tanh()), "no Linear/Conv"),
-        (nn.Sequential(nn.Flatten(), nn.Conv1d(1, 2, 2)), "follows a Flatten"),
+        (nn.Sequential(nn.Linear(3, 4), nn.Softmax(-1), nn.Linear(4, 2)), 3, [], "softmax mixes"),
+        (nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2)), 3, [], "LayerNorm"),
     ],
 )
-def test_unsupported_models_raise_naming_the_cause(model, match):
-    with pytest.raises(UnsupportedModuleError, match=match):
+def test_graph_models_cells_and_what_blocks_the_others(model, n_inputs, units, blocked):
+    found = cells(model)
+    assert [c.kind for c in found].count("input") == n_inputs
+    assert _units(found) == units
+    reasons = [str(g.block) for g in unit_graph(model).groups.values() if g.block]
+    if blocked is not None:
+        assert any(blocked in r for r in reasons), reasons
+
+
+@pytest.mark.parametrize(
+    ("model", "error", "match"),
+    [
+        (nn.Sequential(nn.Linear(3, 4), nn.Linear(5, 2)), ShapeMismatchError, r"shape \(3,\)"),
+        (nn.Sequential(nn.Tanh()), ShapeMismatchError, "input_shape="),
+        (nn.Sequential(nn.Flatten(), nn.Conv1d(1, 2, 2)), ShapeMismatchError, "Conv1d"),
+    ],
+)
+def test_inputs_whose_shape_cannot_be_found_raise(model, error, match):
+    with pytest.raises(error, match=match):
         cells(model)
+
+
+class _DataDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(3, 3)
+
+    def forward(self, x):
+        return self.a(x) if x.sum() > 0 else -self.a(x)
+
+
+def test_untraceable_model_raises_naming_the_cause():
+    with pytest.raises(UnsupportedModuleError, match="torch.fx cannot trace"):
+        cells(_DataDependent())
+
+
+def test_layer_chain_refuses_graphs_naming_the_node():
+    with pytest.raises(UnsupportedModuleError, match="not a chain of layers.*node"):
+        layer_chain(nn.Sequential(nn.Linear(3, 3), _Branchy(), nn.Linear(3, 2)))
 
 
 def test_anything_may_follow_the_last_layer_and_bad_kinds_raise():

@@ -335,8 +335,20 @@ def test_bad_arguments_raise_clear_errors():
         def forward(self, x):
             return self.a(x) + self.b(x)
 
-    with pytest.raises(UnsupportedModuleError, match="Branchy"):
-        OCD()(Problem(Branchy(), loss_fn, [(data[0][0].float(), data[0][1])]))
+    # a and b add into the output: their units are not cells, the inputs are
+    branchy = OCD()(Problem(Branchy(), loss_fn, [(data[0][0].float(), data[0][1])]))
+    assert [c.kind for c in branchy.cells] == ["input"] * 4
+
+    class Untraceable(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.a(x) if x.sum() > 0 else -self.a(x)
+
+    with pytest.raises(UnsupportedModuleError, match="torch.fx cannot trace"):
+        OCD()(Problem(Untraceable(), loss_fn, [(data[0][0].float(), data[0][1])]))
 
 
 def test_removed_cells_give_a_smaller_model_with_the_same_outputs(trained):

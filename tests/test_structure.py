@@ -7,8 +7,9 @@ import torch
 from torch import nn
 
 from optbrain import structure
+from optbrain.cellgraph import UnitRemovalError
 from optbrain.cells import cell_mask, cells, layer_chain
-from optbrain.errors import EmptyLayerError, ShapeMismatchError, UnsupportedModuleError
+from optbrain.errors import EmptyLayerError, ShapeMismatchError
 from optbrain.masking import Mask, apply_, attach, current_mask
 from optbrain.models import LeCunTanh
 from optbrain.models.digits import digits_cnn, digits_mlp
@@ -369,16 +370,23 @@ class _TwoPaths(nn.Module):
         return self.out(torch.tanh(self.a(x)) + self.b(x))
 
 
-@pytest.mark.parametrize(
-    ("model", "match"),
-    [
-        (_TwoPaths(), "custom|container"),
-        (nn.Sequential(nn.Linear(3, 4), nn.GRU(4, 4)), "recurrent"),
-        (nn.Sequential(nn.Conv1d(2, 4, 2, groups=2), nn.Flatten(), nn.Linear(4, 1)), "groups"),
-    ],
-)
-def test_unfollowable_models_raise(model, match):
-    with pytest.raises(UnsupportedModuleError, match=match):
-        structure.remove_dead_units(model)
-    with pytest.raises(UnsupportedModuleError, match=match):
-        structure.remove(model, {structure.INPUTS: [0]})
+def test_models_the_chain_walker_refused_are_followed_or_name_the_node():
+    # two branches added: unit j of a and of b form one group, removed together
+    model = _build(_TwoPaths)
+    x = _x((3,))
+    with torch.no_grad():
+        model.out.weight[:, 1] = 0
+        res = structure.remove_dead_units(model)
+        torch.testing.assert_close(res.model(x), model(x), rtol=0, atol=1e-12)
+    assert res.removed == {"a": [1], "b": [1]}
+    assert res.model.a.out_features == res.model.b.out_features == res.model.out.in_features == 3
+    # a recurrent layer's outputs reach the model output: nothing to remove, inputs are cells
+    rnn = nn.Sequential(nn.Linear(3, 4), nn.GRU(4, 4))
+    assert structure.remove_dead_units(rnn).removed == {}
+    assert structure.remove(rnn, {structure.INPUTS: [0]}).model[0].in_features == 2
+    # a grouped convolution blocks its channels, naming the node
+    grouped = nn.Sequential(
+        nn.Conv1d(2, 4, 1), nn.Conv1d(4, 4, 1, groups=2), nn.Flatten(), nn.Linear(8, 1)
+    )
+    with pytest.raises(UnitRemovalError, match=r"channel 0 of layer '0'.*groups=2.*node '_1'"):
+        structure.remove(grouped, {"0": [0]}, input_shape=(2, 2))

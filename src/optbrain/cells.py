@@ -1,21 +1,27 @@
-"""Cells: the input variables, hidden units and conv channels of a feed-forward chain.
+"""Cells: the input variables, hidden units and conv channels of a network, on any traceable model.
 
 A *cell* is something that can be removed as a whole (Optimal Cell Damage, Unit-OBS, physical
 removal in :mod:`optbrain.structure`). Each :class:`Cell` lists the parameter slabs that feed it
-(``fan_in``: its row of the producing layer's weight, its bias entry and, when a BatchNorm follows,
-that channel's BatchNorm weight and bias) and the slabs that leave it (``fan_out``: its column(s) of
-the next layer's weight; after a ``Flatten`` a channel owns ``S`` consecutive columns, ``S`` the
-spatial size). Input cells have no fan-in; their fan-out is the first layer's columns (Linear) or
-input-channel slices (Conv). The last layer's outputs are not cells.
+(``fan_in``: its row of the producing layer's weight, its bias entry, the entries of a BatchNorm
+or a per-unit parameter on it; for a recurrent unit its row in every gate block of
+``weight_ih``/``weight_hh`` and the biases) and the slabs that leave it (``fan_out``: its
+column(s) of every layer that reads it; after a ``Flatten`` a channel owns ``S`` columns, ``S``
+the spatial size; for a recurrent unit also its column of ``weight_hh``). Zeroing the fan-out
+weights makes the network compute exactly what it computes without the cell.
 
-What :func:`layer_chain` can follow: an ``nn.Sequential`` (nested Sequentials are flattened) of
-``Linear`` / ``Conv1d`` / ``Conv2d`` / ``Conv3d`` (``groups=1``) layers separated by layers that act
-on each unit or channel separately: element-wise activations (those of the curvature registry,
-:func:`optbrain.curvature.rules.register_elementwise` adds more), ``Dropout``, ``Identity``,
-pooling, ``BatchNorm`` and ``Flatten`` (``start_dim=1``). Before the first layer only element-wise
-layers, Dropout and a ``Flatten`` (then input cells are the flattened features of a first Linear)
-may come. After the last Linear/Conv anything may follow (softmax, ...). Anything else raises
-:class:`~optbrain.errors.UnsupportedModuleError` naming the module.
+Cells come from the model's *unit graph* (:mod:`optbrain.cellgraph`), read with the one graph
+reader of :mod:`optbrain.curvature.graph` — an ``nn.Sequential`` is a graph too. Units joined
+element by element (a residual addition, a gate) or placed side by side and split again form
+one cell: the cell is named by its first unit (forward order) and carries the fan-in and fan-out
+of all of them. Units that cannot be removed are not cells: the outputs of the last layer (they
+reach the model output), units a ``LayerNorm``, softmax, matmul or unknown function mixes, the
+units of grouped convolutions; ``optbrain.cellgraph.unit_graph(model).groups`` says why for each.
+Input cells are the variables of one sample along one axis (the features a first Linear reads,
+the channels of a first Conv), or the entries of a sample a leading flatten turns into features.
+
+The model is run once on a small example batch to learn every value's shape: pass ``example=``
+(a batch) or ``input_shape=`` (one sample) where the input shape cannot be guessed from the first
+layer (see :mod:`optbrain.cellgraph.example`).
 """
 
 from __future__ import annotations
@@ -25,56 +31,51 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils import parametrize
 
+from .cellgraph import CellGraphError, Group, UnitGraph, unit_graph
 from .errors import UnsupportedModuleError
 from .masking import Mask
 
-__all__ = ["Cell", "Layer", "Slab", "cell_mask", "cell_sums", "cells", "layer_chain"]
+__all__ = [
+    "Cell",
+    "Layer",
+    "Slab",
+    "cell_mask",
+    "cell_sums",
+    "cells",
+    "cells_of",
+    "layer_chain",
+]
 
 KINDS = ("input", "unit", "channel")
 PARTS = ("fan_in", "fan_out", "both")
 
-_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-_POOL = (
-    nn.AvgPool1d,
-    nn.AvgPool2d,
-    nn.AvgPool3d,
-    nn.MaxPool1d,
-    nn.MaxPool2d,
-    nn.MaxPool3d,
-    nn.AdaptiveAvgPool1d,
-    nn.AdaptiveAvgPool2d,
-    nn.AdaptiveAvgPool3d,
-    nn.AdaptiveMaxPool1d,
-    nn.AdaptiveMaxPool2d,
-    nn.AdaptiveMaxPool3d,
-    nn.LPPool1d,
-    nn.LPPool2d,
-)
-_PASS = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
-
 
 @dataclass(frozen=True)
 class Slab:
-    """``param[name]`` narrowed along ``dim`` to ``[start, stop)``."""
+    """``param[name]`` narrowed along ``dim`` to ``range(start, stop, step)`` (``step`` > 1: one
+    row per gate block of a recurrent weight, or a channel's columns after a channels-last
+    flatten)."""
 
     name: str
     dim: int
     start: int
     stop: int
+    step: int = 1
 
     def index(self) -> tuple:
         """A tuple of slices: ``tensor[slab.index()]`` is the slab (a view)."""
-        return (slice(None),) * self.dim + (slice(self.start, self.stop),)
+        return (slice(None),) * self.dim + (slice(self.start, self.stop, self.step),)
 
 
 @dataclass(frozen=True)
 class Cell:
-    """An input variable (``"input"``), hidden unit of a Linear (``"unit"``) or output channel of a
-    Conv (``"channel"``). ``layer`` is the module path of the first layer for inputs, else of the
-    layer producing the cell; ``index`` its position there."""
+    """An input variable (``"input"``), hidden unit (``"unit"``: of a Linear, an Embedding's output
+    dimension, a recurrent layer's hidden unit) or output channel of a Conv (``"channel"``).
+    ``layer`` is the module path of the first layer reading the input for inputs, else the key
+    of the layer producing the cell (its module path; ``path.l1`` / ``path.l0_reverse`` for a
+    layer and direction of a multi-layer or bidirectional recurrent module); ``index`` its
+    position there. A cell of coupled units is named by its first unit."""
 
     kind: str
     layer: str
@@ -85,7 +86,8 @@ class Cell:
 
 @dataclass(frozen=True)
 class Layer:
-    """One Linear/Conv layer of a chain and the per-unit modules that follow it.
+    """One Linear/Conv layer of a chain and the per-unit modules that follow it (the chain view
+    of :func:`layer_chain`).
 
     ``between`` are the ``(path, module)`` pairs after this layer up to the next Linear/Conv (for
     the last layer: the trailing modules). ``span`` is the number of next-layer input columns per
@@ -124,258 +126,179 @@ class Layer:
 
     @property
     def batchnorms(self) -> tuple[tuple[str, nn.Module], ...]:
-        return tuple((p, m) for p, m in self.between if isinstance(m, _BATCHNORM))
-
-
-# --------------------------------------------------------------------------- walking
-def _is_elementwise(m: nn.Module) -> bool:
-    from .curvature.rules import ElementwiseRule, rule_for
-
-    try:
-        return isinstance(rule_for(m), ElementwiseRule)
-    except UnsupportedModuleError:
-        return False
-
-
-def _has_own_state(m: nn.Module) -> bool:
-    return any(True for _ in m.parameters())
-
-
-def _leaves(module: nn.Module, prefix: str):
-    if isinstance(module, nn.Sequential):
-        for name, child in module._modules.items():  # named_children() hides repeated modules
-            if child is None:
-                continue
-            yield from _leaves(child, f"{prefix}.{name}" if prefix else name)
-    else:
-        yield prefix, module
-
-
-def _reject_container(path: str, m: nn.Module) -> None:
-    children = [name for name, _ in m.named_children()]
-    if children == ["parametrizations"] and parametrize.is_parametrized(m):
-        return  # a leaf with a mask (or other parametrization) attached
-    if children:
-        raise UnsupportedModuleError(
-            f"{_describe(path, m)} is a container with its own forward (it may branch or reuse "
-            "modules), which cells/structure cannot follow; only nn.Sequential nesting is "
-            "supported"
+        return tuple(
+            (p, m) for p, m in self.between if isinstance(m, nn.modules.batchnorm._BatchNorm)
         )
-
-
-def _supported_text() -> str:
-    return (
-        "supported: nn.Sequential chains of Linear / Conv1d-3d (groups=1) separated by "
-        "element-wise activations, Dropout, Identity, pooling, BatchNorm and Flatten(start_dim=1)"
-    )
-
-
-def _describe(path: str, m: nn.Module) -> str:
-    return f"{type(m).__name__} at {path!r}" if path else f"{type(m).__name__} (the model itself)"
-
-
-def layer_chain(model: nn.Module) -> list[Layer]:
-    """The Linear/Conv layers of ``model`` in forward order with the modules between them.
-
-    Raises :class:`~optbrain.errors.UnsupportedModuleError` for containers with a custom forward,
-    unsupported layers, grouped/transposed convolutions, shared parameters, BatchNorm before the
-    first layer, and layer sizes that do not fit together.
-    """
-    if any(isinstance(m, nn.RNNBase) for m in model.modules()):
-        raise UnsupportedModuleError(
-            "recurrent layers (nn.RNN/GRU/LSTM) are not supported by cells/structure yet"
-        )
-    leaves = list(_leaves(model, ""))
-    layers: list[tuple[str, nn.Module]] = []
-    between: list[list[tuple[str, nn.Module]]] = []
-    seen_params: dict[int, str] = {}
-    before: list[tuple[str, nn.Module]] = []
-    for path, m in leaves:
-        if isinstance(m, nn.Linear) or isinstance(m, _CONV):
-            _check_layer(path, m, seen_params, first=not layers, before=before)
-            layers.append((path, m))
-            between.append([])
-            continue
-        if not layers:  # before the first layer
-            _check_before(path, m)
-            before.append((path, m))
-            continue
-        between[-1].append((path, m))
-    if not layers:
-        raise UnsupportedModuleError(
-            f"{_describe('', model)} has no Linear/Conv layer that cells can follow "
-            f"(a container with a custom forward cannot be followed; {_supported_text()})"
-        )
-    out: list[Layer] = []
-    for k, ((path, m), mids) in enumerate(zip(layers, between)):
-        last = k == len(layers) - 1
-        first = tuple(before) if k == 0 else ()
-        span = None if last else _check_between(path, m, mids, layers[k + 1])
-        out.append(Layer(path, m, tuple(mids), span, first))
-    return out
-
-
-def _check_layer(path: str, m: nn.Module, seen_params: dict, first: bool, before: list) -> None:
-    """A Linear/Conv layer cells can follow: groups=1, no shared parameters (recorded in
-    ``seen_params``), and a first conv not behind a Flatten."""
-    if isinstance(m, _CONV) and m.groups != 1:
-        raise UnsupportedModuleError(
-            f"{_describe(path, m)} has groups={m.groups}: grouped and depthwise "
-            "convolutions are not supported as cells (only groups=1)"
-        )
-    for p in m.parameters():
-        if id(p) in seen_params:
-            raise UnsupportedModuleError(
-                f"{_describe(path, m)} shares a parameter with {seen_params[id(p)]!r}; "
-                "tied weights have no single fan-in/fan-out and are not supported"
-            )
-        seen_params[id(p)] = path
-    if first and isinstance(m, _CONV) and any(isinstance(b, nn.Flatten) for _, b in before):
-        raise UnsupportedModuleError(
-            f"{_describe(path, m)} follows a Flatten: reshaping inputs into channels is "
-            "not supported"
-        )
-
-
-def _check_before(path: str, m: nn.Module) -> None:
-    """A module before the first layer must leave the inputs as they are (or flatten them)."""
-    _reject_container(path, m)
-    if _has_own_state(m) or isinstance(m, _BATCHNORM):
-        raise UnsupportedModuleError(
-            f"{_describe(path, m)} comes before the first Linear/Conv layer; input cells "
-            f"need the first layer to act directly on the inputs ({_supported_text()})"
-        )
-    if isinstance(m, nn.Flatten):
-        _check_flatten(path, m)
-    elif not (_is_elementwise(m) or isinstance(m, _PASS)):
-        raise UnsupportedModuleError(
-            f"{_describe(path, m)} before the first Linear/Conv is not supported; "
-            f"{_supported_text()}"
-        )
-
-
-def _check_flatten(path: str, m: nn.Flatten) -> None:
-    if m.start_dim != 1 or m.end_dim != -1:
-        raise UnsupportedModuleError(
-            f"{_describe(path, m)} has start_dim={m.start_dim}, end_dim={m.end_dim}; "
-            "only Flatten(start_dim=1, end_dim=-1) keeps channels contiguous"
-        )
-
-
-def _check_between(path: str, m: nn.Module, mids, nxt: tuple[str, nn.Module]) -> int:
-    """Check that the modules between two layers act per unit; return columns per unit."""
-    n = m.out_features if isinstance(m, nn.Linear) else m.out_channels
-    flattened = False
-    for p, mid in mids:
-        flattened = _check_mid(p, mid, path, m, n, nxt[0], flattened)
-    return _span(path, m, n, nxt, flattened)
-
-
-def _check_mid(p: str, mid: nn.Module, path: str, m: nn.Module, n: int, nxt: str, flat: bool):
-    """One module between layer ``path`` (``n`` outputs) and ``nxt`` must act per unit; returns
-    whether the outputs are flattened after it."""
-    _reject_container(p, mid)
-    if isinstance(mid, nn.Flatten):
-        _check_flatten(p, mid)
-        return True
-    if isinstance(mid, _BATCHNORM):
-        if mid.num_features != n:
-            raise UnsupportedModuleError(
-                f"{_describe(p, mid)} has {mid.num_features} features but follows a layer "
-                f"with {n} outputs"
-            )
-        return flat
-    if flat and not _is_elementwise(mid) and not isinstance(mid, _PASS):
-        raise UnsupportedModuleError(
-            f"{_describe(p, mid)} after a Flatten is not supported; {_supported_text()}"
-        )
-    if isinstance(mid, _POOL) and isinstance(m, nn.Linear):
-        raise UnsupportedModuleError(
-            f"{_describe(p, mid)} pools the outputs of Linear {path!r}: pooling across "
-            "units mixes cells and is not supported"
-        )
-    if _has_own_state(mid) or not (
-        _is_elementwise(mid) or isinstance(mid, _PASS) or isinstance(mid, _POOL)
-    ):
-        raise UnsupportedModuleError(
-            f"{_describe(p, mid)} between {path!r} and {nxt!r} is not supported; "
-            f"{_supported_text()}"
-        )
-    return flat
-
-
-def _span(path: str, m: nn.Module, n: int, nxt: tuple[str, nn.Module], flattened: bool) -> int:
-    """Columns of the next layer per unit of layer ``path`` (1 for a conv after a conv)."""
-    npath, nm = nxt
-    if isinstance(nm, _CONV):
-        if isinstance(m, nn.Linear) or flattened:
-            raise UnsupportedModuleError(
-                f"{_describe(npath, nm)} follows a Linear/Flatten: reshaping units into channels "
-                "is not supported"
-            )
-        if nm.in_channels != n:
-            raise UnsupportedModuleError(
-                f"{_describe(npath, nm)} expects {nm.in_channels} channels, {path!r} gives {n}"
-            )
-        return 1
-    if isinstance(m, _CONV) and not flattened:
-        raise UnsupportedModuleError(
-            f"Linear {npath!r} acts on the last axis of conv {path!r}'s output without a Flatten; "
-            "put an nn.Flatten() between them"
-        )
-    if nm.in_features % n:
-        raise UnsupportedModuleError(
-            f"{_describe(npath, nm)} has {nm.in_features} inputs, not a multiple of the {n} "
-            f"outputs of {path!r}"
-        )
-    span = nm.in_features // n
-    if isinstance(m, nn.Linear) and span != 1:
-        raise UnsupportedModuleError(
-            f"{_describe(npath, nm)} has {nm.in_features} inputs but {path!r} gives {n}"
-        )
-    return span
 
 
 # --------------------------------------------------------------------------- cells
-def _row_slabs(layer: Layer, j: int) -> tuple[Slab, ...]:
-    slabs = [Slab(layer.name("weight"), 0, j, j + 1)]
-    if layer.module.bias is not None:
-        slabs.append(Slab(layer.name("bias"), 0, j, j + 1))
-    for p, bn in layer.batchnorms:
-        for attr in ("weight", "bias"):
-            if getattr(bn, attr, None) is not None:
-                slabs.append(Slab(f"{p}.{attr}" if p else attr, 0, j, j + 1))
-    return tuple(slabs)
+def cells(
+    model: nn.Module,
+    kinds: Iterable[str] = KINDS,
+    *,
+    example: Tensor | None = None,
+    input_shape=None,
+) -> list[Cell]:
+    """The cells of ``model`` of the given kinds: inputs first, then the units/channels of each
+    layer in forward order (``kinds``: any of ``"input"``, ``"unit"``, ``"channel"``).
+
+    ``example`` (an input batch) or ``input_shape`` (one sample's shape) tell the input shape
+    where the first layer does not (see the module docstring). Raises
+    :class:`~optbrain.errors.UnsupportedModuleError` (a ``GraphReadError`` naming the node) when
+    the model cannot be traced."""
+    kinds = _check_kinds(kinds)
+    return cells_of(unit_graph(model, example, input_shape), kinds)
 
 
-def cells(model: nn.Module, kinds: Iterable[str] = KINDS) -> list[Cell]:
-    """The cells of ``model`` of the given kinds: inputs first, then each layer's units/channels.
-
-    ``kinds`` is any of ``"input"``, ``"unit"``, ``"channel"``. See :func:`layer_chain` for what
-    can be followed.
-    """
-    kinds = tuple(kinds)
+def _check_kinds(kinds) -> tuple[str, ...]:
+    kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds)
     bad = [k for k in kinds if k not in KINDS]
     if bad:
         raise ValueError(f"unknown cell kind(s) {bad}; choose from {KINDS}")
-    chain = layer_chain(model)
+    return kinds
+
+
+def cells_of(ug: UnitGraph, kinds: Iterable[str] = KINDS) -> list[Cell]:
+    """The cells of an already read unit graph (see :func:`cells`)."""
+    kinds = _check_kinds(kinds)
     out: list[Cell] = []
     if "input" in kinds:
-        first = chain[0]
-        w = first.name("weight")
-        out.extend(
-            Cell("input", first.path, i, (), (Slab(w, 1, i, i + 1),)) for i in range(first.n_in)
-        )
-    for layer, nxt in zip(chain[:-1], chain[1:]):
-        if layer.kind not in kinds:
+        layer = _input_layer(ug)
+        found = [(g.inputs[0], g) for g in ug.groups.values() if g.removable and g.inputs]
+        out.extend(_cell(g, "input", layer, i) for i, g in sorted(found, key=lambda t: t[0]))
+    seen: set[int] = set()
+    for p in ug.producers:
+        if p.kind not in kinds:
             continue
-        s = layer.span
-        w = nxt.name("weight")
-        out.extend(
-            Cell(layer.kind, layer.path, j, _row_slabs(layer, j), (Slab(w, 1, j * s, (j + 1) * s),))
-            for j in range(layer.n_out)
+        for j, root in enumerate(ug.roots[p.ids].tolist()):
+            g = ug.groups[root]
+            if root in seen or not g.removable or g.inputs or g.members[0] != (p.key, j):
+                continue
+            seen.add(root)
+            out.append(_cell(g, p.kind, p.key, j))
+    return out
+
+
+def cell_group(ug: UnitGraph, cell: Cell) -> Group:
+    """The unit-graph group a cell stands for."""
+    if cell.kind == "input":
+        return ug.input_group(cell.index)
+    return ug.unit_group(cell.layer, cell.index)
+
+
+def _input_layer(ug: UnitGraph) -> str:
+    """Module path of the first layer (forward order) that reads an input cell."""
+    best = None
+    for g in ug.groups.values():
+        if not g.inputs:
+            continue
+        for rec, _ in g.fan_out:
+            order = ug.order.get(rec.node, 0)
+            if best is None or order < best[0]:
+                best = (order, rec.layer)
+    return best[1] if best else ""
+
+
+def _cell(g: Group, kind: str, layer: str, index: int) -> Cell:
+    fan_in = [s for rec, pos in g.fan_in if rec.is_param for s in _runs(rec.name, rec.axis, pos)]
+    fan_in += [s for f, axis, pos in g.free if f.is_param for s in _runs(f.name, axis, pos)]
+    fan_out = [s for rec, pos in g.fan_out if rec.is_param for s in _runs(rec.name, rec.axis, pos)]
+    return Cell(kind, layer, index, tuple(fan_in), tuple(fan_out))
+
+
+def _runs(name: str, dim: int, positions: list[int]) -> list[Slab]:
+    """Positions as slabs: maximal arithmetic runs (a recurrent unit's gate rows are one)."""
+    out: list[Slab] = []
+    i = 0
+    while i < len(positions):
+        start = positions[i]
+        if i + 1 == len(positions):
+            out.append(Slab(name, dim, start, start + 1))
+            break
+        step = positions[i + 1] - start
+        j = i + 1
+        while j + 1 < len(positions) and positions[j + 1] - positions[j] == step:
+            j += 1
+        out.append(Slab(name, dim, start, positions[j] + 1, step))
+        i = j + 1
+    return out
+
+
+# --------------------------------------------------------------------------- the chain view
+def layer_chain(model: nn.Module) -> list[Layer]:
+    """The Linear/Conv layers of a chain model (an ``nn.Sequential``, nested ones flattened) in
+    forward order with the modules between them, read from its graph.
+
+    Raises :class:`~optbrain.errors.UnsupportedModuleError` naming the node where the graph is
+    not a chain (a branch, a residual connection, a layer used twice) or a layer's units are
+    coupled to another layer's or blocked; :func:`cells` handles those models."""
+    ug = unit_graph(model)
+    path = _chain_nodes(ug)
+    layers: list[tuple[str, nn.Module]] = []
+    between: list[list[tuple[str, nn.Module]]] = [[]]
+    for gn in path:
+        if gn.kind == "leaf" and isinstance(
+            gn.module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+        ):
+            layers.append((gn.node.target, gn.module))
+            between.append([])
+            continue
+        entry = _module_of(ug, gn)
+        if entry is not None and (not between[-1] or between[-1][-1][1] is not entry[1]):
+            between[-1].append(entry)
+    if not layers:
+        raise UnsupportedModuleError("the model has no Linear/Conv layer that cells can follow")
+    out = []
+    for k, (lpath, m) in enumerate(layers):
+        last = k == len(layers) - 1
+        span = None if last else _span(ug, lpath, m, layers[k + 1])
+        out.append(
+            Layer(lpath, m, tuple(between[k + 1]), span, tuple(between[0]) if k == 0 else ())
         )
     return out
+
+
+def _chain_nodes(ug: UnitGraph):
+    """The nodes from input to output, checked to form one path."""
+    nodes = [gn for gn in ug.graph.nodes if gn.kind not in ("input", "output", "const", "param")]
+    prev = next(gn for gn in ug.graph.nodes if gn.kind == "input").node
+    for gn in nodes:
+        ins = [
+            a
+            for a in gn.node.all_input_nodes
+            if ug.graph.by_name[a.name].kind not in ("const", "param")
+        ]
+        if ins != [prev] or len(prev.users) != 1:
+            raise CellGraphError("the model is not a chain of layers (use cells())", gn.name)
+        prev = gn.node
+    return nodes
+
+
+def _module_of(ug: UnitGraph, gn):
+    if gn.kind == "leaf":
+        return gn.node.target, gn.module
+    stack = gn.node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return None
+    path = list(stack.values())[-1][0]
+    return path, ug.model.get_submodule(path)
+
+
+def _span(ug: UnitGraph, path: str, m: nn.Module, nxt: tuple[str, nn.Module]) -> int:
+    """Columns of the next layer per unit of this one; raises if the units are not a chain's."""
+    n = m.out_features if isinstance(m, nn.Linear) else m.out_channels
+    npath, nm = nxt
+    n_in = nm.in_features if isinstance(nm, nn.Linear) else nm.in_channels
+    for j in range(n):
+        g = ug.unit_group(path, j)
+        if g.block is not None or len(g.members) != 1:
+            why = g.block or "its units are coupled to another layer's"
+            raise CellGraphError(
+                f"layer {path!r} is not a chain layer: {why}", g.block.node if g.block else None
+            )
+    if n_in % n:
+        raise CellGraphError(f"{npath!r} reads {n_in} inputs, not a multiple of {n}")
+    return n_in // n
 
 
 def _slabs(cell: Cell, part: str) -> tuple[Slab, ...]:

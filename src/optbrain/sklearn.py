@@ -29,7 +29,7 @@ except ImportError as exc:  # missing, or older than 1.6 (no validate_data)
 from .elimination import Step, eliminate
 from .masking import Mask, attach, detach
 from .problem import Problem
-from .pruners.cell_pruner import CellPruner
+from .pruners.cell_pruner import CellPruner, removed_cells
 from .saliency.ocd import OCD
 
 __all__ = ["OCDSelector"]
@@ -161,7 +161,7 @@ class OCDSelector(SelectorMixin, BaseEstimator):
         pruner = CellPruner(OCD(self.curvature, ("input",), self.method))
         problem = Problem(model, data.loss_fn, (data.x_train, data.y_train))
         self._train(model, data, gen)
-        loop = _Elimination(self, data, model, keep, step, d)
+        loop = _Elimination(self, data, model, keep, step, d, pruner._cells(problem))
         eliminate(
             model,
             pruner,
@@ -332,8 +332,10 @@ class _Elimination:
     """The callbacks of :meth:`OCDSelector.fit` on :func:`optbrain.elimination.eliminate`: one
     history entry and weight snapshot per subset size, and the stopping rule."""
 
-    def __init__(self, est: OCDSelector, data: _Data, model: nn.Module, keep: int, step: int, d):
-        self.est, self.data, self.model = est, data, model
+    def __init__(
+        self, est: OCDSelector, data: _Data, model: nn.Module, keep: int, step: int, d, cells
+    ):
+        self.est, self.data, self.model, self.cells = est, data, model, list(cells)
         self.keep, self.step, self.d = keep, step, d
         self.history: list[dict] = []
         self.states: list[dict[str, Tensor]] = []
@@ -342,13 +344,13 @@ class _Elimination:
 
     def target(self, r: int, mask: Mask) -> int:
         """Total inputs removed after this round: ``step`` more (never below ``keep`` left)."""
-        n_alive = int(mask["0.weight"].any(0).sum())
+        n_alive = int(self.alive(mask).sum())
         return self.d - n_alive + max(0, min(self.step, n_alive - self.keep))
 
     def record(self, s: Step) -> str | None:
         """Score the current subset, snapshot the weights, and say whether to stop."""
         score, vloss = self.data.score(self.model)
-        alive = s.mask["0.weight"].any(0).numpy()
+        alive = self.alive(s.mask)
         self.history.append(
             {
                 "n_features": int(alive.sum()),
@@ -367,6 +369,10 @@ class _Elimination:
         if self.est.n_features_to_select is None and self.below >= self.est.patience:
             return "patience"
         return None
+
+    def alive(self, mask: Mask) -> np.ndarray:
+        """Which input cells still have an alive fan-out weight."""
+        return ~np.array(removed_cells(self.cells, mask))
 
     def removed(self, s: Step) -> None:
         self.removed_at.append(sorted(i for _, _, i in s.info.removed))

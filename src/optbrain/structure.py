@@ -2,21 +2,30 @@
 
 :func:`remove` deletes the cells you name; :func:`remove_dead_units` deletes the units that weight
 pruning left dead. Both work on a deep copy (the model passed in is never changed), bake attached
-optbrain masks on that copy, and return a :class:`Removal` with the new ``nn.Module``.
+optbrain masks on that copy, and return a :class:`Removal` whose ``model`` is **the user's own
+module, smaller**: same class, same ``forward``, same parameter names; its weights, biases,
+BatchNorm statistics and parameters read by the forward are sliced, and its layers' sizes
+(``in_features``, ``out_channels``, ``hidden_size``, ...) set to match.
+
+*What can be followed* is the model's unit graph (:mod:`optbrain.cellgraph`): any model
+torch.fx can trace, read by the one graph reader of :mod:`optbrain.curvature.graph`. Units of
+Linear, Conv1d/2d/3d, Embedding and recurrent layers (``nn.RNN``/``GRU``/``LSTM``, multi-layer
+and bidirectional) anywhere in the graph; element-wise activations, BatchNorm, pooling, dropout
+and reshapes between layers; residual additions and other element-wise joins couple the units
+they join into one group, concatenations and splits place units side by side: a group goes as a
+whole, so a channel stays if any member still needs it. Units that reach the model output, or
+that a ``LayerNorm``, softmax, matmul or unknown function mixes with others, are not removable
+(:class:`~optbrain.cellgraph.UnitRemovalError` names the node when you ask for one). A removal a
+node cannot follow (a size written into the code, a split that would fall between other units,
+hidden sizes of a recurrent module's layers that would differ) raises
+:class:`~optbrain.cellgraph.CellGraphError` naming the node.
 
 *Exactness.* Deleting a cell deletes its outgoing weights, so the new model computes what the
 masked model computes once those fan-out weights are zero (:func:`optbrain.cells.cell_mask` with
 ``part="fan_out"``). :func:`remove_dead_units` only deletes units whose removal changes nothing:
-units with a dead fan-out (every outgoing weight zero), and units with a dead fan-in (every
-incoming weight zero, or a BatchNorm scale of zero), which output a constant; that constant's
-contribution to the next layer is folded into the next layer's bias. The equality holds for the
-model in eval mode (BatchNorm running statistics); BatchNorm layers are sliced with their units.
-
-What can be followed is what :func:`optbrain.cells.layer_chain` follows: ``nn.Sequential`` chains
-of Linear / Conv1d-3d (``groups=1``) with per-unit layers (activations, Dropout, pooling,
-BatchNorm, Flatten) between them. Recurrent layers (``nn.RNN``/``GRU``/``LSTM``), grouped or
-transposed convolutions, branches, tied weights and containers with a custom ``forward`` raise
-:class:`~optbrain.errors.UnsupportedModuleError`.
+dead fan-out (every outgoing weight zero; for a recurrent unit its ``weight_hh`` column in every
+gate as well as whatever reads the layer) and constant units (:mod:`optbrain.cellgraph.dead`),
+whose constant is folded into the readers' biases. The equality holds for the model in eval mode.
 """
 
 from __future__ import annotations
@@ -30,10 +39,13 @@ import torch
 from torch import Tensor, nn
 
 from . import masking
-from .cells import Cell, Layer, layer_chain
-from .errors import EmptyLayerError, ShapeMismatchError
+from .cellgraph import CellGraphError, UnitGraph, UnitRemovalError, unit_graph
+from .cellgraph import dead as _dead
+from .cellgraph import removal as _removal
+from .cellgraph.base import AxisRec
+from .cells import Cell
+from .errors import EmptyLayerError
 from .masking import Mask
-from .problem import eval_mode
 
 __all__ = ["INPUTS", "Removal", "remove", "remove_dead_units"]
 
@@ -48,14 +60,18 @@ class Removal:
     """What :func:`remove` / :func:`remove_dead_units` built.
 
     ``model``: the new, smaller dense module (no masks attached). ``kept_inputs``: original indices
-    of the inputs (features of a first Linear, channels of a first Conv) the new model reads, so
-    ``removal.select_inputs(x)`` gives it the right data. ``kept``: per hidden layer (module path),
-    original indices of the units/channels kept. ``removed_inputs`` / ``removed``: what was deleted
-    (original indices). ``folded``: per layer, deleted units whose constant output was folded into
-    the next layer's bias. ``unfolded``: dead-fan-in units that were left in place because their
-    contribution could not be folded exactly (conv channels without ``input_shape``, or a constant
-    channel feeding a padded convolution). ``mask``: the attached/given mask restricted to what is
-    left, in the new model's names (attach it to keep pruning).
+    of the input variables the new model reads, so ``removal.select_inputs(x)`` gives it the right
+    data. ``kept``: per layer with cells (module path; ``path.l1`` / ``path.l0_reverse`` for the
+    layers and directions of a recurrent module), original indices of the units/channels kept.
+    ``removed_inputs`` / ``removed``: what was deleted (original indices; a coupled group is listed
+    under each of its layers). ``folded``: per layer, deleted units whose constant output was
+    folded into the readers' biases. ``unfolded``: constant units left in place because their
+    contribution could not be folded exactly (conv channels without ``input_shape``, a constant
+    channel feeding a padded convolution, a reader without a bias to hold it). ``kept_dead``: dead
+    units left in place because a node cannot follow their removal, or to keep a recurrent
+    module's layers and directions at one size (the reason is logged). ``mask``: the
+    attached/given mask restricted to what is left, in the new model's names (attach it to keep
+    pruning).
     """
 
     model: nn.Module
@@ -69,15 +85,19 @@ class Removal:
     params_before: int = 0
     params_after: int = 0
 
-    #: the model starts with a Flatten: ``kept_inputs`` index the flattened features
+    #: the model flattens its input first: ``kept_inputs`` index the flattened features
     flattens_input: bool = False
+    kept_dead: dict[str, list[int]] = field(default_factory=dict)
+    #: the axis of one input sample along which the input variables lie
+    input_axis: int = 0
 
     def select_inputs(self, x: Tensor) -> Tensor:
-        """The columns (dim 1: features or channels) of ``x`` that the new model reads; ``x`` is
-        flattened from dim 1 first when the model starts with a ``Flatten``."""
+        """The input variables (along ``input_axis`` of each sample) that the new model reads;
+        ``x`` is flattened from dim 1 first when the model flattens its input."""
         if self.flattens_input:
             x = x.flatten(1)
-        return x.index_select(1, self.kept_inputs.to(x.device))
+            return x.index_select(1, self.kept_inputs.to(x.device))
+        return x.index_select(self.input_axis + 1, self.kept_inputs.to(x.device))
 
 
 # --------------------------------------------------------------------------- public API
@@ -86,22 +106,32 @@ def remove(
     spec: Iterable[Cell] | Mapping[str, Iterable[int]],
     *,
     mask: Mask | Mapping[str, Tensor] | None = None,
+    example: Tensor | None = None,
+    input_shape: Sequence[int] | None = None,
 ) -> Removal:
     """A copy of ``model`` without the given inputs, hidden units and channels.
 
-    ``spec``: cells from :func:`optbrain.cells.cells`, or a mapping from a hidden layer's module
-    path (the layer producing the units, e.g. ``"0"``) to unit/channel indices, with the key
-    :data:`INPUTS` (``"inputs"``) for input variables. The new model equals the masked model with
-    these cells' fan-out weights zeroed. ``mask`` is applied (on the copy) on top of any attached
-    mask. Raises :class:`~optbrain.errors.EmptyLayerError` if every input or every unit of a layer
-    would go, ``KeyError`` / ``IndexError`` for unknown layers or indices.
+    ``spec``: cells from :func:`optbrain.cells.cells`, or a mapping from a layer key (the module
+    producing the units, e.g. ``"0"``; ``"rnn.l1"`` for layer 1 of a multi-layer recurrent
+    module) to unit/channel indices, with the key :data:`INPUTS` (``"inputs"``) for input
+    variables. A unit coupled to others (by a residual addition, say) takes its whole group with
+    it. The new model equals the masked model with these cells' fan-out weights zeroed. ``mask``
+    is applied (on the copy) on top of any attached mask; ``example`` / ``input_shape`` give the
+    input shape where the first layer does not (:func:`optbrain.cells.cells`).
+
+    Raises :class:`~optbrain.errors.EmptyLayerError` if every input or every unit of a layer
+    would go, ``KeyError`` / ``IndexError`` for unknown layers or indices,
+    :class:`~optbrain.cellgraph.UnitRemovalError` (a ``KeyError``) for a unit that is not
+    removable and :class:`~optbrain.cellgraph.CellGraphError` where a node cannot follow the
+    removal (both name the node).
     """
     work, cur_mask = _prepared_copy(model, mask)
-    chain = layer_chain(work)
-    drop_in, drop = _parse_spec(spec, chain)
-    state = _State.start(chain, cur_mask, _count(model))
-    _check_not_empty(chain, drop_in, drop)
-    _rebuild(work, chain, drop_in, drop, {}, state)
+    ug = unit_graph(work, example, input_shape)
+    state = _State.start(ug, cur_mask, _count(model))
+    roots = _parse_spec(spec, ug)
+    _check_not_empty(ug, roots)
+    _removal.check(ug, roots)
+    _rebuild(ug, roots, [], state)
     return state.result(work)
 
 
@@ -111,54 +141,40 @@ def remove_dead_units(
     *,
     inputs: bool = False,
     input_shape: Sequence[int] | None = None,
+    example: Tensor | None = None,
 ) -> Removal:
     """A copy of ``model`` without the units/channels that pruning left dead; outputs unchanged.
 
-    A unit is dead when all its outgoing weights are zero (deleted), or all its incoming weights
-    are zero or a BatchNorm scale on it is zero (it outputs a constant, which is folded into the
-    next layer's bias, then deleted). Deleting units can kill others, so this repeats until nothing
-    changes. ``mask`` (optional) is applied on the copy on top of any attached mask; plain zero
-    weights count as pruned too. ``inputs=True`` also deletes inputs whose outgoing weights are all
-    zero (the new model then reads ``Removal.kept_inputs`` only). ``input_shape`` is the shape of
-    one input sample (e.g. ``(1, 8, 8)``): conv channels with a dead fan-in need it to compute
-    their constant output map; without it they stay (listed in ``Removal.unfolded``).
-    Raises :class:`~optbrain.errors.EmptyLayerError` when every unit of a layer (or every input)
-    is dead: the network output would not depend on its input.
+    A unit is dead when all its outgoing weights are zero (for a recurrent unit: its column of
+    ``weight_hh`` in every gate and of whatever reads the layer), or when it outputs a constant
+    (all its incoming weights zero, or a BatchNorm scale of zero), which is folded into the
+    readers' biases, then deleted. A group of coupled units goes only when all of it is dead.
+    Deleting units can kill others, so this repeats until nothing changes. ``mask`` (optional) is
+    applied on the copy on top of any attached mask; plain zero weights count as pruned too.
+    ``inputs=True`` also deletes inputs whose outgoing weights are all zero (the new model then
+    reads ``Removal.kept_inputs`` only). ``input_shape`` (one sample's shape) or ``example`` (a
+    batch): conv channels with a dead fan-in need it to compute their constant output map;
+    without it they stay (listed in ``Removal.unfolded``). Raises
+    :class:`~optbrain.errors.EmptyLayerError` when every unit of a layer (or every input) is
+    dead: the network output would not depend on its input.
     """
     work, cur_mask = _prepared_copy(model, mask)
-    chain = layer_chain(work)
-    shapes = _output_shapes(work, chain, input_shape) if input_shape is not None else {}
-    state = _State.start(chain, cur_mask, _count(model))
-    blocked: set[tuple[str, int]] = set()  # (layer, original index) left in place
+    state: _State | None = None
+    left: dict[tuple[str, int], str] = {}  # (layer, original index) -> why it stays
     while True:
-        chain = layer_chain(work)
-        drop_in = _dead_inputs(chain) if inputs else set()
-        drop: dict[int, set[int]] = {}
-        folds: dict[int, dict[int, Tensor]] = {}
-        for k in range(len(chain) - 1):
-            dead_out, dead_in = _dead_units(chain, k)
-            candidates = {
-                j for j in dead_in - dead_out if (chain[k].path, state.orig(k, j)) not in blocked
-            }
-            fold, stuck = _fold_contributions(work, chain, k, candidates, shapes.get(chain[k].path))
-            for j in stuck:
-                blocked.add((chain[k].path, state.orig(k, j)))
-                state.unfolded.setdefault(chain[k].path, []).append(state.orig(k, j))
-            if dead_out or fold:
-                drop[k] = dead_out | set(fold)
-                folds[k] = fold
-        if not drop_in and not drop:
+        ug = unit_graph(work, example, input_shape)
+        state = state or _State.start(ug, cur_mask, _count(model))
+        drop, folds = _dead_round(ug, state, left, inputs)
+        if not drop:
             break
-        _check_not_empty(chain, drop_in, drop, dead=True)
-        _rebuild(work, chain, drop_in, drop, folds, state)
+        _check_not_empty(ug, drop, dead=True)
+        drop = _checked(ug, drop, state, left)
+        if not drop:
+            break
+        kept_folds = [f for r, fs in folds.items() if r in drop for f in fs]
+        _rebuild(ug, drop, kept_folds, state, {r for r in folds if r in drop})
     result = state.result(work)
-    for path, idx in result.unfolded.items():
-        logger.info(
-            "left %d dead-fan-in unit(s) of layer %r in place: their constant output cannot be "
-            "folded exactly (conv channels need input_shape=; padded convolutions see edges)",
-            len(idx),
-            path,
-        )
+    _log_left(result, left)
     return result
 
 
@@ -167,9 +183,26 @@ def _count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def _deepcopy(model: nn.Module) -> nn.Module:
+    """``copy.deepcopy``, also of a masked recurrent layer whose last forward ran with autograd
+    (it caches the masked weights, non-leaf tensors deepcopy refuses, in ``_flat_weights``; the
+    cache is rebuilt by the next forward)."""
+    saved = []
+    for m in model.modules():
+        flat = getattr(m, "_flat_weights", None) if isinstance(m, nn.RNNBase) else None
+        if flat and any(w is not None and not w.is_leaf for w in flat):
+            saved.append((m, flat))
+            m._flat_weights = [None if w is None else w.detach() for w in flat]
+    try:
+        return copy.deepcopy(model)
+    finally:
+        for m, flat in saved:
+            m._flat_weights = flat
+
+
 def _prepared_copy(model: nn.Module, mask) -> tuple[nn.Module, dict[str, Tensor]]:
     """Deep copy with attached masks baked (and ``mask`` applied); returns the combined mask."""
-    work = copy.deepcopy(model)
+    work = _deepcopy(model)
     combined = masking.detach(work, bake=True).to_dict()
     if mask is not None:
         mask = mask if isinstance(mask, Mask) else Mask(mask)
@@ -180,13 +213,20 @@ def _prepared_copy(model: nn.Module, mask) -> tuple[nn.Module, dict[str, Tensor]
     return work, combined
 
 
-def _parse_spec(spec, chain: list[Layer]) -> tuple[set[int], dict[int, set[int]]]:
-    hidden = {layer.path: k for k, layer in enumerate(chain[:-1])}
-    drop_in: set[int] = set()
-    drop: dict[int, set[int]] = {}
+def _keys_with_cells(ug: UnitGraph) -> list[str]:
+    keys = []
+    for p in ug.producers:
+        if any(ug.groups[int(r)].removable for r in ug.roots[p.ids]) and p.key not in keys:
+            keys.append(p.key)
+    return keys
+
+
+def _parse_spec(spec, ug: UnitGraph) -> set[int]:
+    """The groups (roots) a spec names."""
+    sizes = {p.key: p.ids.numel() for p in ug.producers}
     if isinstance(spec, Mapping):
         items = [(str(key), list(idx)) for key, idx in spec.items()]
-        if INPUTS in hidden:
+        if INPUTS in sizes:
             raise ValueError(f"a layer is named {INPUTS!r}; pass Cell objects instead of a mapping")
     else:
         items = []
@@ -196,131 +236,158 @@ def _parse_spec(spec, chain: list[Layer]) -> tuple[set[int], dict[int, set[int]]
                     f"spec must hold Cell objects or be a mapping, got {type(cell).__name__}"
                 )
             items.append((INPUTS if cell.kind == "input" else cell.layer, [cell.index]))
+    roots: set[int] = set()
     for key, idx in items:
-        if key == INPUTS:
-            target, size, what = drop_in, chain[0].n_in, "inputs"
-        elif key in hidden:
-            k = hidden[key]
-            target, size, what = drop.setdefault(k, set()), chain[k].n_out, f"layer {key!r}"
-        elif key == chain[-1].path:
-            raise KeyError(f"layer {key!r} is the last layer: its outputs are not cells")
-        else:
+        if key != INPUTS and key not in sizes:
+            _raise_if_blocked_layer(ug, key)
             raise KeyError(
-                f"no hidden layer {key!r}; hidden layers are {list(hidden)} (and {INPUTS!r})"
+                f"no hidden layer {key!r}; layers with cells are {_keys_with_cells(ug)} "
+                f"(and {INPUTS!r})"
             )
+        size = _n_inputs(ug) if key == INPUTS else sizes[key]
         for i in idx:
             i = int(i)
             if not 0 <= i < size:
-                raise IndexError(f"index {i} out of range for {what} (size {size})")
-            target.add(i)
-    return drop_in, {k: v for k, v in drop.items() if v}
+                raise IndexError(f"index {i} out of range for {key!r} (size {size})")
+            g = ug.input_group(i) if key == INPUTS else ug.unit_group(key, i)
+            if not g.removable:
+                raise UnitRemovalError(
+                    _not_removable(key, i, g, ug), g.block.node if g.block else None
+                )
+            roots.add(g.root)
+    return roots
 
 
-def _check_not_empty(chain, drop_in, drop, dead: bool = False) -> None:
+def _raise_if_blocked_layer(ug: UnitGraph, key: str) -> None:
+    """A layer that has no units in the graph because a block stopped the walk at it."""
+    for gn in ug.graph.nodes:
+        target = gn.node.target if gn.kind == "leaf" else None
+        if target is not None and (key == target or key.startswith(f"{target}.l")):
+            reasons = {b.reason for b in ug.rec.uf.blocks.values() if b.node == gn.name}
+            if reasons:
+                raise UnitRemovalError(
+                    f"layer {key!r} has no removable units: {sorted(reasons)[0]}", gn.name
+                )
+
+
+def _n_inputs(ug: UnitGraph) -> int:
+    if ug.flattens_input:
+        return ug.input_ids.numel()
+    if ug.input_axis is None:
+        raise CellGraphError("the model's input variables are not cells (see optbrain.cells)")
+    return ug.input_ids.shape[ug.input_axis]
+
+
+def _not_removable(key: str, i: int, g, ug: UnitGraph) -> str:
+    kind = next((p.kind for p in ug.producers if p.key == key), "unit")
+    what = f"input {i}" if key == INPUTS else f"{kind} {i} of layer {key!r}"
+    if g.block is None:
+        return f"{what} is not a cell"
+    last = (
+        " (it is the last layer: its outputs are not cells)"
+        if "model output" in g.block.reason
+        else ""
+    )
+    return f"{what} cannot be removed: {g.block.reason}{last}"
+
+
+def _check_not_empty(ug: UnitGraph, roots: set[int], dead: bool = False) -> None:
     why = (
         " (all of them are dead: the network output no longer depends on its input)" if dead else ""
     )
-    if len(drop_in) >= chain[0].n_in:
-        raise EmptyLayerError(f"removing every input ({chain[0].n_in}) is not possible{why}")
-    for k, units in drop.items():
-        if len(units) >= chain[k].n_out:
+    ids = ug.input_ids
+    if ids is not None and ids.numel():
+        r = ug.roots[ids]
+        if bool(torch.isin(r, torch.tensor(sorted(roots), dtype=torch.long)).all()):
+            n = _n_inputs(ug) if (ug.flattens_input or ug.input_axis is not None) else r.numel()
+            raise EmptyLayerError(f"removing every input ({n}) is not possible{why}")
+    for p in ug.producers:
+        if all(int(r) in roots for r in ug.roots[p.ids]):
+            what = "channel" if p.kind == "channel" else "unit"
             raise EmptyLayerError(
-                f"removing every {chain[k].kind} of layer {chain[k].path!r} "
-                f"({chain[k].n_out}) is not possible{why}"
+                f"removing every {what} of layer {p.key!r} ({p.ids.numel()}) is not possible{why}"
             )
 
 
-def _output_shapes(model, chain, input_shape) -> dict[str, tuple[int, ...]]:
-    """Per-sample output shape of every layer for one input of ``input_shape``."""
-    shapes: dict[str, tuple[int, ...]] = {}
-    hooks = [
-        layer.module.register_forward_hook(
-            lambda _m, _i, out, path=layer.path: shapes.__setitem__(path, tuple(out.shape[1:]))
-        )
-        for layer in chain
-    ]
-    p = next(model.parameters())
-    try:
-        with torch.no_grad(), eval_mode(model):
-            model(torch.zeros((1, *input_shape), dtype=p.dtype, device=p.device))
-    except RuntimeError as exc:
-        raise ShapeMismatchError(
-            f"the model cannot run on inputs of shape {tuple(input_shape)}: {exc}"
-        ) from exc
-    finally:
-        for h in hooks:
-            h.remove()
-    return shapes
-
-
 # --------------------------------------------------------------------------- dead units
-def _zero_rows(w: Tensor) -> Tensor:
-    return (w.reshape(w.shape[0], -1) == 0).all(1)
+def _dead_round(ug: UnitGraph, state: _State, left, inputs: bool):
+    """(groups to drop, folds per group) for one round of :func:`remove_dead_units`."""
+    drop: set[int] = set()
+    candidates = []
+    for g in ug.groups.values():
+        if not g.removable or _is_left(ug, g, state, left):
+            continue
+        if g.inputs and not inputs:
+            continue
+        if _dead.dead_fan_out(g):
+            drop.add(g.root)
+        elif not g.inputs:
+            candidates.append(g)
+    folds: dict[int, list] = {}
+    for root in _dead.constant_groups(ug, candidates):
+        got = _dead.fold(ug, ug.groups[root])
+        if isinstance(got, str):
+            state.leave(left, ug, root, got, unfolded=True)
+            continue
+        drop.add(root)
+        folds[root] = got
+    return _balanced(ug, drop, state, left), folds
 
 
-def _dead_inputs(chain: list[Layer]) -> set[int]:
-    w = chain[0].module.weight
-    return _indices(_zero_rows(w.transpose(0, 1)))
+def _is_left(ug: UnitGraph, g, state: _State, left) -> bool:
+    return any((key, state.orig(key, j)) in left for key, j in g.members)
 
 
-def _dead_units(chain: list[Layer], k: int) -> tuple[set[int], set[int]]:
-    """(dead fan-out, dead fan-in) unit indices of hidden layer ``k``."""
-    layer, nxt = chain[k], chain[k + 1]
-    dead_in = _zero_rows(layer.module.weight)
-    for _, bn in layer.batchnorms:
-        if bn.weight is not None:
-            dead_in = dead_in | (bn.weight == 0)
-    w = nxt.module.weight.transpose(0, 1)  # columns first
-    cols = w.reshape(layer.n_out, layer.span, -1)
-    dead_out = (cols == 0).flatten(1).all(1)
-    return _indices(dead_out), _indices(dead_in)
-
-
-def _indices(flags: Tensor) -> set[int]:
-    return set(flags.nonzero().flatten().tolist())
-
-
-def _fold_contributions(model, chain, k, units, out_shape) -> tuple[dict[int, Tensor], set[int]]:
-    """Per unit of ``units`` (dead fan-in), its constant contribution to layer ``k+1``'s output.
-
-    Returns (foldable unit -> contribution vector over the next layer's outputs, units that cannot
-    be folded exactly).
-    """
-    if not units:
-        return {}, set()
-    layer, nxt = chain[k], chain[k + 1]
-    conv = layer.kind == "channel"
-    if conv and out_shape is None:
-        return {}, set(units)
-    w = layer.module.weight
-    bias = layer.module.bias
-    b = bias.detach() if bias is not None else w.new_zeros(layer.n_out)
-    spatial = tuple(out_shape[1:]) if conv else ()
-    probe = b.reshape(1, -1, *([1] * len(spatial))).expand(1, layer.n_out, *spatial).clone()
-    with torch.no_grad(), eval_mode(model):
-        z = probe
-        for _, m in layer.between:
-            z = m(z)
-        out: dict[int, Tensor] = {}
-        stuck: set[int] = set()
-        s = layer.span
-        for j in sorted(units):
-            if isinstance(nxt.module, nn.Linear):
-                zj = torch.zeros_like(z)
-                zj[:, j * s : (j + 1) * s] = z[:, j * s : (j + 1) * s]
-                out[j] = nn.functional.linear(zj, nxt.module.weight)[0]
+def _balanced(ug: UnitGraph, drop: set[int], state: _State, left) -> set[int]:
+    """Drop groups until every recurrent module loses as many units in each layer/direction."""
+    while True:
+        per_module: dict[int, dict[str, list[tuple[int, int]]]] = {}
+        for p in ug.producers:
+            if p.recurrent is None:
                 continue
-            zj = torch.zeros_like(z)
-            zj[:, j] = z[:, j]
-            cmap = nxt.module._conv_forward(zj, nxt.module.weight, None)[0]
-            flat = cmap.reshape(cmap.shape[0], -1)
-            spread = (flat.amax(1) - flat.amin(1)).abs().max()
-            tol = 64 * torch.finfo(flat.dtype).eps * max(1.0, float(flat.abs().max()))
-            if float(spread) <= tol:
-                out[j] = flat.mean(1)
-            else:
-                stuck.add(j)
-    return out, stuck
+            hits = [(j, int(r)) for j, r in enumerate(ug.roots[p.ids].tolist()) if r in drop]
+            per_module.setdefault(id(p.module), {})[p.key] = hits
+        excess = []
+        for per_key in per_module.values():
+            low = min(len(v) for v in per_key.values())
+            for hits in per_key.values():
+                excess += [r for _, r in hits[low:]]
+        if not excess:
+            return drop
+        for r in excess:
+            drop.discard(r)
+            why = "its recurrent module keeps one hidden_size for all layers and directions"
+            state.leave(left, ug, r, why)
+
+
+def _checked(ug: UnitGraph, drop: set[int], state: _State, left) -> set[int]:
+    """``drop`` less the groups whose removal a node cannot follow (each recorded in ``left``)."""
+    try:
+        _removal.check(ug, drop)
+        return drop
+    except CellGraphError:
+        pass
+    ok: set[int] = set()
+    for root in sorted(drop):
+        try:
+            _removal.check(ug, ok | {root})
+            ok.add(root)
+        except CellGraphError as exc:
+            state.leave(left, ug, root, str(exc))
+    return _balanced(ug, ok, state, left) if ok else ok
+
+
+def _log_left(result: Removal, left) -> None:
+    for path, idx in result.unfolded.items():
+        logger.info(
+            "left %d constant unit(s) of layer %r in place: their constant output cannot be "
+            "folded exactly (conv channels need input_shape=; padded convolutions see edges)",
+            len(idx),
+            path,
+        )
+    for (key, j), why in left.items():
+        if j in result.kept_dead.get(key, []):
+            logger.info("left dead unit %d of layer %r in place: %s", j, key, why)
 
 
 # --------------------------------------------------------------------------- rebuilding
@@ -330,28 +397,43 @@ class _State:
 
     orig_in: Tensor
     flattens_input: bool
+    input_axis: int
     orig_units: dict[str, Tensor]
-    paths: list[str]
+    keys: list[str]
     mask: dict[str, Tensor]
     params_before: int
     removed_inputs: list[int] = field(default_factory=list)
     removed: dict[str, list[int]] = field(default_factory=dict)
     folded: dict[str, list[int]] = field(default_factory=dict)
     unfolded: dict[str, list[int]] = field(default_factory=dict)
+    dead_left: dict[str, list[int]] = field(default_factory=dict)
 
     @classmethod
-    def start(cls, chain: list[Layer], mask: dict[str, Tensor], params_before: int) -> _State:
+    def start(cls, ug: UnitGraph, mask: dict[str, Tensor], params_before: int) -> _State:
+        n_in = 0
+        if ug.input_ids is not None and (ug.flattens_input or ug.input_axis is not None):
+            n_in = _n_inputs(ug)
         return cls(
-            torch.arange(chain[0].n_in),
-            chain[0].flattens_input,
-            {layer.path: torch.arange(layer.n_out) for layer in chain[:-1]},
-            [layer.path for layer in chain[:-1]],
+            torch.arange(n_in),
+            ug.flattens_input,
+            ug.input_axis or 0,
+            {p.key: torch.arange(p.ids.numel()) for p in ug.producers},
+            _keys_with_cells(ug),
             mask,
             params_before,
         )
 
-    def orig(self, k: int, j: int) -> int:
-        return int(self.orig_units[self.paths[k]][j])
+    def orig(self, key: str, j: int) -> int:
+        return int(self.orig_units[key][j])
+
+    def leave(self, left: dict, ug: UnitGraph, root: int, why: str, unfolded: bool = False):
+        """Keep a dead group in place (recorded with the reason)."""
+        for key, j in ug.groups[root].members:
+            orig = self.orig(key, j)
+            if (key, orig) in left:
+                continue
+            left[(key, orig)] = why
+            (self.unfolded if unfolded else self.dead_left).setdefault(key, []).append(orig)
 
     def _still_there(self, path: str, units: list[int]) -> list[int]:
         return sorted(set(units) - set(self.removed.get(path, [])))
@@ -361,94 +443,58 @@ class _State:
             model=model,
             kept_inputs=self.orig_in.clone(),
             flattens_input=self.flattens_input,
-            kept={p: t.clone() for p, t in self.orig_units.items()},
+            input_axis=self.input_axis,
+            kept={k: self.orig_units[k].clone() for k in self.keys},
             removed_inputs=sorted(self.removed_inputs),
             removed={p: sorted(v) for p, v in self.removed.items() if v},
             folded={p: sorted(v) for p, v in self.folded.items() if v},
             unfolded={p: u for p, v in self.unfolded.items() if (u := self._still_there(p, v))},
+            kept_dead={p: u for p, v in self.dead_left.items() if (u := self._still_there(p, v))},
             mask=Mask(self.mask),
             params_before=self.params_before,
             params_after=_count(model),
         )
 
 
-def _keep(n: int, drop: set[int]) -> Tensor:
-    return torch.tensor([i for i in range(n) if i not in drop], dtype=torch.long)
-
-
-def _slice(module: nn.Module, attr: str, name: str, dim: int, keep: Tensor, state: _State) -> None:
-    """Replace ``module.attr`` (parameter or buffer) by its slice; slice its mask alike."""
-    old = getattr(module, attr, None)
-    if old is None:
-        return
-    idx = keep.to(old.device)
-    new = old.detach().index_select(dim, idx).clone()
-    if isinstance(old, nn.Parameter):
-        setattr(module, attr, nn.Parameter(new, requires_grad=old.requires_grad))
-    else:
-        setattr(module, attr, new)
-    if name in state.mask:
-        state.mask[name] = state.mask[name].index_select(dim, keep.to(state.mask[name].device))
-
-
-def _name(path: str, attr: str) -> str:
-    return f"{path}.{attr}" if path else attr
-
-
-def _set_width(module: nn.Module, n_in: int | None = None, n_out: int | None = None) -> None:
-    if isinstance(module, nn.Linear):
-        module.in_features = n_in if n_in is not None else module.in_features
-        module.out_features = n_out if n_out is not None else module.out_features
-    else:
-        module.in_channels = n_in if n_in is not None else module.in_channels
-        module.out_channels = n_out if n_out is not None else module.out_channels
-
-
-def _add_to_bias(layer: Layer, delta: Tensor) -> None:
-    m = layer.module
-    if m.bias is None:
-        m.bias = nn.Parameter(torch.zeros_like(delta), requires_grad=m.weight.requires_grad)
-        logger.info("layer %r had no bias: created one to hold folded constants", layer.path)
+def _rebuild(
+    ug: UnitGraph, roots: set[int], folds: list, state: _State, folded: set[int] = frozenset()
+) -> None:
+    """Fold constants, slice the model's tensors and masks, and record what went."""
+    gone = torch.tensor(sorted(roots), dtype=torch.long)
     with torch.no_grad():
-        m.bias.add_(delta.to(m.bias.dtype))
+        for module, attr, delta in folds:
+            _add_to_bias(ug, module, attr, delta)
+    for root in folded:
+        for key, j in ug.groups[root].members:
+            state.folded.setdefault(key, []).append(state.orig(key, j))
+    for p in ug.producers:
+        drop = torch.isin(ug.roots[p.ids], gone)
+        if bool(drop.any()):
+            orig = state.orig_units[p.key]
+            state.removed.setdefault(p.key, []).extend(orig[drop].tolist())
+            state.orig_units[p.key] = orig[~drop]
+    if ug.input_ids is not None and state.orig_in.numel():
+        line = ug.input_ids.reshape(-1) if ug.flattens_input else ug._input_line()
+        drop = torch.isin(ug.roots[line], gone)
+        if bool(drop.any()):
+            state.removed_inputs.extend(state.orig_in[drop].tolist())
+            state.orig_in = state.orig_in[~drop]
+    for name, slicer in _removal.apply(ug, roots).items():
+        if name in state.mask:
+            state.mask[name] = slicer(state.mask[name])
+    logger.debug("removed %d group(s)", len(roots))
 
 
-def _rebuild(model, chain, drop_in, drop, folds, state: _State) -> None:
-    """Slice the chain's layers in place (on the working copy)."""
-    with torch.no_grad():
-        for k, fold in folds.items():
-            if fold:
-                _add_to_bias(chain[k + 1], torch.stack(list(fold.values())).sum(0))
-                orig = state.orig_units[chain[k].path]
-                state.folded.setdefault(chain[k].path, []).extend(int(orig[j]) for j in fold)
-        if drop_in:
-            first = chain[0]
-            keep = _keep(first.n_in, drop_in)
-            state.removed_inputs.extend(int(state.orig_in[i]) for i in drop_in)
-            state.orig_in = state.orig_in[keep]
-            _slice(first.module, "weight", first.name("weight"), 1, keep, state)
-            _set_width(first.module, n_in=len(keep))
-        for k, units in sorted(drop.items()):
-            layer, nxt = chain[k], chain[k + 1]
-            keep = _keep(layer.n_out, units)
-            orig = state.orig_units[layer.path]
-            state.removed.setdefault(layer.path, []).extend(int(orig[j]) for j in units)
-            state.orig_units[layer.path] = orig[keep]
-            for attr in ("weight", "bias"):
-                _slice(layer.module, attr, layer.name(attr), 0, keep, state)
-            _set_width(layer.module, n_out=len(keep))
-            for path, bn in layer.batchnorms:
-                for attr in ("weight", "bias", "running_mean", "running_var"):
-                    _slice(bn, attr, _name(path, attr), 0, keep, state)
-                bn.num_features = len(keep)
-            s = layer.span
-            cols = (keep[:, None] * s + torch.arange(s)[None, :]).flatten()
-            _slice(nxt.module, "weight", nxt.name("weight"), 1, cols, state)
-            _set_width(
-                nxt.module, n_in=len(cols) if isinstance(nxt.module, nn.Linear) else len(keep)
-            )
-    logger.debug(
-        "removed %d input(s) and %s unit(s)",
-        len(drop_in),
-        {chain[k].path: len(v) for k, v in drop.items()},
-    )
+def _add_to_bias(ug: UnitGraph, m: nn.Module, attr: str, delta: Tensor) -> None:
+    bias = getattr(m, attr, None)
+    if bias is None:
+        weight = m.weight
+        setattr(m, attr, nn.Parameter(torch.zeros_like(delta), requires_grad=weight.requires_grad))
+        logger.info("%s had no bias: created one to hold folded constants", type(m).__name__)
+        for rec in list(ug.rec.axes.values()):  # slice the new bias with the layer's rows
+            if rec.owner is m and rec.attr == "weight" and rec.axis == 0:
+                name = rec.name[: -len("weight")] + attr
+                new = AxisRec(name, m, attr, 0, rec.ids, "fan_in", rec.node, True, rec.layer)
+                ug.rec.axes[(id(getattr(m, attr)), 0)] = new
+        bias = getattr(m, attr)
+    bias.add_(delta.to(bias.dtype))

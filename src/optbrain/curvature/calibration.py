@@ -119,10 +119,25 @@ class _Accumulator:
 
 
 def supported_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """Module path → module for every Linear / Conv1d / Conv2d of ``model`` (module order)."""
-    out = {}
+    """Module path → module for every Linear / Conv1d / Conv2d of ``model``, in forward order.
+
+    The order is read from the model's graph (:func:`optbrain.curvature.paths.graph_of`, the
+    reader every structured path shares: a layer is listed where the forward first calls it);
+    layers the forward never reaches follow in module order. A model the graph reader cannot
+    trace is listed in module order (logged)."""
+    out: dict[str, nn.Module] = {}
+    try:
+        from .paths import graph_of
+
+        graph = graph_of(model)
+    except UnsupportedModuleError as exc:
+        log.info("layer order from the module tree: %s", exc)
+    else:
+        for gn in graph.leaves():
+            if isinstance(gn.module, LAYER_TYPES):
+                out.setdefault(gn.node.target, model.get_submodule(gn.node.target))
     for path, m in model.named_modules():
-        if isinstance(m, LAYER_TYPES):
+        if isinstance(m, LAYER_TYPES) and path not in out:
             out[path] = m
     return out
 

@@ -22,7 +22,7 @@ from ..errors import EmptyLayerError
 from ..masking import Mask
 from ..paramdict import ParamDict
 from ..problem import Problem
-from ..saliency.ocd import OCD, CellSaliencies, describe
+from ..saliency.ocd import OCD, CellSaliencies, describe, problem_example
 from ..selection import TargetExceededError, split_target, target_count
 from ..update import ZeroUpdate
 from . import adaptive
@@ -91,7 +91,7 @@ class CellPruner(PrunerBase):
     # ------------------------------------------------------------------ scores
     def cell_scores(self, problem: Problem, mask: Mask | None = None) -> CellSaliencies:
         """The cells' saliencies at the current weights (removed cells score 0)."""
-        return self.saliency(problem, self.saliency.cells(problem.model))
+        return self.saliency(problem, self._cells(problem))
 
     def scores(self, problem: Problem, mask: Mask | None = None) -> ParamDict:
         """Cell saliencies broadcast onto the mask's weights (see ``CellSaliencies.to_params``)."""
@@ -113,7 +113,7 @@ class CellPruner(PrunerBase):
         if units is not None and sparsity is not None:
             raise ValueError("give either sparsity or units (both count cells here), not both")
         mask = mask if mask is not None else self.default_mask(problem.model)
-        found = self.saliency.cells(problem.model)
+        found = self._cells(problem)
         before = removed_cells(found, mask)
         what = "units" if units is not None else "sparsity"
         target = target_count(units if units is not None else sparsity, len(found), what)
@@ -174,6 +174,9 @@ class CellPruner(PrunerBase):
         self.update(problem, mask, new, weights)
         values = sal.values[chosen] if chosen else torch.zeros(0, dtype=torch.float64)
         return StepResult(new, float(values.sum()), float(values.max()) if chosen else 0.0)
+
+    def _cells(self, problem: Problem) -> list[Cell]:
+        return self.saliency.cells(problem.model, problem_example(problem))
 
     def _saliencies(self, problem: Problem, found: list[Cell], scores) -> CellSaliencies:
         if scores is None:

@@ -110,6 +110,14 @@ class CellSaliencies:
         return CellSaliencies(self.cells, torch.tensor(values, dtype=torch.float64), self.method)
 
 
+def problem_example(problem: Problem) -> torch.Tensor | None:
+    """A small input batch of the problem (its first two samples): the shape the model's cells
+    are read at."""
+    for x, _ in problem.batches():
+        return x[:2] if isinstance(x, torch.Tensor) else None
+    return None
+
+
 def describe(cell: Cell) -> str:
     """``"input 3 of layer '0'"``: a cell as error messages and logs name it."""
     return f"{cell.kind} {cell.index} of layer {cell.layer!r}"
@@ -152,12 +160,15 @@ class OCD:
             self.curvature = curvature
             self.matrix = _gate_matrix(curvature)
 
-    def cells(self, model: torch.nn.Module) -> list[Cell]:
-        """The cells of ``model`` this saliency scores."""
-        return cells(model, self.kinds)
+    def cells(self, model: torch.nn.Module, example: torch.Tensor | None = None) -> list[Cell]:
+        """The cells of ``model`` this saliency scores (``example``: an input batch, where the
+        model's input shape cannot be guessed from its first layer)."""
+        return cells(model, self.kinds, example=example)
 
     def __call__(self, problem: Problem, cell_list: Sequence[Cell] | None = None) -> CellSaliencies:
-        found = list(cell_list) if cell_list is not None else self.cells(problem.model)
+        if cell_list is None:
+            cell_list = self.cells(problem.model, problem_example(problem))
+        found = list(cell_list)
         if not found:
             raise ValueError(f"the model has no cells of kinds {self.kinds}")
         names = list(dict.fromkeys(s.name for c in found for s in c.fan_out))
@@ -224,7 +235,21 @@ def gate_curvature(
     """
     if matrix not in ("ggn", "hessian"):
         raise ValueError(f"matrix must be 'ggn' or 'hessian', not {matrix!r}")
-    work = in_dtype(problem, dtype)
+    try:
+        result = _gate_forms(in_dtype(problem, dtype), cell_list, matrix, progress)
+    except NotImplementedError as exc:
+        if dtype == torch.float64:
+            raise
+        # e.g. oneDNN's float32 LSTM kernel has no forward-mode derivative; float64 runs
+        # PyTorch's own kernel
+        log.info("gate curvature in float64: %s", str(exc).splitlines()[0])
+        result = _gate_forms(in_dtype(problem, torch.float64), cell_list, matrix, progress)
+    if not torch.isfinite(result).all():
+        raise NonFiniteLossError("a cell's gate curvature is NaN or infinite (NaN or inf loss)")
+    return result
+
+
+def _gate_forms(work: Problem, cell_list, matrix: str, progress) -> Tensor:
     fn = _Functional(work)
     size = sum(v.numel() for v in fn.wanted.values())
     per_chunk = max(1, _BUDGET // max(1, size))
@@ -242,8 +267,6 @@ def gate_curvature(
             result[start : start + len(chunk)] = q.detach().to("cpu", torch.float64)
             if progress is not None:
                 progress(start + len(chunk), total)
-    if not torch.isfinite(result).all():
-        raise NonFiniteLossError("a cell's gate curvature is NaN or infinite (NaN or inf loss)")
     return result
 
 

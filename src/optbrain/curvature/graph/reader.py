@@ -117,11 +117,18 @@ class ModelGraph:
 
 class _Tracer(fx.Tracer):
     """Registry layers are leaves; everything else is traced through (decomposable leaves are
-    replaced by their decomposition)."""
+    replaced by their decomposition). ``extra_leaves``: module types kept as leaves although
+    they have no rule (a reader other than the curvature engine knows them)."""
+
+    def __init__(self, extra_leaves: tuple[type, ...] = ()):
+        super().__init__()
+        self.extra_leaves = extra_leaves
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if isinstance(m, (nn.Sequential, parametrize.ParametrizationList)):
             return False  # trace into: a masked parameter read by a forward is where(mask, w, 0)
+        if self.extra_leaves and isinstance(m, self.extra_leaves):
+            return True
         rule = registered_rule(m)
         if rule is not None:
             return getattr(rule, "decompose", None) is None
@@ -160,8 +167,8 @@ def _param_of(m: nn.Module, attr: str) -> tuple[Tensor, Tensor | None] | None:
     return None if p is None else (p, None)
 
 
-def _trace(model: nn.Module) -> fx.GraphModule:
-    tracer = _Tracer()
+def _trace(model: nn.Module, extra_leaves: tuple[type, ...] = ()) -> fx.GraphModule:
+    tracer = _Tracer(extra_leaves)
     try:
         with eval_mode(model):
             graph = tracer.trace(model)
@@ -170,9 +177,14 @@ def _trace(model: nn.Module) -> fx.GraphModule:
     return fx.GraphModule(tracer.root, graph)
 
 
-def read_graph(model: nn.Module) -> ModelGraph:
-    """Trace ``model`` and classify its nodes (see the module docstring)."""
-    gm = _trace(model)
+def read_graph(model: nn.Module, extra_leaves: tuple[type, ...] = ()) -> ModelGraph:
+    """Trace ``model`` and classify its nodes (see the module docstring).
+
+    ``extra_leaves``: module types read as leaves although they have no rule (their ``rule`` is
+    None and ``params`` binds all their parameters); readers other than the curvature engine
+    (:mod:`optbrain.cellgraph`) use it for layers they know, e.g. ``nn.Conv3d``. The curvature
+    engine never passes it."""
+    gm = _trace(model, extra_leaves)
     raw_to_clean = {raw: clean_name(raw) for raw, _ in model.named_parameters()}
     first_name: dict[int, str] = {}
     for raw, p in model.named_parameters(remove_duplicate=False):
@@ -188,7 +200,7 @@ def read_graph(model: nn.Module) -> ModelGraph:
         elif node.op == "output":
             nodes.append(GNode(node, "output"))
         elif node.op == "call_module":
-            nodes.append(_leaf(gm, node, first_name))
+            nodes.append(_leaf(gm, node, first_name, extra_leaves))
         elif node.op == "get_attr":
             nodes.append(_attr(gm, node, first_name, raw_to_clean))
         else:
@@ -199,9 +211,17 @@ def read_graph(model: nn.Module) -> ModelGraph:
     return ModelGraph(gm, nodes, {n.name: n for n in nodes})
 
 
-def _leaf(gm: fx.GraphModule, node: fx.Node, first_name: dict[int, str]) -> GNode:
+def _leaf(
+    gm: fx.GraphModule, node: fx.Node, first_name: dict[int, str], extra: tuple[type, ...] = ()
+) -> GNode:
     m = gm.get_submodule(node.target)
     rule = registered_rule(m)
+    if rule is None and extra and isinstance(m, extra):
+        params = {
+            clean_name(attr): (first_name.get(id(p), f"{node.target}.{attr}"), p, None)
+            for attr, p in m.named_parameters()
+        }
+        return GNode(node, "leaf", module=m, rule=None, params=params)
     if rule is None:
         raise GraphReadError(
             f"module type {type(m).__name__} has no rule (register one with "
