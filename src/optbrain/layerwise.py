@@ -114,7 +114,7 @@ def _check_nm_columns(nm: NM | None, k: int, what: str) -> None:
         )
 
 
-def _prepare(
+def prepare_layer(
     W: Tensor, H: Tensor, damping: float, dead: Tensor | None = None
 ) -> tuple[Tensor, Tensor, float]:
     """(W with dead-input columns zeroed, H with H_ii = 1 there and λI added, λ).
@@ -164,7 +164,7 @@ def upper_factor(H: Tensor, lam: float = 0.0, what: str = "the layer") -> tuple[
 
 def damped_inverse(H: Tensor, damping: float, dtype=torch.float64) -> tuple[Tensor, float]:
     """((H + λI)⁻¹ with dead inputs regularised, λ) — the inverse both solvers start from."""
-    _, Hd, lam = _prepare(torch.zeros(0, len(H), dtype=dtype, device=H.device), H, damping)
+    _, Hd, lam = prepare_layer(torch.zeros(0, len(H), dtype=dtype, device=H.device), H, damping)
     L, lam = _cholesky(Hd, lam)
     return torch.cholesky_inverse(L), lam
 
@@ -307,7 +307,7 @@ def exact_obs(
     rows, k = W.shape
     kept = torch.ones_like(W, dtype=torch.bool) if kept is None else kept.to(torch.bool)
     _check_nm_columns(nm, k, "the weight")
-    W, Hd, lam = _prepare(W, H, damping, dead)
+    W, Hd, lam = prepare_layer(W, H, damping, dead)
     L, lam = _cholesky(Hd, lam)
     Hinv = torch.cholesky_inverse(L)
     forced = (~kept).sum(1)
@@ -437,7 +437,7 @@ def blocked_obs(
         raise ValueError(f"blocksize must be >= 1, not {blocksize}")
     kept = torch.ones_like(W, dtype=torch.bool) if kept is None else kept.to(torch.bool)
     _check_nm_columns(nm, k, "the weight")
-    W, Hd, lam = _prepare(W, H, damping, dead)
+    W, Hd, lam = prepare_layer(W, H, damping, dead)
     factor, lam = upper_factor(Hd, lam)
     del Hd
     forced = ~kept

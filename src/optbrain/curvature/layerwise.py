@@ -72,6 +72,23 @@ def layer_columns(module: nn.Module) -> int:
     return w.shape[0] if is_transposed_linear(module) else w[0].numel()
 
 
+def weight_matrix(module: nn.Module, weight: Tensor) -> Tensor:
+    """``weight`` (or any tensor of its shape) of layer ``module`` as ``groups × rows × k``:
+    convolution groups first, ``transformers`` Conv1D transposed (a view where possible)."""
+    if is_transposed_linear(module):
+        return weight.t().unsqueeze(0)
+    groups = module.groups if isinstance(module, (nn.Conv1d, nn.Conv2d)) else 1
+    return weight.reshape(groups, weight.shape[0] // groups, -1)
+
+
+def weight_from_matrix(module: nn.Module, matrix: Tensor) -> Tensor:
+    """Inverse of :func:`weight_matrix`: ``groups × rows × k`` back to the weight's shape."""
+    shape = module.weight.shape
+    if is_transposed_linear(module):
+        return matrix.reshape(shape[1], shape[0]).t()
+    return matrix.reshape(shape)
+
+
 @dataclass
 class LayerHessian:
     """Calibration Hessian of one layer.
@@ -105,10 +122,7 @@ class LayerHessian:
 
     def weight_from_matrix(self, matrix: Tensor) -> Tensor:
         """Inverse of :meth:`weight_matrix`: ``groups × rows × k`` back to the weight's shape."""
-        shape = self.module.weight.shape
-        if self.transposed:
-            return matrix.reshape(shape[1], shape[0]).t()
-        return matrix.reshape(shape)
+        return weight_from_matrix(self.module, matrix)
 
 
 def layer_rows(module: nn.Module, x: Tensor) -> Tensor:
