@@ -3,6 +3,7 @@
 from .digits import DigitsData, load_digits_split, loaders
 from .gaussian_mixture import MixtureData, load_gaussian_mixture
 from .monk import MonkData, load_monk
+from .stdlib_text import StdlibText, load_stdlib_text
 from .waveform import WaveformData, load_waveform_split, make_waveform
 from .xor import xor_data, xor_solved
 
@@ -10,10 +11,12 @@ __all__ = [
     "DigitsData",
     "MixtureData",
     "MonkData",
+    "StdlibText",
     "WaveformData",
     "load_digits_split",
     "load_gaussian_mixture",
     "load_monk",
+    "load_stdlib_text",
     "load_waveform_split",
     "loaders",
     "make_waveform",

@@ -89,6 +89,13 @@ REGISTRY: dict[str, ExperimentSpec] = {
             "removed on the 5-d Gaussian mixture, OBS (no retraining) vs OBD with 60 retraining "
             "epochs per step",
         ),
+        ExperimentSpec(
+            "quantise-transformer",
+            "optbrain.experiments.quantise_transformer",
+            "GPTQ / OBQ / RTN post-training quantisation and layer-wise OBS pruning of a small "
+            "character-level transformer trained offline on Python's standard library (Frantar "
+            "et al. 2023), perplexity against the GPTQ paper's OPT-125M ordering",
+        ),
     )
 }
 
