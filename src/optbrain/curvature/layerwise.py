@@ -9,7 +9,8 @@ so each output row is an independent quadratic with the *same* Hessian H (PAPERS
 rows of X are the layer's inputs: for ``Linear`` one row per sample (and per position of any extra
 leading dimensions), for a convolution one row per sample and output position, the unfolded input
 patch (honouring stride, padding, dilation; ``groups > 1`` gives one H per group, over that group's
-``C_in/groups · prod(kernel)`` inputs). The bias is not part of H (it does not multiply an input).
+``C_in/groups · prod(kernel)`` inputs; a ``padding_mode`` other than zeros pads the input as the
+layer does). The bias is not part of H (it does not multiply an input).
 Hugging Face ``transformers``' ``Conv1D`` (GPT-2's projections: ``y = x W + b`` with ``W`` stored
 as in × out, transposed against ``nn.Linear``) is a Linear layer here: its weight matrix is
 ``Wᵀ`` (:meth:`LayerHessian.weight_matrix` and :meth:`LayerHessian.weight_from_matrix` convert).
@@ -37,6 +38,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import CalibrationError, UnsupportedModuleError
@@ -132,6 +134,9 @@ def layer_rows(module: nn.Module, x: Tensor) -> Tensor:
     if isinstance(module, (nn.Conv1d, nn.Conv2d)):
         if x.dim() == module.weight.dim() - 1:  # unbatched input
             x = x.unsqueeze(0)
+        if module.padding_mode != "zeros":  # pad as the layer does, then unfold unpadded
+            x = F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
+            module = _Unpadded(module)
         patches = _CONV._unfold(module, x)  # N × G × k × P
         g, k = patches.shape[1], patches.shape[2]
         return patches.permute(1, 0, 3, 2).reshape(g, -1, k)
@@ -139,6 +144,17 @@ def layer_rows(module: nn.Module, x: Tensor) -> Tensor:
         f"layer-wise Hessians support {', '.join(c.__name__ for c in LAYER_TYPES)} and "
         f"transformers' Conv1D, not {type(module).__name__}"
     )
+
+
+class _Unpadded:
+    """The geometry of a convolution without its padding (for inputs padded beforehand)."""
+
+    padding_mode = "zeros"
+
+    def __init__(self, conv: nn.Module):
+        self.kernel_size, self.stride, self.dilation = conv.kernel_size, conv.stride, conv.dilation
+        self.groups = conv.groups
+        self.padding = (0,) * len(conv.kernel_size)
 
 
 class _Accumulator:

@@ -6,7 +6,8 @@ calls. ``sequential``:
 
 * ``"block"`` (default): one stage per block of the model (the transformer blocks: the children
   of the ``nn.ModuleList``/``nn.Sequential`` that holds the most layers, found automatically, or
-  the module paths given as ``blocks``), and one stage per layer outside every block (an output
+  the module paths given as ``blocks``; found among all the model's layers, not only those
+  quantised), and one stage per layer outside every block (an output
   head); stages in module order. Within a block every layer is calibrated on the block's input
   from the quantised earlier blocks, as in GPTQ;
 * ``"layer"``: one stage per layer: every layer sees all layers before it quantised;
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..curvature.layerwise import HessianHooks, LayerHessian
+from ..curvature.layerwise import HessianHooks, LayerHessian, is_layer
 from ..errors import CalibrationError
 from ..problem import Problem, eval_mode
 
@@ -104,7 +105,10 @@ def plan_stages(
         return [Stage("", None, dict(layers))]
     if sequential == "layer":
         return [Stage(p, m, {p: m}) for p, m in layers.items()]
-    block_paths = find_blocks(model, layers) if blocks is None else list(blocks)
+    if blocks is None:  # the model's blocks, whichever of their layers are quantised
+        block_paths = find_blocks(model, {p: m for p, m in model.named_modules() if is_layer(m)})
+    else:
+        block_paths = list(blocks)
     modules = dict(model.named_modules())
     order = {p: i for i, p in enumerate(modules)}
     stages: list[Stage] = []
