@@ -84,16 +84,17 @@ class Config(base.Config):
 
     @classmethod
     def quick(cls) -> Config:
-        """One small model (width 64, 2 blocks, 150 steps) on a slice of the text."""
+        """One small model (width 64, 2 blocks, 500 steps) on a slice of the text."""
         return cls(
             seeds=(0,),
             width=64,
             layers=2,
-            heads=2,
+            heads=4,
             context=64,
-            steps=150,
+            steps=500,
             batch=16,
-            warmup=20,
+            lr=5e-3,
+            warmup=30,
             train_chars=400_000,
             test_chars=20_000,
             calibration=32,
