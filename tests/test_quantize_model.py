@@ -388,3 +388,20 @@ def test_quantize_command_writes_a_loadable_model(tmp_path, capsys, monkeypatch)
         == 2
     )
     assert "needs gptq or obq" in capsys.readouterr().err
+
+
+def test_hessian_of_float32_inputs_is_summed_in_float64_chunks(monkeypatch):
+    """Chunks of CHUNK_ROWS rows are multiplied in float32 and flushed into a float64 sum; the
+    result is the float64 definition 2XᵀX/n to float32 rounding of each chunk."""
+    import optbrain.curvature.layerwise as lw
+
+    monkeypatch.setattr(lw, "CHUNK_ROWS", 7)
+    layer = nn.Linear(5, 3)
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(n, 5, generator=g) for n in (4, 9, 1, 12)]
+    h = calibration_hessians(layer, xs)[""]
+    X = torch.cat(xs).double()
+    assert h.n == 26 and h.H.dtype == torch.float64
+    assert torch.allclose(h.H[0], 2 * X.T @ X / 26, rtol=1e-6, atol=1e-7)
+    with pytest.raises(CalibrationError, match="NaN or infinite"):
+        calibration_hessians(layer, [torch.full((2, 5), 1e30)])  # squares overflow float32

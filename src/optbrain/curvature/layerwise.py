@@ -163,7 +163,7 @@ class _Accumulator:
 
     def __init__(self, module: nn.Module):
         self.module = module
-        self.S: Tensor | None = None  # float64 sum of flushed buffers
+        self.S: Tensor | None = None  # float64 sum of the flushed buffers
         self.buf: Tensor | None = None  # running sum of the current chunk (input precision)
         self.rows_in_buf = 0
         self.n = 0
@@ -172,15 +172,19 @@ class _Accumulator:
     @property
     def H(self) -> Tensor | None:
         """(2/n) Σ x xᵀ (float64), or None before any input."""
-        if self.S is None or self.n == 0:
+        if self.buf is None or self.n == 0:
             return None
-        self._flush()
-        return self.S * (2.0 / self.n)
+        out = self.buf.to(torch.float64, copy=True)
+        if self.S is not None:
+            out += self.S
+        return out.mul_(2.0 / self.n)
 
     def _flush(self) -> None:
-        if self.buf is not self.S and self.rows_in_buf:
+        if self.S is None:
+            self.S = self.buf.to(torch.float64, copy=True)
+        else:
             self.S += self.buf
-            self.buf.zero_()
+        self.buf.zero_()
         self.rows_in_buf = 0
 
     def __call__(self, module: nn.Module, inputs: tuple, output: object) -> None:
@@ -195,20 +199,19 @@ class _Accumulator:
             return
         if rows.dtype not in (torch.float32, torch.float64):
             rows = rows.float()  # half/bfloat16 inputs: products in float32
-        if self.S is None:
+        if self.buf is None:
             g, k = rows.shape[0], rows.shape[2]
-            self.S = torch.zeros(g, k, k, dtype=torch.float64, device=rows.device)
-            self.buf = self.S if rows.dtype == torch.float64 else self.S.to(rows.dtype)
+            self.buf = torch.zeros(g, k, k, dtype=rows.dtype, device=rows.device)
+        limit = CHUNK_ROWS if self.buf.dtype != torch.float64 else rows.shape[1]
         start = 0
         while start < rows.shape[1]:
-            take = min(rows.shape[1] - start, max(1, CHUNK_ROWS - self.rows_in_buf))
-            chunk = rows[:, start : start + take]
-            buf = self.buf if rows.dtype == self.buf.dtype else self.S
-            if buf.shape[0] == 1:
-                buf[0].addmm_(chunk[0].t(), chunk[0])
+            take = min(rows.shape[1] - start, max(1, limit - self.rows_in_buf))
+            chunk = rows[:, start : start + take].to(self.buf.dtype)
+            if self.buf.shape[0] == 1:
+                self.buf[0].addmm_(chunk[0].t(), chunk[0])
             else:
-                buf.baddbmm_(chunk.transpose(1, 2), chunk)
-            if not bool(torch.isfinite(buf.diagonal(dim1=1, dim2=2)).all()):
+                self.buf.baddbmm_(chunk.transpose(1, 2), chunk)
+            if not bool(torch.isfinite(self.buf.diagonal(dim1=1, dim2=2)).all()):
                 self.error = CalibrationError(
                     f"{type(module).__name__} received NaN or infinite calibration inputs (or "
                     f"inputs whose squares overflow {rows.dtype})"
@@ -217,7 +220,7 @@ class _Accumulator:
             start += take
             self.n += take
             self.rows_in_buf += take
-            if self.rows_in_buf >= CHUNK_ROWS:
+            if self.buf.dtype != torch.float64 and self.rows_in_buf >= CHUNK_ROWS:
                 self._flush()
 
 
