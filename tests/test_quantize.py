@@ -163,8 +163,9 @@ def constrained_fit(w0, H, fixed: dict[int, float]):
     return w0 + d, float(0.5 * d @ H @ d)
 
 
-def obq_bruteforce(w0, H, s, z, maxq, outliers, forced=()):
-    """OBQ's greedy rule with every candidate's constrained least squares solved from scratch."""
+def obq_bruteforce(w0, H, s, z, maxq, outliers, forced=(), fired=None):
+    """OBQ's greedy rule with every candidate's constrained least squares solved from scratch
+    (``fired``: a list that gets one entry per step decided by the outlier rule)."""
     fixed = {int(j): 0.0 for j in forced}
     w, _ = constrained_fit(w0, H, fixed)
     codes = {int(j): float(z[j]) for j in forced}
@@ -174,6 +175,8 @@ def obq_bruteforce(w0, H, s, z, maxq, outliers, forced=()):
         err = {j: float((w[j] - q[j]) ** 2) for j in free}
         if outliers and any(err[j] > 0.25 * float(s[j]) ** 2 for j in free):
             j = max(free, key=lambda i: err[i])
+            if fired is not None:
+                fired.append(j)
         else:
             j = min(free, key=lambda i: constrained_fit(w0, H, {**fixed, i: float(q[i])})[1])
         fixed[j], codes[j] = float(q[j]), float(c[j])
@@ -194,6 +197,23 @@ def test_obq_equals_brute_force_greedy(k, bits, outliers):
             s, z = ref_grid(W[r : r + 1], bits, False)
             ref = obq_bruteforce(W[r], H, s.expand(k), z.expand(k), maxq, outliers)
             assert torch.equal(q.codes[r].to(D), ref), (seed, r)
+
+
+def test_obq_outlier_rule_equals_brute_force_where_it_fires():
+    """At 2 bits the compensation pushes some weights outside their grid; OBQ then quantises the
+    one with the largest error first (the authors' rule) — and that changes the result."""
+    fired: list[int] = []
+    differs = 0
+    for seed in range(40):
+        W, H, _ = problem(5, 4, n=8, seed=40 + seed)
+        q = obq(W, H, QuantSpec(2), damping=0.0, outliers=True)
+        plain = obq(W, H, QuantSpec(2), damping=0.0, outliers=False)
+        differs += int(not torch.equal(q.codes, plain.codes))
+        for r in range(5):
+            s, z = ref_grid(W[r : r + 1], 2, False)
+            ref = obq_bruteforce(W[r], H, s.expand(4), z.expand(4), 3, True, fired=fired)
+            assert torch.equal(q.codes[r].to(D), ref), (seed, r)
+    assert len(fired) >= 10 and differs >= 1
 
 
 def test_obq_with_pruned_entries_equals_brute_force():
