@@ -123,7 +123,7 @@ class Quantizer:
         """The settings, for the report."""
         out = {"method": self.method, **self.spec.to_dict(), "damping": self.damping}
         out.update(sequential=self.sequential, dtype=str(self.dtype).replace("torch.", ""))
-        for key in ("blocksize", "outliers", "sparsity", "nm", "prune"):
+        for key in ("blocksize", "outliers", "sparsity", "nm", "prune", "quantizer"):
             if hasattr(self, key):
                 out[key] = getattr(self, key)
         return out

@@ -90,6 +90,8 @@ def save_quantized(
     for name, rep in report.layers.items():
         if rep.quantized is None:
             raise ValueError(f"the report holds no codes for layer {name!r}")
+        if not name:
+            raise ValueError("a bare layer cannot be exported: wrap it, e.g. nn.Sequential(layer)")
         module = model.get_submodule(name)
         q = quantized_module(module, rep.bits, rep.quantized.scale.shape[-1])
         q.set_quantized(rep.quantized)
@@ -134,6 +136,8 @@ def load_quantized(model: nn.Module, path: str | Path, map_location=None) -> nn.
     if payload.get("version") != VERSION:
         raise ValueError(f"{path} has format version {payload.get('version')}, not {VERSION}")
     for name, meta in payload["layers"].items():
+        if not name:
+            raise ValueError("the file's model is a bare layer: load it into a container module")
         try:
             module = model.get_submodule(name)
         except AttributeError:
