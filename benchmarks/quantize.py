@@ -16,6 +16,10 @@ quartiles of the per-round ratio, ``_timing.compare``), at each thread count:
   :func:`sparsegpt_transcription`, SparseGPT's loop; errors relative to magnitude pruning's.
 * ``hessian``: H through the hooks against the direct float32 build.
 
+With ``--before REV`` the two layer-wise cases also run the code of ``src/optbrain/layerwise.py``
+and ``src/optbrain/curvature/layerwise.py`` as of git revision REV (``sparsegpt@REV``,
+``hessian@REV``): the A/B of a change, in the same process.
+
 Run ``python benchmarks/quantize.py --help``; results are recorded in ``docs/benchmarks.md``.
 """
 
@@ -110,6 +114,39 @@ def sparsegpt_transcription(W, H, sparsity=0.5, blocksize=128, percdamp=0.01):
     return W
 
 
+def load_before(rev: str):
+    """(blocked_obs, calibration_hessians) of the two layer-wise files at git revision ``rev``,
+    imported from a temporary folder (relative imports made absolute)."""
+    import importlib.util
+    import re
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    tmp = Path(tempfile.mkdtemp(prefix="optbrain-before-"))
+    mods = {}
+    for name, rel, pkg in (
+        ("before_clw", "src/optbrain/curvature/layerwise.py", "optbrain.curvature"),
+        ("before_lw", "src/optbrain/layerwise.py", "optbrain"),
+    ):
+        src = subprocess.run(
+            ["git", "show", f"{rev}:{rel}"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout
+        parent = pkg.rsplit(".", 1)[0]
+        src = re.sub(r"^from \.\.(\w)", rf"from {parent}.\1", src, flags=re.M)
+        src = re.sub(r"^from \.(\w)", rf"from {pkg}.\1", src, flags=re.M)
+        if name == "before_lw":
+            src = src.replace("from optbrain.curvature.layerwise import", "from before_clw import")
+        path = tmp / f"{name}.py"
+        path.write_text(src)
+        spec = importlib.util.spec_from_file_location(name, path)
+        mods[name] = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mods[name]
+        spec.loader.exec_module(mods[name])
+    return mods["before_lw"].blocked_obs, mods["before_clw"].calibration_hessians
+
+
 def direct_hessian(batches, n):
     H = torch.zeros(batches[0].shape[1], batches[0].shape[1])
     for b in batches:
@@ -152,11 +189,22 @@ def bench_layer(rows: int, cols: int, threads: int, args) -> list[dict]:
         direct_hessian(batches, n)
 
     name = f"{rows}x{cols}"
-    for case, base, cand in (
+    cases = [
         ("gptq", ref_gptq, ours_gptq),
         ("sparsegpt", ref_sgpt, ours_sgpt),
         ("hessian", ref_h, ours_h),
-    ):
+    ]
+    if args.before:
+        old_blocked, old_hessians = load_before(args.before)
+
+        def old_sgpt():
+            got["obs"] = old_blocked(W, H32, W.numel() // 2).weight
+
+        cases += [
+            (f"sparsegpt@{args.before}", ref_sgpt, old_sgpt),
+            (f"hessian@{args.before}", ref_h, lambda: old_hessians(layer, batches)),
+        ]
+    for case, base, cand in cases:
         log(f"{name} {case}, {threads} thread(s) ...")
         p = compare(
             base,
@@ -186,7 +234,7 @@ def bench_layer(rows: int, cols: int, threads: int, args) -> list[dict]:
             row["ref_error_vs_rtn"] = (
                 reconstruction_error(got["ref"].double() - W.double(), H64) / e_rtn
             )
-        if case == "sparsegpt":
+        if case.startswith("sparsegpt"):
             e_mag = reconstruction_error(magnitude(W, None).double() - W.double(), H64)
             row["error_vs_rtn"] = (
                 reconstruction_error(got["obs"].double() - W.double(), H64) / e_mag
@@ -204,8 +252,8 @@ def bench_layer(rows: int, cols: int, threads: int, args) -> list[dict]:
 
 def render(rows: list[dict]) -> str:
     lines = [
-        "| layer | case | threads | ours s | transcription s | ours / transcription (median [q1, q3]) "
-        "| rounds | error ours / ref (÷ RTN or magnitude) |",
+        "| layer | case | threads | ours s | transcription s | ours / transcription "
+        "(median [q1, q3]) | rounds | error ours / ref (÷ RTN or magnitude) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -214,8 +262,9 @@ def render(rows: list[dict]) -> str:
             err = f"{r['error_vs_rtn']:.4f} / {r['ref_error_vs_rtn']:.4f}"
         lines.append(
             f"| {r['layer']} | {r['case']} | {r['threads']} | {r['ours_s']:.3f} | "
-            f"{r['transcription_s']:.3f} | {r['ratio']:.2f} [{r['ratio_q1']:.2f}, {r['ratio_q3']:.2f}] "
-            f"| {r['rounds']} (+{r['retried']} retried) | {err} |"
+            f"{r['transcription_s']:.3f} | {r['ratio']:.2f} "
+            f"[{r['ratio_q1']:.2f}, {r['ratio_q3']:.2f}] | {r['rounds']} (+{r['retried']} "
+            f"retried) | {err} |"
         )
     return "\n".join(lines)
 
@@ -231,6 +280,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--layers", default=None, help="e.g. 768x3072,4096x4096")
     p.add_argument("--quiet", type=float, default=None, help="wait for other jobs below this load")
     p.add_argument("--max-contention", type=float, default=0.1)
+    p.add_argument(
+        "--before", default=None, metavar="REV", help="also time the layer-wise code at REV"
+    )
     p.add_argument("--json", default=None, help="also write the results as JSON")
     args = p.parse_args(argv)
     if args.quick:
