@@ -192,12 +192,14 @@ def test_stages_blocks_and_early_stop():
 
 
 def test_sequential_none_uses_the_float_model_for_every_hessian():
-    model, ref = transformer(), transformer()
+    model, ref, seq = transformer(), transformer(), transformer()
     batches = token_batches()
-    GPTQ(4, sequential="none").apply(model, batches)
-    hs = calibration_hessians(ref, batches, ["head"])
-    q = gptq(ref.head.weight.detach(), hs["head"].H[0].float(), QuantSpec(4))
-    assert torch.equal(q.weight(torch.float32), model.head.weight)
+    GPTQ(2, sequential="none").apply(model, batches)
+    GPTQ(2, sequential="block").apply(seq, batches)
+    hs = calibration_hessians(ref, batches, ["blocks.1.fc2"])
+    q = gptq(ref.blocks[1].fc2.weight.detach(), hs["blocks.1.fc2"].H[0].float(), QuantSpec(2))
+    assert torch.equal(q.weight(torch.float32), model.blocks[1].fc2.weight)
+    assert not torch.equal(seq.blocks[1].fc2.weight, model.blocks[1].fc2.weight)
 
 
 # ------------------------------------------------------------------------- skipped layers
