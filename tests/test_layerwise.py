@@ -544,3 +544,28 @@ def test_sequential_and_parallel_calibration_agree_on_the_first_layer():
     m2, _ = LayerwiseOBS(sequential=False)(p2, sparsity=0.5)
     assert torch.equal(m1["0.weight"], m2["0.weight"])
     assert not torch.equal(p1.model[2].weight, p2.model[2].weight)  # later layers see other inputs
+
+
+def test_layerwise_obs_leaves_attention_projections_out():
+    """nn.MultiheadAttention reads out_proj's weight without calling it: no hook can calibrate
+    it, so the default mask does not name it (the pruner runs; the attention weights are listed
+    as left out)."""
+    import optbrain as ob
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.fc = nn.Linear(8, 3)
+
+        def forward(self, x):
+            a, _ = self.attn(x, x, x, need_weights=False)
+            return self.fc(a.mean(1))
+
+    torch.manual_seed(0)
+    model = Net()
+    x, y = torch.randn(16, 4, 8), torch.randint(0, 3, (16,))
+    pruner = ob.layerwise_obs()
+    assert list(pruner.default_mask(model).names) == ["fc.weight"]
+    mask, info = pruner(ob.Problem(model, nn.CrossEntropyLoss(), (x, y)), sparsity=0.5)
+    assert mask.sparsity() == 0.5 and "attn.out_proj.weight" in info.excluded

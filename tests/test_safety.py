@@ -171,5 +171,5 @@ def test_every_command_has_the_same_threads_default():
         for name, p in sub.choices.items()
         if any(a.dest == "threads" for a in p._actions)
     }
-    assert set(defaults) == {"demo", "curvature", "reproduce", "prune"}
+    assert set(defaults) == {"demo", "curvature", "reproduce", "prune", "quantize"}
     assert set(defaults.values()) == {1}

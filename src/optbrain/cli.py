@@ -1,4 +1,5 @@
-"""Command line interface: ``optbrain demo | curvature | list | reproduce | prune | report``.
+"""Command line interface: ``optbrain demo | curvature | list | reproduce | prune | report |
+quantize``.
 
 Thin by design: parse arguments, set up logging and torch threads, call the library, print what it
 returns. Errors in what the user gave (a bad task, experiment name or setting, a run directory
@@ -86,7 +87,15 @@ def build_parser() -> argparse.ArgumentParser:
         "-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)"
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for add in (_add_demo, _add_curvature, _add_list, _add_reproduce, _add_prune, _add_report):
+    for add in (
+        _add_demo,
+        _add_curvature,
+        _add_list,
+        _add_reproduce,
+        _add_prune,
+        _add_quantize,
+        _add_report,
+    ):
         add(sub)
     return parser
 
@@ -472,6 +481,105 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------ quantize
+# One self-contained block: the parser, the command; the logic is optbrain.quantize.task.
+def _add_quantize(sub) -> None:
+    from .quantize.task import METHODS as QMETHODS
+
+    q = sub.add_parser(
+        "quantize",
+        help="quantise your own model (--task module:function) with RTN, GPTQ or OBQ",
+        description="Post-training quantisation of your own trained model (the task function of "
+        "`optbrain prune`: it returns model, loss_fn, train_loader, test_loader or a dict). "
+        "The training loader's inputs calibrate the layer-wise Hessians; every Linear/Conv "
+        "layer is quantised block by block. Writes quantized.pt (packed integer weights, "
+        "scales, zero points; load it with optbrain.quantize.load_quantized(model, path)), "
+        "report.json and report.md into --out, and prints the per-layer report.",
+    )
+    q.add_argument(
+        "--task", required=True, metavar="MODULE:FUNCTION", help="the function giving the task"
+    )
+    q.add_argument("--method", choices=QMETHODS, default="gptq", help="quantiser (gptq)")
+    q.add_argument(
+        "--bits", type=int, choices=range(2, 9), default=4, metavar="B", help="bits 2-8 (4)"
+    )
+    q.add_argument(
+        "--group-size",
+        type=_positive_int,
+        default=None,
+        metavar="G",
+        help="a grid every G columns of a row (default: one grid per output row); when G does "
+        "not divide the columns the last group is smaller",
+    )
+    q.add_argument(
+        "--act-order", action="store_true", help="GPTQ: columns by decreasing Hessian diagonal"
+    )
+    q.add_argument("--static-groups", action="store_true", help="fit group grids up front")
+    q.add_argument("--sym", action="store_true", help="symmetric grids (default asymmetric)")
+    q.add_argument("--damping", type=float, default=0.01, help="λ = damping·mean(diag H) (0.01)")
+    q.add_argument(
+        "--sparsity",
+        type=_fraction,
+        default=None,
+        help="joint compression: prune this fraction of every layer with layer-wise OBS first, "
+        "then quantise the survivors (gptq or obq)",
+    )
+    q.add_argument(
+        "--sequential",
+        choices=("block", "layer", "none"),
+        default="block",
+        help="calibrate block by block on the quantised earlier blocks (block)",
+    )
+    q.add_argument(
+        "--calibration-batches",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="calibrate on the first N training batches (default all)",
+    )
+    q.add_argument(
+        "--out",
+        metavar="DIR",
+        default=str(Path("optbrain-runs") / "quantize"),
+        help="output directory (default optbrain-runs/quantize)",
+    )
+    q.add_argument(
+        "--overwrite", action="store_true", help="replace the files of an earlier run in DIR"
+    )
+    _common(q, progress=False)
+
+
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    from .errors import OptbrainError
+    from .quantize.task import quantize_task
+    from .tasks import TaskError
+
+    _threads(args.threads)
+    try:
+        result = quantize_task(
+            args.task,
+            method=args.method,
+            bits=args.bits,
+            out_dir=args.out,
+            calibration_batches=args.calibration_batches,
+            sparsity=args.sparsity,
+            overwrite=args.overwrite,
+            group_size=args.group_size,
+            act_order=args.act_order,
+            static_groups=args.static_groups,
+            sym=args.sym,
+            damping=args.damping,
+            sequential=args.sequential,
+        )
+    except (TaskError, FileExistsError, ValueError, TypeError) as exc:
+        return _fail(args, exc)
+    except OptbrainError as exc:
+        return _fail(args, exc, code=1)
+    print(result.table)
+    print(f"\nreport: {result.out_dir / 'report.md'}")
+    return 0
+
+
 _COMMANDS = {
     "demo": _cmd_demo,
     "curvature": _cmd_curvature,
@@ -479,6 +587,7 @@ _COMMANDS = {
     "reproduce": _cmd_reproduce,
     "prune": _cmd_prune,
     "report": _cmd_report,
+    "quantize": _cmd_quantize,
 }
 
 

@@ -5,6 +5,7 @@ from .digits import DigitsData, load_digits_split, loaders
 from .gaussian_mixture import MixtureData, load_gaussian_mixture
 from .mackey_glass import MackeyGlassData, load_mackey_glass, mackey_glass
 from .monk import MonkData, load_monk
+from .stdlib_text import StdlibText, load_stdlib_text
 from .sunspots import SunspotData, load_sunspots
 from .waveform import WaveformData, load_waveform_split, make_waveform
 from .xor import xor_data, xor_solved
@@ -21,10 +22,12 @@ __all__ = [
     "mackey_glass",
     "MixtureData",
     "MonkData",
+    "StdlibText",
     "WaveformData",
     "load_digits_split",
     "load_gaussian_mixture",
     "load_monk",
+    "load_stdlib_text",
     "load_waveform_split",
     "loaders",
     "make_waveform",

@@ -129,6 +129,13 @@ REGISTRY: dict[str, ExperimentSpec] = {
             "The pruned 4-4-1 recurrent sunspot net (Pedersen & Hansen 1995): OBS with weight "
             "decay, FPE selection; lag inputs kept and the impulse response of the selected net",
         ),
+        ExperimentSpec(
+            "quantise-transformer",
+            "optbrain.experiments.quantise_transformer",
+            "GPTQ / OBQ / RTN post-training quantisation and layer-wise OBS pruning of a small "
+            "character-level transformer trained offline on Python's standard library (Frantar "
+            "et al. 2023), perplexity against the GPTQ paper's OPT-125M ordering",
+        ),
     )
 }
 

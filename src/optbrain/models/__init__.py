@@ -2,5 +2,13 @@
 
 from .activations import LeCunTanh
 from .digits import digits_cnn, digits_mlp
+from .transformer import CharTransformer, SequenceCrossEntropy, TransformerConfig
 
-__all__ = ["LeCunTanh", "digits_cnn", "digits_mlp"]
+__all__ = [
+    "CharTransformer",
+    "LeCunTanh",
+    "SequenceCrossEntropy",
+    "TransformerConfig",
+    "digits_cnn",
+    "digits_mlp",
+]

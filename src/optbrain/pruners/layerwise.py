@@ -17,7 +17,16 @@ Two solvers (PAPERS.md §11.1):
   of every M columns, chosen when the column group is reached), each deleted column's error is
   spread over the later columns of the block at once and over the later blocks lazily (one GEMM
   per block). Columns before a deletion are not revisited, so the result is an approximation of
-  the re-fit; cost ~rows·k² + k³: large layers.
+  the re-fit; cost ~rows·k² + k³/3: large layers.
+
+The column loop with lazy block updates is :func:`column_sweep`, shared with GPTQ
+(:mod:`optbrain.quantize.gptq`): a *rule* says what each column becomes (0 where deleted, a grid
+point when quantising) and the sweep spreads the error. It never forms U: with Ũ the upper
+triangular factor of H = ŨŨᵀ (:func:`upper_factor`, one Cholesky factorisation of H with rows and
+columns reversed), U = Ũ⁻¹, and the lazy update of a block B after the blocks P before it is
+``W_B + [(W − Q)_P Ũ_PB] U_BB`` with U_BB = Ũ_BB⁻¹ a small triangular inverse. SparseGPT's and
+GPTQ's reference code compute U as cholesky(cholesky_inverse(cholesky(H)), upper=True): three
+O(k³) factorisations where one suffices.
 
 :class:`LayerwiseOBS` is a pruner with the interface of :class:`optbrain.pruner.Pruner`.
 """
@@ -33,7 +42,12 @@ import torch
 from torch import Tensor, nn
 
 from ..curvature.base import Progress
-from ..curvature.calibration import LayerHessian, calibration_hessians, supported_layers
+from ..curvature.calibration import (
+    LayerHessian,
+    calibration_hessians,
+    layer_columns,
+    supported_layers,
+)
 from ..curvature.linalg import damped_cholesky
 from ..errors import (
     CalibrationError,
@@ -101,7 +115,7 @@ def _check_nm_columns(nm: NM | None, k: int, what: str) -> None:
         )
 
 
-def _prepare(
+def prepare_layer(
     W: Tensor, H: Tensor, damping: float, dead: Tensor | None = None
 ) -> tuple[Tensor, Tensor, float]:
     """(W with dead-input columns zeroed, H with H_ii = 1 there and λI added, λ).
@@ -109,7 +123,7 @@ def _prepare(
     λ = ``damping`` · mean(diag H) (SparseGPT's percdamp)."""
     if damping < 0 or not math.isfinite(damping):
         raise ValueError(f"damping must be a finite number >= 0, not {damping!r}")
-    H = H.to(W.dtype).clone()
+    H = H.to(W.dtype, copy=True)
     diag = H.diagonal()
     if dead is None:
         dead = diag <= 0
@@ -122,7 +136,14 @@ def _prepare(
 
 
 def _cholesky(H: Tensor, lam: float, what: str = "the layer") -> tuple[Tensor, float]:
-    """Lower Cholesky factor of H (+ more damping if it fails, as OBC does); (L, total λ)."""
+    """Lower Cholesky factor of H (+ more damping if it fails, as OBC does); (L, total λ).
+
+    The first attempt checks only the factor's diagonal for non-finite values: a NaN or inf
+    anywhere in row i of L enters L_ii = √(H_ii − Σ_j L_ij²), so that is enough (and a full scan
+    of a k × k factor costs as much as a tenth of the factorisation)."""
+    L, info = torch.linalg.cholesky_ex(H)
+    if int(info) == 0 and bool(torch.isfinite(L.diagonal()).all()):
+        return L, lam
     L, extra, attempts = damped_cholesky(H, start=1e-10, factor=100.0, steps=6)
     if L is None:
         raise CalibrationError(f"{what}: the calibration Hessian cannot be factorised even damped")
@@ -131,9 +152,20 @@ def _cholesky(H: Tensor, lam: float, what: str = "the layer") -> tuple[Tensor, f
     return L, lam + extra
 
 
+def upper_factor(H: Tensor, lam: float = 0.0, what: str = "the layer") -> tuple[Tensor, float]:
+    """(Ũ, total λ): Ũ upper triangular with H = ŨŨᵀ, so U = Ũ⁻¹ is the upper Cholesky factor
+    of H⁻¹ (UᵀU = H⁻¹) that SparseGPT and GPTQ use.
+
+    With J the reversal permutation, JHJ = L̃L̃ᵀ (lower Cholesky) gives H = (JL̃J)(JL̃J)ᵀ with JL̃J
+    upper triangular; its inverse is upper triangular with a positive diagonal and squares to H⁻¹,
+    hence is U (the factor is unique). ``H`` must already hold its damping (``lam``, reported)."""
+    L, lam = _cholesky(H.flip(0, 1), lam, what)
+    return L.flip(0, 1), lam
+
+
 def damped_inverse(H: Tensor, damping: float, dtype=torch.float64) -> tuple[Tensor, float]:
     """((H + λI)⁻¹ with dead inputs regularised, λ) — the inverse both solvers start from."""
-    _, Hd, lam = _prepare(torch.zeros(0, len(H), dtype=dtype, device=H.device), H, damping)
+    _, Hd, lam = prepare_layer(torch.zeros(0, len(H), dtype=dtype, device=H.device), H, damping)
     L, lam = _cholesky(Hd, lam)
     return torch.cholesky_inverse(L), lam
 
@@ -276,7 +308,7 @@ def exact_obs(
     rows, k = W.shape
     kept = torch.ones_like(W, dtype=torch.bool) if kept is None else kept.to(torch.bool)
     _check_nm_columns(nm, k, "the weight")
-    W, Hd, lam = _prepare(W, H, damping, dead)
+    W, Hd, lam = prepare_layer(W, H, damping, dead)
     L, lam = _cholesky(Hd, lam)
     Hinv = torch.cholesky_inverse(L)
     forced = (~kept).sum(1)
@@ -302,6 +334,87 @@ def exact_obs(
 
 
 # ---------------------------------------------------------------------------- blocked (SparseGPT)
+class ColumnRule:
+    """What :func:`column_sweep` does to each column: subclasses override :meth:`column` (and
+    :meth:`block`, called when a block of columns starts)."""
+
+    def block(self, W1: Tensor, i1: int, d: Tensor) -> None:
+        """Block of columns ``i1 .. i1 + W1.shape[1]`` starts; ``W1`` holds their current
+        (error-updated) weights, ``d`` the diagonal of U over the block."""
+
+    def column(self, W1: Tensor, i: int, j: int) -> Tensor:
+        """The new value of column ``i`` of the block (column ``j`` of the matrix), from the
+        current weights ``W1`` (columns ``i:`` are up to date)."""
+        raise NotImplementedError
+
+
+def column_sweep(W: Tensor, factor: Tensor, rule: ColumnRule, blocksize: int) -> Tensor:
+    """The column loop of SparseGPT and GPTQ on ``W`` (rows × k), in place; returns the error
+    matrix E (rows × k) with E_j = (w_j − q_j)/U_jj, so the step loss of entry (r, j) is E_rj²/2.
+
+    Column j gets q_j = ``rule.column(...)`` and the later columns of its block move by
+    −E_j U_{j, j:} (U = Ũ⁻¹, ``factor`` = Ũ from :func:`upper_factor`, H = ŨŨᵀ). Later blocks
+    are updated lazily: since W − Q = E·U, the weights of block B at its start are
+    W_B + [(W − Q)_P Ũ_PB]·U_BB, P the columns before B (PAPERS.md §11.1, §14.5). On return
+    ``W`` holds Q.
+    """
+    rows, k = W.shape
+    E = torch.empty_like(W)
+    pending = torch.zeros_like(W) if blocksize < k else None  # (W − Q)_P Ũ_P,:
+    for i1 in range(0, k, blocksize):
+        i2 = min(i1 + blocksize, k)
+        fb = factor[i1:i2, i1:i2]
+        eye = torch.eye(i2 - i1, dtype=fb.dtype, device=fb.device)
+        Ub = torch.linalg.solve_triangular(fb, eye, upper=True)  # U_BB = Ũ_BB⁻¹
+        W1 = W[:, i1:i2].clone()
+        if i1 > 0:
+            W1.addmm_(pending[:, i1:i2], Ub)
+        d = Ub.diagonal()
+        rule.block(W1, i1, d)
+        E1 = E[:, i1:i2]
+        dl = d.tolist()
+        for i in range(i2 - i1):
+            q = rule.column(W1, i, i1 + i)
+            e = (W1[:, i] - q) / dl[i]
+            W1[:, i + 1 :].addmm_(e[:, None], Ub[i : i + 1, i + 1 :], alpha=-1.0)
+            W1[:, i] = q
+            E1[:, i] = e
+        if pending is not None and i2 < k:
+            pending[:, i2:].addmm_(W[:, i1:i2] - W1, factor[i1:i2, i2:])
+        W[:, i1:i2] = W1
+    return E
+
+
+class _PruneRule(ColumnRule):
+    """SparseGPT's deletions: a mask per block (unstructured: the block's quota of smallest
+    w²/U_jj² over all its rows) or per group of M columns (N:M). ``dropped`` collects them."""
+
+    def __init__(self, forced: Tensor, nm: NM | None, quota: list[int] | None, bs: int):
+        self.nm, self.quota, self.bs = nm, quota, bs
+        self.forced = forced
+        self.dropped = forced.clone()
+
+    def block(self, W1: Tensor, i1: int, d: Tensor) -> None:
+        self.f1 = self.forced[:, i1 : i1 + W1.shape[1]]
+        self.drop = self.dropped[:, i1 : i1 + W1.shape[1]]  # a view: choices land in dropped
+        self.d = d
+        if self.nm is None:
+            score = torch.where(self.f1, -math.inf, W1.square() / d.square())
+            pick = torch.sort(score.reshape(-1), stable=True).indices[: self.quota[i1 // self.bs]]
+            chosen = torch.zeros_like(self.f1)
+            chosen.view(-1)[pick] = True
+            self.drop.copy_(chosen)
+
+    def column(self, W1: Tensor, i: int, j: int) -> Tensor:
+        nm = self.nm
+        if nm is not None and i % nm[1] == 0:
+            g = slice(i, i + nm[1])
+            score = torch.where(self.f1[:, g], -math.inf, W1[:, g].square() / self.d[g].square())
+            smallest = torch.topk(score, nm[0], dim=1, largest=False).indices
+            self.drop[:, g] |= torch.zeros_like(self.drop[:, g]).scatter_(1, smallest, True)
+        return W1[:, i].masked_fill(self.drop[:, i], 0.0)
+
+
 def blocked_obs(
     W: Tensor,
     H: Tensor,
@@ -325,24 +438,27 @@ def blocked_obs(
         raise ValueError(f"blocksize must be >= 1, not {blocksize}")
     kept = torch.ones_like(W, dtype=torch.bool) if kept is None else kept.to(torch.bool)
     _check_nm_columns(nm, k, "the weight")
-    W, Hd, lam = _prepare(W, H, damping, dead)
-    L, lam = _cholesky(Hd, lam)
-    U = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+    W, Hd, lam = prepare_layer(W, H, damping, dead)
+    factor, lam = upper_factor(Hd, lam)
+    del Hd
     forced = ~kept
     bs = max(nm[1], blocksize - blocksize % nm[1]) if nm else blocksize
-    starts = list(range(0, k, bs))
-    quota = _block_quota(forced, bs, starts, target) if nm is None else [None] * len(starts)
-    out_kept = kept.clone()
-    losses = torch.zeros_like(W)
-    for b, i1 in enumerate(starts):
-        i2 = min(i1 + bs, k)
-        W1, err1, drop = _solve_block(
-            W[:, i1:i2].clone(), U[i1:i2, i1:i2], forced[:, i1:i2], quota[b], nm
-        )
-        losses[:, i1:i2] = err1.square() / 2  # (w − q)²/(2 d²)
-        W[:, i1:i2] = W1
-        W[:, i2:] -= err1 @ U[i1:i2, i2:]
-        out_kept[:, i1:i2] &= ~drop
+    quota = None
+    if nm is None:
+        if target is None:
+            raise ValueError("blocked_obs needs a target count (or nm)")
+        if not int(forced.sum()) <= target <= W.numel():
+            raise TargetExceededError(
+                f"target of {target} deleted entries is outside {int(forced.sum())}..{W.numel()}"
+            )
+        starts = range(0, k, bs)
+        sizes = [rows * (min(s + bs, k) - s) for s in starts]
+        per_block = [int(forced[:, s : s + bs].sum()) for s in starts]
+        quota = split_target(per_block, sizes, target)
+    rule = _PruneRule(forced, nm, quota, bs)
+    E = column_sweep(W, factor, rule, bs)
+    out_kept = ~rule.dropped
+    losses = torch.where(out_kept, 0.0, E.square() / 2)  # (w − q)²/(2 d²) at deleted entries
     return Solution(W, out_kept, losses, lam)
 
 
@@ -392,18 +508,18 @@ def _solve_block(W1: Tensor, U1: Tensor, f1: Tensor, quota: int | None, nm: NM |
 class LayerwiseOBS(PrunerBase):
     """Layer-wise OBS pruner (OBC / SparseGPT) with the interface of :class:`~optbrain.Pruner`.
 
-    ``pruner(problem, mask=None, sparsity=0.5)`` prunes the Linear/Conv1d/Conv2d weights named in
-    the mask to the total target ``sparsity`` (a float fraction of the mask's entries or an int
-    count, honoured exactly, as everywhere in optbrain), using the inputs of ``problem.data`` as
+    ``pruner(problem, mask=None, sparsity=0.5)`` prunes the Linear/Conv1d/Conv2d (and
+    ``transformers`` Conv1D, whose in × out weight is transposed to out × in for the solve) weights
+    named in the mask to the total target ``sparsity`` (a float fraction of the mask's entries or an
+    int count, honoured exactly, as everywhere in optbrain), using the inputs of ``problem.data`` as
     calibration data (labels are not used). The target is split over the layers in proportion to
     their sizes (:func:`split_target`; a layer that already has more entries pruned than its share
-    keeps them and the others take fewer), so every layer gets about the same sparsity. Each
-    layer's weights are replaced in place by the solver's reconstruction (deleted entries exactly
-    0; biases untouched) and the new mask is returned, not attached. If anything fails (or is
-    interrupted) the weights are restored before the error propagates. With ``sequential=True``
-    (default, as OBC/SparseGPT) layers are pruned in module order and each layer's H is computed
-    on the outputs of the layers already pruned; ``False`` computes every H from the unpruned
-    model in one pass.
+    keeps them and the others take fewer), so every layer gets about the same sparsity. Each layer's
+    weights are replaced in place by the solver's reconstruction (deleted entries exactly 0; biases
+    untouched) and the new mask is returned, not attached. If anything fails (or is interrupted) the
+    weights are restored before the error propagates. With ``sequential=True`` (default, as
+    OBC/SparseGPT) layers are pruned in module order and each layer's H is computed on the outputs
+    of the layers already pruned; ``False`` computes every H from the unpruned model in one pass.
 
     ``method``: ``"exact"`` (OBC), ``"blocked"`` (SparseGPT) or ``"auto"`` (exact when rows·k³ ≤
     ``exact_limit``). ``nm=(N, M)`` deletes N of every M consecutive inputs of each row
@@ -474,8 +590,8 @@ class LayerwiseOBS(PrunerBase):
         layers = self._layers(model, mask)
         targets = self._targets(mask, sparsity)
         params = named_parameters(model, trainable_only=False)
-        for name, path in layers.items():  # before any weight changes
-            _check_nm_columns(self.nm, params[name][0].numel(), f"layer {path!r}")
+        for path in layers.values():  # before any weight changes
+            _check_nm_columns(self.nm, layer_columns(model.get_submodule(path)), f"layer {path!r}")
         before = problem.objective() if self.measure else None
         with restored_on_error({name: params[name] for name in layers}):
             new, errors, biggest = self._prune_layers(problem, mask, layers, targets, params)
@@ -534,7 +650,7 @@ class LayerwiseOBS(PrunerBase):
                 Hinv, _ = damped_inverse(h.H[g], self.damping, self.dtype)
                 w = torch.where(h.dead[g], 0.0, W[g])
                 parts.append(w.square() / (2 * Hinv.diagonal()))
-            out[name] = torch.cat(parts).reshape(params[name].shape)
+            out[name] = h.weight_from_matrix(torch.stack(parts))
         return out
 
     def default_mask(self, model: nn.Module) -> Mask:
@@ -618,10 +734,9 @@ class LayerwiseOBS(PrunerBase):
             error += reconstruction_error(sol.weight - W[g], h.H[g])
             outs.append(sol)
             lams.append(sol.damping)
-        shape = weight.shape
-        new_w = torch.stack([s.weight for s in outs]).reshape(shape)
-        new_k = torch.stack([s.kept for s in outs]).reshape(shape) & kept
-        losses = torch.stack([s.losses for s in outs]).reshape(shape)
+        new_w = h.weight_from_matrix(torch.stack([s.weight for s in outs]))
+        new_k = h.weight_from_matrix(torch.stack([s.kept for s in outs])) & kept
+        losses = h.weight_from_matrix(torch.stack([s.losses for s in outs]))
         info = {
             "method": method,
             "error": error,
