@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -85,7 +84,7 @@ def train_lbfgs(
         opt.zero_grad(set_to_none=True)
         total = _mean_loss(model, batches, loss_fn, n)
         if not torch.isfinite(total):
-            raise _LeftFiniteRegion(f"the training loss became {float(total)}")
+            raise _LeftFiniteRegion(f"the training loss became {float(total.detach())}")
         total.backward()
         return total
 

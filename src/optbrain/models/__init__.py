@@ -2,5 +2,20 @@
 
 from .activations import LeCunTanh
 from .digits import digits_cnn, digits_mlp
+from .rnn_sysid import RecurrentSequenceModel, gru_model, lstm_model
+from .sequences import frame, sequence_problem, simulation_error
+from .sysid import NARX, OutputError
 
-__all__ = ["LeCunTanh", "digits_cnn", "digits_mlp"]
+__all__ = [
+    "NARX",
+    "LeCunTanh",
+    "OutputError",
+    "RecurrentSequenceModel",
+    "digits_cnn",
+    "digits_mlp",
+    "frame",
+    "gru_model",
+    "lstm_model",
+    "sequence_problem",
+    "simulation_error",
+]

@@ -21,7 +21,7 @@ _CELLS = {"gru": nn.GRU, "lstm": nn.LSTM}
 
 
 class RecurrentSequenceModel(_Scaled):
-    """``cell`` ("gru" or "lstm") with ``hidden`` units in ``layers`` layers and a Linear read-out."""
+    """``cell`` ("gru" or "lstm"), ``hidden`` units in ``layers`` layers, a Linear read-out."""
 
     def __init__(
         self,

@@ -92,7 +92,8 @@ def sequence_problem(
         raise TypeError(
             f"{type(model).__name__} has no 'start' attribute (the first predicted sample)"
         )
-    return Problem(model, loss_fn if loss_fn is not None else nn.MSELoss(), frame(u, y, start, segment))
+    loss_fn = loss_fn if loss_fn is not None else nn.MSELoss()
+    return Problem(model, loss_fn, frame(u, y, start, segment))
 
 
 @torch.no_grad()

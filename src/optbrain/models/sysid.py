@@ -66,7 +66,9 @@ class _Scaled(nn.Module):
         super().__init__()
         for name, (off, scale) in (("u", u_scaling), ("y", y_scaling)):
             if not (math.isfinite(off) and math.isfinite(scale) and scale > 0):
-                raise ValueError(f"{name}_scaling must be finite (offset, scale > 0), not {(off, scale)}")
+                raise ValueError(
+                    f"{name}_scaling must be finite (offset, scale > 0), not {(off, scale)}"
+                )
             self.register_buffer(f"{name}_offset", torch.tensor(float(off)))
             self.register_buffer(f"{name}_scale", torch.tensor(float(scale)))
 
