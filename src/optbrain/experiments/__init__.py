@@ -89,6 +89,13 @@ REGISTRY: dict[str, ExperimentSpec] = {
             "removed on the 5-d Gaussian mixture, OBS (no retraining) vs OBD with 60 retraining "
             "epochs per step",
         ),
+        ExperimentSpec(
+            "chaber2018-ph",
+            "optbrain.experiments.chaber2018_ph",
+            "OBD through time for output-error models of the pH neutralisation reactor (Chaber & "
+            "Ławryńczuk 2018): parameters removed and validation error, full vs pruned, against "
+            "magnitude pruning, NARX, GRU/LSTM and a sysidentpy NARMAX model",
+        ),
     )
 }
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from ._seeding import seeded
 from .sysid import _order, _Scaled, check_sequence_input
 
 __all__ = ["RecurrentSequenceModel", "gru_model", "lstm_model"]
@@ -33,6 +34,7 @@ class RecurrentSequenceModel(_Scaled):
         warmup: int = 20,
         u_scaling: tuple[float, float] = (0.0, 1.0),
         y_scaling: tuple[float, float] = (0.0, 1.0),
+        seed: int | None = None,
     ):
         super().__init__(u_scaling, y_scaling)
         if cell not in _CELLS:
@@ -41,8 +43,9 @@ class RecurrentSequenceModel(_Scaled):
         self.delay = _order("delay", delay, 1)
         self.start = max(self.delay, _order("warmup", warmup, 0))
         hidden, layers = _order("hidden", hidden, 1), _order("layers", layers, 1)
-        self.rnn = _CELLS[cell](1, hidden, layers, batch_first=True)
-        self.readout = nn.Linear(hidden, 1)
+        with seeded(seed):
+            self.rnn = _CELLS[cell](1, hidden, layers, batch_first=True)
+            self.readout = nn.Linear(hidden, 1)
 
     def forward(self, x: Tensor) -> Tensor:
         check_sequence_input(x, self.start)

@@ -24,7 +24,8 @@ output only for its initial conditions y(start−n_A)…y(start−1).
 
 **Scaling.** Inputs and outputs are mapped to z = (v − offset)/scale before the network and back
 after it; the offsets and scales are buffers (not trained, not pruned), set by :meth:`fit_scaling`
-(mean and standard deviation of training data) or given to the constructor.
+(mean and standard deviation of training data) or given to the constructor. ``seed`` seeds
+PyTorch's default initialisation without touching the global RNG.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from ._seeding import seeded
 
 __all__ = ["NARX", "InputOutputModel", "OutputError", "check_sequence_input"]
 
@@ -107,6 +110,7 @@ class InputOutputModel(_Scaled):
         *,
         u_scaling: tuple[float, float] = (0.0, 1.0),
         y_scaling: tuple[float, float] = (0.0, 1.0),
+        seed: int | None = None,
     ):
         super().__init__(u_scaling, y_scaling)
         self.n_a = _order("n_a", n_a, 1)
@@ -117,8 +121,9 @@ class InputOutputModel(_Scaled):
         self.n_hidden = _order("hidden", hidden, 1)
         self.n_u = self.n_b - self.delay + 1
         self.start = max(self.n_a, self.n_b)
-        self.hidden = nn.Linear(self.n_u + self.n_a, hidden)
-        self.output = nn.Linear(hidden, 1)
+        with seeded(seed):  # PyTorch's default initialisation; the global RNG is untouched
+            self.hidden = nn.Linear(self.n_u + self.n_a, hidden)
+            self.output = nn.Linear(hidden, 1)
 
     def extra_repr(self) -> str:
         return f"n_a={self.n_a}, n_b={self.n_b}, delay={self.delay}, hidden={self.n_hidden}"
