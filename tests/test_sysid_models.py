@@ -134,6 +134,17 @@ def test_gru_lstm_shapes_and_causality(make):
     assert torch.equal(m(x3), out)
 
 
+@pytest.mark.parametrize(
+    "make", [lambda s: OutputError(2, 2, 3, seed=s), lambda s: gru_model(3, seed=s)]
+)
+def test_seeded_construction_leaves_the_global_rng_alone(make):
+    state = torch.get_rng_state()
+    a, b, c = make(5), make(5), make(6)
+    assert torch.equal(state, torch.get_rng_state())
+    pa, pb, pc = (torch.cat([p.reshape(-1) for p in m.parameters()]) for m in (a, b, c))
+    assert torch.equal(pa, pb) and not torch.equal(pa, pc)
+
+
 # --------------------------------------------------------------------------- framing
 def test_frame_predicts_every_sample_once():
     u, y = signals(47)

@@ -14,14 +14,14 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from ._seeding import seeded
-from .sysid import _order, _Scaled, check_sequence_input
+from ._sequence_io import ScaledSequenceModel, check_sequence_input, order_arg
 
 __all__ = ["RecurrentSequenceModel", "gru_model", "lstm_model"]
 
 _CELLS = {"gru": nn.GRU, "lstm": nn.LSTM}
 
 
-class RecurrentSequenceModel(_Scaled):
+class RecurrentSequenceModel(ScaledSequenceModel):
     """``cell`` ("gru" or "lstm"), ``hidden`` units in ``layers`` layers, a Linear read-out."""
 
     def __init__(
@@ -40,9 +40,9 @@ class RecurrentSequenceModel(_Scaled):
         if cell not in _CELLS:
             raise ValueError(f"cell must be one of {', '.join(_CELLS)}, not {cell!r}")
         self.cell_type = cell
-        self.delay = _order("delay", delay, 1)
-        self.start = max(self.delay, _order("warmup", warmup, 0))
-        hidden, layers = _order("hidden", hidden, 1), _order("layers", layers, 1)
+        self.delay = order_arg("delay", delay, 1)
+        self.start = max(self.delay, order_arg("warmup", warmup, 0))
+        hidden, layers = order_arg("hidden", hidden, 1), order_arg("layers", layers, 1)
         with seeded(seed):
             self.rnn = _CELLS[cell](1, hidden, layers, batch_first=True)
             self.readout = nn.Linear(hidden, 1)

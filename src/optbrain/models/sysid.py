@@ -30,73 +30,17 @@ PyTorch's default initialisation without touching the global RNG.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._seeding import seeded
+from ._sequence_io import ScaledSequenceModel, check_sequence_input, order_arg
 
-__all__ = ["NARX", "InputOutputModel", "OutputError", "check_sequence_input"]
-
-
-def check_sequence_input(x: Tensor, start: int, channels: int = 2) -> None:
-    """``x`` must be a floating B × T × ``channels`` tensor with T > ``start``."""
-    if not isinstance(x, Tensor) or not x.is_floating_point():
-        raise TypeError(f"x must be a floating-point tensor, not {type(x).__name__}")
-    if x.dim() != 3 or x.shape[2] != channels:
-        raise ValueError(
-            f"x must be batch × time × {channels} (u, measured y); got shape {tuple(x.shape)}"
-        )
-    if x.shape[1] <= start:
-        raise ValueError(
-            f"the sequence has {x.shape[1]} samples but the model needs more than {start} (its "
-            "orders / warm-up) to predict anything"
-        )
+__all__ = ["NARX", "InputOutputModel", "OutputError"]
 
 
-def _order(name: str, value: int, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, not {value!r}")
-    return value
-
-
-class _Scaled(nn.Module):
-    """Affine scaling of input and output held in buffers (see the module docstring)."""
-
-    def __init__(self, u_scaling: tuple[float, float], y_scaling: tuple[float, float]):
-        super().__init__()
-        for name, (off, scale) in (("u", u_scaling), ("y", y_scaling)):
-            if not (math.isfinite(off) and math.isfinite(scale) and scale > 0):
-                raise ValueError(
-                    f"{name}_scaling must be finite (offset, scale > 0), not {(off, scale)}"
-                )
-            self.register_buffer(f"{name}_offset", torch.tensor(float(off)))
-            self.register_buffer(f"{name}_scale", torch.tensor(float(scale)))
-
-    @torch.no_grad()
-    def fit_scaling(self, u: Tensor, y: Tensor) -> _Scaled:
-        """Set offsets and scales to the mean and standard deviation of ``u`` and ``y``."""
-        for name, v in (("u", u), ("y", y)):
-            v = torch.as_tensor(v, dtype=torch.float64).reshape(-1)
-            sd = float(v.std()) if v.numel() > 1 else 0.0
-            if not math.isfinite(sd) or sd <= 0:
-                raise ValueError(f"cannot scale {name}: its standard deviation is {sd}")
-            getattr(self, f"{name}_offset").fill_(float(v.mean()))
-            getattr(self, f"{name}_scale").fill_(sd)
-        return self
-
-    def _scaled(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        u = (x[..., 0] - self.u_offset) / self.u_scale
-        y = (x[..., 1] - self.y_offset) / self.y_scale
-        return u, y
-
-    def _unscaled(self, ys: Tensor) -> Tensor:
-        return (ys * self.y_scale + self.y_offset).unsqueeze(-1)
-
-
-class InputOutputModel(_Scaled):
+class InputOutputModel(ScaledSequenceModel):
     """The network f shared by :class:`NARX` and :class:`OutputError`; ``forward`` is the
     subclass's mode, :meth:`one_step` and :meth:`simulate` are both always available (a NARX
     model is evaluated in simulation mode by ``model.simulate(x)``)."""
@@ -113,12 +57,12 @@ class InputOutputModel(_Scaled):
         seed: int | None = None,
     ):
         super().__init__(u_scaling, y_scaling)
-        self.n_a = _order("n_a", n_a, 1)
-        self.n_b = _order("n_b", n_b, 1)
-        self.delay = _order("delay", delay, 0)
+        self.n_a = order_arg("n_a", n_a, 1)
+        self.n_b = order_arg("n_b", n_b, 1)
+        self.delay = order_arg("delay", delay, 0)
         if self.delay > self.n_b:
             raise ValueError(f"delay (τ = {delay}) must not exceed n_b ({n_b})")
-        self.n_hidden = _order("hidden", hidden, 1)
+        self.n_hidden = order_arg("hidden", hidden, 1)
         self.n_u = self.n_b - self.delay + 1
         self.start = max(self.n_a, self.n_b)
         with seeded(seed):  # PyTorch's default initialisation; the global RNG is untouched
