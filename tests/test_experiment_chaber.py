@@ -29,9 +29,8 @@ TINY = {
     "max_sparsity": 0.5,
     "retrain_max_iter": 10,
     "rnn_cells": "gru",
+    "narmax": "false",
     "rnn_hidden": 3,
-    "narmax_degrees": "1",
-    "narmax_lags": "1",
     "figure_dpi": 30,
 }
 
@@ -64,6 +63,21 @@ def test_tiny_run_writes_claims_tables_and_figures(tmp_path):
     assert (tmp_path / "report.md").read_text().count("| **no** |") + (
         tmp_path / "report.md"
     ).read_text().count("| yes |") == 2
+
+
+def test_quick_run_through_the_cli(tmp_path):
+    from optbrain import cli
+    from optbrain.experiments import Result
+
+    out = tmp_path / "q"
+    assert cli.main(
+        ["reproduce", "chaber2018-ph", "--quick", "--out", str(out), "--no-progress"]
+    ) in (0, 1)
+    result = Result.load(out)
+    assert ch.Config.from_dict(result.config) == ch.Config.quick()
+    assert len(result.claims) == 2 and len(result.figures) == 2
+    removed = [r["removed"] for r in result.tables["full_vs_pruned"]]
+    assert all(r.endswith("%") for r in removed)
 
 
 def _history(vals_params: list[tuple[float, int]]) -> History:
