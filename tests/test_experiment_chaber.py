@@ -139,3 +139,24 @@ def test_sequence_task_prunes_through_optbrain_tasks(tmp_path):
     assert mask == current_mask(task.model)
     with torch.no_grad():
         assert torch.allclose(fresh(x), task.model(x))
+
+
+def test_one_step_view_is_obd_without_the_feedback_term():
+    from optbrain.curvature import GGNDiagonal
+    from optbrain.models.sequences import sequence_problem
+    from optbrain.models.sysid import NARX, OutputError
+
+    g = torch.Generator().manual_seed(0)
+    u = 12 + 7 * torch.rand(80, 1, generator=g, dtype=torch.float64)
+    y = 7 + torch.randn(80, 1, generator=g, dtype=torch.float64).cumsum(0) * 0.1
+    oe = OutputError(2, 2, 3, seed=1).double().fit_scaling(u, y)
+    narx = NARX(2, 2, 3).double()
+    narx.load_state_dict(oe.state_dict())
+    view = ch._OneStepView(oe)
+    assert [n for n, _ in view.named_parameters()] == [n for n, _ in oe.named_parameters()]
+    got = GGNDiagonal().diagonal(sequence_problem(view, u, y, 40))
+    want = GGNDiagonal().diagonal(sequence_problem(narx, u, y, 40))
+    through = GGNDiagonal().diagonal(sequence_problem(oe, u, y, 40))
+    for k in want:
+        assert torch.allclose(got[k], want[k], rtol=1e-10, atol=1e-14)
+    assert not torch.allclose(got["hidden.weight"], through["hidden.weight"], rtol=0.05)

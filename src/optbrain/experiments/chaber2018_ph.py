@@ -52,7 +52,12 @@ SUMMARY = (
 TITLE = "OBD for recurrent models of the pH reactor (Chaber & Ławryńczuk 2018)"
 PAPER_REMOVED = "OBD removes as many as 60 % of the model parameters"
 PAPER_ERROR = "the validation error falls by some 30 % against the full model"
-LABELS = {"obd": "OBD (through time)", "magnitude": "magnitude"}
+LABELS = {
+    "obd": "OBD (through time)",
+    "obd_one_step": "OBD (one-step, no feedback term)",
+    "magnitude": "magnitude",
+}
+METHOD = Literal["obd", "obd_one_step", "magnitude"]
 
 
 @dataclass
@@ -86,7 +91,7 @@ class Config(base.Config):
     patience: int = 10
     full_early_stopping: bool = True
     check_every: int = 10
-    methods: tuple[Literal["obd", "magnitude"], ...] = ("obd", "magnitude")
+    methods: tuple[METHOD, ...] = ("obd", "magnitude")
     per_round: float = 0.03
     max_sparsity: float = 0.9
     retrain_max_iter: int = 150
@@ -253,6 +258,21 @@ def _schedule(cfg: Config):
     return linear(cfg.per_round * rounds, rounds), rounds
 
 
+class _OneStepView(nn.Module):
+    """An OE model's parameters run one step ahead (from the measured past outputs): its GGN
+    diagonal is OBD's without the dependence through the fed-back outputs (the control for
+    "through time"). It shares the model's layers, so the pruner's zeroing reaches the model."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.hidden, self.output = model.hidden, model.output
+        self.start = model.start
+        self._one_step = model.one_step  # a bound method: the model is not a submodule
+
+    def forward(self, x):
+        return self._one_step(x)
+
+
 def _prune(cfg: Config, full: nn.Module, full_val: float, method: str, data, keep: bool) -> dict:
     """Prune a copy of ``full`` by ``method`` with retraining; the history, the selected rounds,
     and (``keep``) a copy of the model after every round."""
@@ -273,13 +293,17 @@ def _prune(cfg: Config, full: nn.Module, full_val: float, method: str, data, kee
         if keep:
             snapshots[r] = copy.deepcopy(m)
 
+    def make_problem(m: nn.Module):
+        view = _OneStepView(m) if method == "obd_one_step" else m
+        return sequence_problem(view, data.train.u, data.train.y, cfg.segment)
+
     t0 = time.perf_counter()
     history = iterative_prune(
         model,
-        presets.obd() if method == "obd" else presets.magnitude(),
+        presets.magnitude() if method == "magnitude" else presets.obd(),
         schedule,
         rounds=rounds,
-        make_problem=lambda m: sequence_problem(m, data.train.u, data.train.y, cfg.segment),
+        make_problem=make_problem,
         retrain=retrain,
         evaluate=lambda m: _metrics(cfg, m, data),
         stop_val_loss=cfg.stop_factor * full_val,
