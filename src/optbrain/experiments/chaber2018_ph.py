@@ -662,13 +662,23 @@ def _error_figure(cfg: Config, runs, extras, figs: FigureFiles) -> None:
             curve = mean_sd_curve([h.column("metrics.val_loss") for h in hists])
             x = hists[0].column("remaining_params")[: len(curve)]
             band(ax, x, curve, color=f"C{j}", marker=".", ms=3, label=LABELS[method])
-        if cfg.narx:
-            narx = mean_sd([e["narx"]["val_loss"] for e in by_seed.values()])[0]
-            ax.axhline(narx, color="C2", ls=":", lw=1, label="NARX (simulated)")
-        if narmax and math.isfinite(mean_sd(narmax)[0]):
-            ax.axhline(mean_sd(narmax)[0], color="C3", ls="--", lw=1, label="NARMAX")
+        full = mean_sd([e["full"]["val_loss"] for e in by_seed.values()])[0]
+        top = 2 * cfg.stop_factor * full  # the runs stop above stop_factor × the full model's
+        for key, label, style in (("narx", "NARX (simulated)", ":"), ("narmax", "NARMAX", "--")):
+            if key == "narx" and cfg.narx:
+                value = mean_sd([e["narx"]["val_loss"] for e in by_seed.values()])[0]
+            elif key == "narmax" and narmax:
+                value = mean_sd(narmax)[0]
+            else:
+                continue
+            color = "C5" if key == "narmax" else "C4"
+            if not math.isfinite(value) or value > top:  # only in the legend
+                ax.plot([], [], color=color, ls=style, lw=1, label=f"{label} {value:.2g} (above)")
+            else:
+                ax.axhline(value, color=color, ls=style, lw=1, label=f"{label} {value:.2g}")
         ax.axhline(cfg.noise_std**2, color="0.5", ls="-.", lw=0.8, label="noise floor σ²")
         ax.set_yscale("log")
+        ax.set_ylim(0.5 * cfg.noise_std**2 if cfg.noise_std > 0 else None, top)
         ax.invert_xaxis()
         ax.set_xlabel("parameters left")
         ax.set_ylabel("validation MSE (pH², simulation)")
