@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from optbrain.data import ph_reactor as R
 
@@ -115,6 +116,25 @@ def test_sequences_are_seeded_and_independent():
     noise = (a.train.y - a.train.y_clean).std()
     assert 0.02 < float(noise) < 0.09
     assert a.split("val") is a.val
+
+
+def test_disturbances_are_optional_and_leave_the_input_alone():
+    spec = R.SequenceSpec(n_train=120, n_val=20, n_test=20)
+    plain = R.make_sequences(spec, 0)
+    dist = R.make_sequences(
+        R.SequenceSpec(n_train=120, n_val=20, n_test=20, q1_steps=(14.0, 19.0)), 0
+    )
+    assert torch.equal(plain.train.u, dist.train.u)  # the excitation does not change
+    assert torch.equal(plain.train.disturbances[:, 0], torch.full((120,), 16.6))
+    q1 = dist.train.disturbances[:, 0]
+    assert q1.min() >= 14.0 and q1.max() <= 19.0 and len(set(q1.tolist())) > 1
+    assert torch.equal(dist.train.disturbances[:, 1], plain.train.disturbances[:, 1])
+    # the simulation sees the disturbance: more acid, lower pH where q1 is high
+    more = q1[:-1] > 16.6
+    diff = (dist.train.y_clean - plain.train.y_clean)[1:, 0]
+    assert (diff[more] < 0).float().mean() > 0.6
+    with pytest.raises(ValueError, match="q2_steps"):
+        R.make_sequences(R.SequenceSpec(q2_steps=(1.0, 0.5)))
 
 
 @pytest.mark.parametrize("bad", [-1.0, math.nan, math.inf])

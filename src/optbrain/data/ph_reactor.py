@@ -20,8 +20,9 @@ hold at the sampling instants).
 
 For identification (PAPERS.md §10, §14.1): input u = q3, output y = pH; q3 is excited by random
 steps (levels uniform in a range, hold times uniform in a range of samples); q1 and q2 are constant
-(or given as disturbance sequences to :func:`simulate`); the pH is sampled every ``sample_period``
-seconds and measured with Gaussian noise. :func:`make_sequences` gives seeded training, validation
+or random-step disturbances (``SequenceSpec.q1_steps``/``q2_steps``; any sequence through
+:func:`simulate`); the pH is sampled every ``sample_period`` seconds and measured with Gaussian
+noise. :func:`make_sequences` gives seeded training, validation
 and test sequences (numpy Generators seeded from ``(seed, split)``; the global RNG is never used).
 """
 
@@ -267,6 +268,8 @@ class SequenceSpec:
     hold: tuple[int, int] = (5, 30)  # samples
     q1: float = NOMINAL_FLOWS[0]
     q2: float = NOMINAL_FLOWS[1]
+    q1_steps: tuple[float, float] | None = None  # disturbance: random steps of q1 in this range
+    q2_steps: tuple[float, float] | None = None  # disturbance: random steps of q2 in this range
     noise_std: float = 0.02  # pH units, Gaussian measurement noise
     params: ReactorParameters = field(default_factory=ReactorParameters)
 
@@ -278,6 +281,12 @@ class SequenceSpec:
         _check_flows(np.array([lo, hi, self.q1, self.q2]), "flows (q3_range, q1, q2)")
         if lo > hi:
             raise ValueError(f"q3_range must be (low, high) with low <= high, got {self.q3_range}")
+        for name in ("q1_steps", "q2_steps"):
+            rng = getattr(self, name)
+            if rng is not None:
+                _check_flows(np.array(rng, dtype=float), name)
+                if len(rng) != 2 or rng[0] > rng[1]:
+                    raise ValueError(f"{name} must be (low, high) with low <= high, got {rng}")
         if not (math.isfinite(self.noise_std) and self.noise_std >= 0):
             raise ValueError(f"noise_std must be >= 0, got {self.noise_std!r}")
 
@@ -285,12 +294,14 @@ class SequenceSpec:
 @dataclass
 class PHSequence:
     """One identification sequence: ``u`` = q3 (ml/s) held on [t_k, t_{k+1}), ``y`` = measured
-    pH at t_k (noisy), ``y_clean`` = noise-free pH; all T × 1 float tensors (k = 0..T−1)."""
+    pH at t_k (noisy), ``y_clean`` = noise-free pH; all T × 1 float tensors (k = 0..T−1);
+    ``disturbances``: T × 2, the flows q1 and q2 (constant unless the spec varies them)."""
 
     u: Tensor
     y: Tensor
     y_clean: Tensor
     sample_period: float
+    disturbances: Tensor
 
     def __len__(self) -> int:
         return self.u.shape[0]
@@ -315,13 +326,20 @@ class PHSequences:
 def _sequence(spec: SequenceSpec, n: int, seed: int, split: int, dtype) -> PHSequence:
     rng = np.random.default_rng([seed, split])
     q3 = random_steps(n, *spec.q3_range, spec.hold, rng)
-    flows = np.column_stack([np.full(n, spec.q1), np.full(n, spec.q2), q3])
+    other = np.random.default_rng([seed, split, 1])  # disturbances: a stream of their own
+    q12 = [
+        random_steps(n, *steps, spec.hold, other) if steps is not None else np.full(n, q)
+        for q, steps in ((spec.q1, spec.q1_steps), (spec.q2, spec.q2_steps))
+    ]
+    flows = np.column_stack([*q12, q3])
     ss = steady_state(spec.q1, spec.q2, 0.5 * sum(spec.q3_range), spec.params)
     traj = simulate(flows, spec.sample_period, (ss.wa4, ss.wb4, ss.h), spec.params)
     clean = traj.ph[:n]  # pH at t_k, before the input held on [t_k, t_{k+1}) acts
     noisy = clean + spec.noise_std * rng.standard_normal(n)
-    as_t = lambda a: torch.as_tensor(a, dtype=dtype).reshape(n, 1)  # noqa: E731
-    return PHSequence(as_t(q3), as_t(noisy), as_t(clean), spec.sample_period)
+    as_t = lambda a: torch.as_tensor(a, dtype=dtype).reshape(n, -1)  # noqa: E731
+    return PHSequence(
+        as_t(q3), as_t(noisy), as_t(clean), spec.sample_period, as_t(np.column_stack(q12))
+    )
 
 
 def make_sequences(
