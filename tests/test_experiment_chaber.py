@@ -160,3 +160,16 @@ def test_one_step_view_is_obd_without_the_feedback_term():
     for k in want:
         assert torch.allclose(got[k], want[k], rtol=1e-10, atol=1e-14)
     assert not torch.allclose(got["hidden.weight"], through["hidden.weight"], rtol=0.05)
+
+
+def test_narmax_baseline_picks_the_best_validation_point():
+    pytest.importorskip("sysidentpy")
+    from optbrain.data.ph_reactor import SequenceSpec, make_sequences
+    from optbrain.experiments.narmax_baseline import fit_narmax
+
+    data = make_sequences(SequenceSpec(n_train=300, n_val=150, n_test=150), 0)
+    r = fit_narmax(data, degrees=(1,), lags=(1, 2), start=5)
+    assert len(r["grid"]) == 2 and r["degree"] == 1
+    assert r["val_loss"] == min(g["val_loss"] for g in r["grid"])
+    variance = float(data.val.y[5:].var())
+    assert 0 < r["val_loss"] < variance  # a linear ARX model beats the mean in simulation
