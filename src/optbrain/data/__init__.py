@@ -5,6 +5,7 @@ from .digits import DigitsData, load_digits_split, loaders
 from .gaussian_mixture import MixtureData, load_gaussian_mixture
 from .mackey_glass import MackeyGlassData, load_mackey_glass, mackey_glass
 from .monk import MonkData, load_monk
+from .ph_reactor import PHSequences, SequenceSpec, make_sequences, steady_state
 from .stdlib_text import StdlibText, load_stdlib_text
 from .sunspots import SunspotData, load_sunspots
 from .waveform import WaveformData, load_waveform_split, make_waveform
@@ -23,6 +24,8 @@ __all__ = [
     "MixtureData",
     "MonkData",
     "StdlibText",
+    "PHSequences",
+    "SequenceSpec",
     "WaveformData",
     "load_digits_split",
     "load_gaussian_mixture",
@@ -30,7 +33,9 @@ __all__ = [
     "load_stdlib_text",
     "load_waveform_split",
     "loaders",
+    "make_sequences",
     "make_waveform",
+    "steady_state",
     "xor_data",
     "xor_solved",
 ]

@@ -136,6 +136,13 @@ REGISTRY: dict[str, ExperimentSpec] = {
             "character-level transformer trained offline on Python's standard library (Frantar "
             "et al. 2023), perplexity against the GPTQ paper's OPT-125M ordering",
         ),
+        ExperimentSpec(
+            "chaber2018-ph",
+            "optbrain.experiments.chaber2018_ph",
+            "OBD through time for output-error models of the pH neutralisation reactor (Chaber & "
+            "Ławryńczuk 2018): parameters removed and validation error, full vs pruned, against "
+            "magnitude pruning, NARX, GRU/LSTM and a sysidentpy NARMAX model",
+        ),
     )
 }
 

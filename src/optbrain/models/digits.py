@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager
 
-import torch
 from torch import nn
 
+from ._seeding import seeded as _seeded
 from .activations import LeCunTanh
 
 __all__ = ["digits_mlp", "digits_cnn"]
@@ -18,17 +17,6 @@ _ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "sigmoid": nn.Sigmoid,
     "relu": nn.ReLU,
 }
-
-
-@contextmanager
-def _seeded(seed: int | None):
-    """Run the block under ``torch.manual_seed(seed)`` without changing the global CPU RNG."""
-    if seed is None:
-        yield
-        return
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
 
 
 def digits_mlp(

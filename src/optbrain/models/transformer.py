@@ -5,7 +5,7 @@ multi-head self-attention whose query, key, value and output projections are sep
 ``nn.Linear`` modules (``q_proj``, ``k_proj``, ``v_proj``, ``out_proj``, the names OPT uses), an
 MLP ``fc1`` → GELU → ``fc2``, learned position embeddings, a final LayerNorm and an untied
 ``nn.Linear`` head. Every projection is a plain ``nn.Linear`` so that layer-wise compression
-(:mod:`optbrain.layerwise`, :mod:`optbrain.quantize`) sees each one through forward hooks.
+(:mod:`optbrain.pruners.layerwise`, :mod:`optbrain.quantize`) sees each one through forward hooks.
 
 ``model(x)`` takes token ids ``(B, T)`` (T ≤ ``context``) and returns logits ``(B, T, vocab)``;
 :class:`SequenceCrossEntropy` is the matching next-token loss.
