@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.fx.node import map_arg
 
 from ...errors import NonFiniteLossError
@@ -73,16 +73,20 @@ class _Plan:
     """What the sweep needs to know about a graph for one input shape: static nodes, which nodes
     lead to a wanted parameter, the sample layout of every value, the per-sample width."""
 
-    def __init__(self, graph: ModelGraph, wanted: dict[str, Tensor], x: Tensor):
+    def __init__(
+        self, graph: ModelGraph, wanted: dict[str, Tensor], x: Tensor, model: nn.Module | None
+    ):
         self.graph = graph
         self.static = _static_nodes(graph)
         wanted_ids = {id(p) for p in wanted.values()}
         self.wanted_ids = wanted_ids
         self.leads = _leads_to_wanted(graph, wanted_ids)
-        self.layouts, self.width, self.out_width = _layouts(graph, x)
+        self.layouts, self.width, self.out_width = _layouts(graph, x, model)
 
 
-def _plan(graph: ModelGraph, wanted: dict[str, Tensor], x: Tensor) -> _Plan:
+def _plan(
+    graph: ModelGraph, wanted: dict[str, Tensor], x: Tensor, model: nn.Module | None = None
+) -> _Plan:
     """The plan for this graph, parameters and input shape (kept on the graph: the probe runs
     once per input shape, not once per call)."""
     key = (tuple(x.shape[1:]), x.dtype, x.device, tuple(sorted(id(p) for p in wanted.values())))
@@ -90,7 +94,7 @@ def _plan(graph: ModelGraph, wanted: dict[str, Tensor], x: Tensor) -> _Plan:
     if key not in cache:
         if len(cache) > 8:
             cache.clear()
-        cache[key] = _Plan(graph, wanted, x)
+        cache[key] = _Plan(graph, wanted, x, model)
     return cache[key]
 
 
@@ -149,15 +153,20 @@ def _forward(graph: ModelGraph, x: Tensor) -> dict[str, object]:
     return env
 
 
-def _layouts(graph: ModelGraph, x: Tensor) -> tuple[dict[str, Layout], int, int]:
+def _layouts(
+    graph: ModelGraph, x: Tensor, model: nn.Module | None = None
+) -> tuple[dict[str, Layout], int, int]:
     """The sample layout of every tensor value, from two probe runs (one and two samples), the
     largest per-sample number of entries and the output's. A value whose samples are not
     separable (mixed with each other, interleaved, or along several dimensions) raises
-    GraphReadError."""
+    GraphReadError, and so does a graph whose output differs from ``model``'s own (a forward
+    that branched on types or values while it was traced)."""
     x1 = x[:1]
     x2 = torch.cat([x[:1], x[1:2] if x.shape[0] > 1 else x[:1]])
     with torch.no_grad(), eval_mode(graph.module):
         e1, e2 = _forward(graph, x1), _forward(graph, x2)
+    if model is not None:
+        _check_faithful(model, x2, e2[_output(graph).name])
     out: dict[str, Layout] = {}
     width = 1
     for gn in graph.nodes:
@@ -195,6 +204,26 @@ def _layouts(graph: ModelGraph, x: Tensor) -> tuple[dict[str, Layout], int, int]
     return out, width, out_width
 
 
+def _check_faithful(model: nn.Module, x: Tensor, traced) -> None:
+    """The traced graph computes the model's output (tracing fixes every Python-level decision
+    of the forward: ``isinstance(out, tuple)`` on a layer's output, a branch on a flag read from
+    a value, ...)."""
+    with torch.no_grad(), eval_mode(model):
+        own = model(x)
+    same = (
+        isinstance(own, Tensor)
+        and isinstance(traced, Tensor)
+        and own.shape == traced.shape
+        and torch.allclose(own, traced, rtol=1e-4, atol=1e-6 * (1 + float(own.abs().max())))
+    )
+    if not same:
+        raise GraphReadError(
+            "the traced graph does not compute the model's output (the forward decides "
+            "something at trace time, e.g. isinstance(layer_output, tuple) or a branch on a "
+            "flag, that differs when it runs)"
+        )
+
+
 # ============================================================================ canonical layouts
 def canon(t: Tensor, lay: Layout, lead: int = 0) -> Tensor:
     """``t`` (``lead`` leading axes, then a value of layout ``lay``) with the samples on axis
@@ -227,7 +256,7 @@ def run(
     with torch.no_grad(), eval_mode(problem.model):
         for x, y in problem.batches():
             if plan is None:
-                plan = _plan(graph, wanted, x)
+                plan = _plan(graph, wanted, x, problem.model)
                 if not mode.startswith("lecun"):
                     k = {"ef": 1, "mc": samples}.get(mode, plan.out_width)
                     chunk = max(1, _BUDGET // max(1, k * plan.width))
