@@ -390,6 +390,16 @@ def test_explain_names_the_engine_of_every_estimator():
     assert explain(Problem(seq, loss_fn, batches))["ggn"].engine == "chain"
 
 
+def test_engine_of_finds_the_estimator_inside_a_pruner():
+    from optbrain.curvature.paths import engine_of
+    from optbrain.pruners import make as make_pruner
+
+    model, loss_fn, batches = make("res_mlp", "ce_mean")
+    problem = Problem(model, loss_fn, batches)
+    assert engine_of(make_pruner("obd", 0), problem).engine == "graph"
+    assert engine_of(make_pruner("magnitude", 0), problem) is None
+
+
 class _Branchy(nn.Module):
     def __init__(self):
         super().__init__()
