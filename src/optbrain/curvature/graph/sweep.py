@@ -41,6 +41,7 @@ from ...paramdict import ParamDict
 from ...problem import Problem, eval_mode
 from .. import losses
 from .._checks import all_finite
+from ..budget import samples_per_sweep, split
 from ..rules import LinearRule
 from . import glue as G
 from .reader import GNode, GraphReadError, ModelGraph
@@ -48,7 +49,6 @@ from .reader import GNode, GraphReadError, ModelGraph
 log = logging.getLogger(__name__)
 
 MODES = ("lecun", "lecun_gn", "ggn", "ef", "mc")
-_BUDGET = 2**24  # elements per column tensor (~128 MB in float64)
 _LINEAR = LinearRule()
 #: static-path functions whose vector-Jacobian product moves squared per-sample gradients back
 #: exactly (each output entry is one input entry, none repeated)
@@ -81,7 +81,9 @@ class _Plan:
         wanted_ids = {id(p) for p in wanted.values()}
         self.wanted_ids = wanted_ids
         self.leads = _leads_to_wanted(graph, wanted_ids)
-        self.layouts, self.width, self.out_width = _layouts(graph, x, model)
+        self.layouts, self.width, self.out_width, self.kept, self.scratch = _layouts(
+            graph, x, model
+        )
 
 
 def _plan(
@@ -168,7 +170,7 @@ def _layouts(
     if model is not None:
         _check_faithful(model, x2, e2[_output(graph).name])
     out: dict[str, Layout] = {}
-    width = 1
+    width, kept, scratch = 1, 0, 0
     for gn in graph.nodes:
         v1, v2 = e1.get(gn.name), e2.get(gn.name)
         if gn.kind == "output" or not isinstance(v1, Tensor):
@@ -193,15 +195,16 @@ def _layouts(
                     gn.name,
                 )
         out[gn.name] = Layout(d, mult)
-        width = max(width, v1.numel())
+        width, kept = max(width, v1.numel()), kept + v1.numel()
     for gn in graph.leaves():  # per-sample gradients a rule holds (recurrent weights, kernels)
         arg = gn.node.args[0] if gn.node.args else None
         x = e1.get(arg.name) if hasattr(arg, "name") else None
         if isinstance(x, Tensor):
             width = max(width, gn.rule.column_cost(gn.module, x))
+            scratch = max(scratch, gn.rule.scratch_cost(gn.module, x))
     result = _output(graph).name
     out_width = e1[result].numel() if isinstance(e1.get(result), Tensor) else 1
-    return out, width, out_width
+    return out, width, out_width, kept, scratch
 
 
 def _check_faithful(model: nn.Module, x: Tensor, traced) -> None:
@@ -259,8 +262,8 @@ def run(
                 plan = _plan(graph, wanted, x, problem.model)
                 if not mode.startswith("lecun"):
                     k = {"ef": 1, "mc": samples}.get(mode, plan.out_width)
-                    chunk = max(1, _BUDGET // max(1, k * plan.width))
-            for xc, yc in _split(x, y, chunk):
+                    chunk = samples_per_sweep(k, plan.width, plan.kept, x.shape[0], plan.scratch)
+            for xc, yc in split(x, y, chunk):
                 env = _forward(graph, xc)
                 out = env[_output(graph).name]
                 if not isinstance(out, Tensor):
@@ -278,14 +281,6 @@ def run(
         v = torch.zeros_like(p) if v is None else v
         out[name] = v if mode.startswith("lecun") else v / n_total
     return out
-
-
-def _split(x: Tensor, y: Tensor, size: int | None):
-    if size is None or x.shape[0] <= size:
-        yield x, y
-    else:
-        for i in range(0, x.shape[0], size):
-            yield x[i : i + size], y[i : i + size]
 
 
 def _output(graph: ModelGraph) -> GNode:
