@@ -78,6 +78,7 @@ class EstimatorRow:
     spearman_saliency: float | None
     min_diag: float
     note: str = ""
+    engine: str = ""  # the engine the estimator took and why (optbrain.curvature.paths)
 
 
 @dataclass
@@ -345,6 +346,7 @@ def run(
             reference = diag
         row = _row(entry, diag, reference, weights, layers, entry is entries[0])
         row.seconds, row.ratio = seconds, seconds / statistics.median(local)
+        row.engine = _engine(entry.estimator, sub)
         rows.append(row)
 
     result = CurvatureReport(
@@ -365,6 +367,21 @@ def run(
     if out is not None:
         result.save(out)
     return result
+
+
+def _engine(estimator, problem: Problem) -> str:
+    """``engine: reason`` for estimators that say which engine they take, "" otherwise."""
+    path = getattr(estimator, "path", None)
+    return str(path(problem)) if callable(path) else ""
+
+
+def _engine_lines(rows: Sequence[EstimatorRow]) -> list[str]:
+    """One line per distinct engine: which estimators took it and why."""
+    by_engine: dict[str, list[str]] = {}
+    for r in rows:
+        if r.engine:
+            by_engine.setdefault(r.engine, []).append(r.label)
+    return [f"engine {eng} -- {', '.join(labels)}" for eng, labels in by_engine.items()]
 
 
 # ------------------------------------------------------------------------------ formatting
@@ -419,5 +436,6 @@ def format_table(result: CurvatureReport) -> str:
     lines.append("and of the OBD saliencies with GGN-based ones (OBD), over all parameters.")
     for i, note in enumerate(notes, 1):
         lines.append(f"{'*' * i} {note}")
+    lines += _engine_lines(result.rows)
     lines.append(f"total time {result.total_seconds:.1f} s")
     return "\n".join(lines)
