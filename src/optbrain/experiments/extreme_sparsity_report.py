@@ -288,7 +288,7 @@ def figures(cfg, sweeps: dict, out) -> list[str]:
             ax.set_xlabel("sparsity %")
             ax.set_title(title, fontsize=9)
         axes[0].set_ylabel(sweep.get("metric", "score"))
-        axes[1].legend(fontsize=6, loc="lower left")
+        axes[1].legend(fontsize=6, loc="upper right")
         fig.suptitle(f"{task}: {len(cfg.seeds)} seeds, mean ± sd", fontsize=9)
         files.save(fig, f"{task}_sweep.png")
     return files.paths
