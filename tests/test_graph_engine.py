@@ -512,3 +512,108 @@ def test_a_graph_that_differs_from_the_model_is_refused():
         GGNDiagonal().diagonal(problem),
         reference.ggn_diag(model, problem.loss_fn, [(x, problem.data[1])], use_vmap=False),
     )
+
+
+# --------------------------------------------------------------------------- LayerNorm in a chain
+def _ln_chain():
+    torch.manual_seed(0)
+    seq = nn.Sequential(nn.Linear(4, 5), nn.LayerNorm(5), nn.Tanh(), nn.Linear(5, 3)).to(D)
+    with torch.no_grad():
+        seq[1].weight.add_(0.3 * torch.randn(5, dtype=D))
+    x, y = torch.randn(10, 4, dtype=D), torch.randint(0, 3, (10,))
+    return seq, nn.CrossEntropyLoss(), [(x, y)]
+
+
+def test_a_chain_with_layernorm_gets_its_second_derivatives():
+    """The chain engine's exact-Hessian and full-LeCun sweeps have no term for LayerNorm's own
+    curvature: such a chain takes the graph engine (LeCun) or the generic one (Hessian)."""
+    seq, loss_fn, batches = _ln_chain()
+    problem = Problem(seq, loss_fn, batches)
+    assert_diag_close(
+        ExactHessianDiagonal().diagonal(problem), reference.hessian_diag(seq, loss_fn, batches)
+    )
+    slow = reference_graph.lecun_graph_slow(graph_of(seq).module, seq, loss_fn, batches, False)
+    assert_diag_close(LeCunDiagonal(gauss_newton=False).diagonal(problem), slow)
+    # the Gauss-Newton forms have no second-order residual: the chain engine stays
+    assert GGNDiagonal().path(problem).engine == "chain"
+    assert LeCunDiagonal().path(problem).engine == "chain"
+    assert "LayerNorm" in ExactHessianDiagonal().path(problem).reason
+
+
+# --------------------------------------------------------------------------- rule refusals
+class _Projected(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.r, self.out = nn.LSTM(3, 6, proj_size=2, batch_first=True), nn.Linear(2, 2)
+
+    def forward(self, x):
+        return self.out(self.r(x)[0][:, -1])
+
+
+class _Renormed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.e, self.out = nn.Embedding(7, 4, max_norm=1.0), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.out(self.e(x).mean(1))
+
+
+def test_a_rule_refusal_is_known_before_the_run_and_falls_back():
+    """A layer configuration a rule has no derivatives for (LSTM proj_size, Embedding max_norm,
+    BatchNorm without running statistics) makes explain say generic, with the layer and the
+    reason; the column estimators then fall back; LeCun refuses naming it."""
+    g = torch.Generator().manual_seed(0)
+    cases = [
+        (_Projected(), torch.randn(6, 5, 3, generator=g), nn.MSELoss(), "proj_size"),
+        (_Renormed(), torch.randint(0, 7, (6, 4), generator=g), nn.CrossEntropyLoss(), "max_norm"),
+        (
+            nn.Sequential(
+                nn.Linear(3, 4), nn.BatchNorm1d(4, track_running_stats=False), nn.Linear(4, 2)
+            ),
+            torch.randn(6, 3, generator=g),
+            nn.CrossEntropyLoss(),
+            "track_running_stats",
+        ),  # fmt: skip
+    ]
+    for model, x, loss_fn, word in cases:
+        model = model.to(D).eval()
+        x = x.to(D) if x.is_floating_point() else x
+        y = (
+            torch.randn(6, 2, dtype=D)
+            if isinstance(loss_fn, nn.MSELoss)
+            else torch.randint(0, 2, (6,))
+        )
+        problem = Problem(model, loss_fn, [(x, y)])
+        for key, path in explain(problem).items():
+            assert path.engine == "generic", (key, path)
+            assert key == "hutchinson" or word in path.reason, (key, path)
+        if word != "track_running_stats":  # batch statistics: no per-sample objective to check
+            ggn = GGNDiagonal().diagonal(problem)
+            assert_diag_close(ggn, reference.ggn_diag(model, loss_fn, [(x, y)], use_vmap=False))
+        with pytest.raises(UnsupportedModuleError, match=word):
+            LeCunDiagonal().diagonal(problem)
+
+
+class _Erf(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.b(torch.erf(self.a(x)))
+
+
+def test_explain_knows_before_the_run_that_lecun_has_no_rule_for_a_function():
+    model = _Erf().to(D)
+    problem = Problem(
+        model, nn.CrossEntropyLoss(), [(torch.randn(5, 3, dtype=D), torch.arange(5) % 2)]
+    )
+    paths = explain(problem)
+    assert paths["lecun"].engine == "generic" and "'erf'" in paths["lecun"].reason
+    assert paths["ggn"].engine == "graph"  # the columns go through erf by its vjp
+    with pytest.raises(UnsupportedModuleError, match="erf"):
+        LeCunDiagonal().diagonal(problem)
+    # only the output layer's weights wanted: erf is not between them and the output
+    only_b = Problem(model, nn.CrossEntropyLoss(), problem.data, params=["b.weight", "b.bias"])
+    assert LeCunDiagonal().path(only_b).engine == "graph"

@@ -249,3 +249,28 @@ def test_a_sequence_of_length_zero_is_named():
     x = torch.randn(2, 0, 3, dtype=D)
     with pytest.raises((ShapeMismatchError, RuntimeError, IndexError)):
         LeCunDiagonal().diagonal(_problem(model, x))
+
+
+class _Packed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.r, self.o = nn.GRU(3, 4, batch_first=True), nn.Linear(4, 2)
+
+    def forward(self, x):
+        lengths = torch.full((x.shape[0],), x.shape[1])
+        packed = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True)
+        return self.o(self.r(packed)[1][-1])
+
+
+def test_packed_sequences_are_refused_by_every_engine_with_the_reason():
+    from optbrain.curvature import EmpiricalFisherDiagonal, GGNDiagonal, LeCunDiagonal, explain
+
+    g = torch.Generator().manual_seed(0)
+    problem = Problem(
+        _Packed(), nn.CrossEntropyLoss(), (torch.randn(5, 6, 3, generator=g), torch.arange(5) % 2)
+    )
+    path = explain(problem)["ggn"]
+    assert path.engine == "refused" and "pack_padded_sequence" in path.reason
+    for est in (GGNDiagonal(), EmpiricalFisherDiagonal(), LeCunDiagonal()):
+        with pytest.raises(UnsupportedModuleError, match="packs sequences"):
+            est.diagonal(problem)

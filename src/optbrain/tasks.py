@@ -273,7 +273,9 @@ def as_task(value: Any, name: str = "task") -> Task:
 
     if len(Mask.ones(model)) == 0:
         raise TaskError(
-            f"task {name}: the model has no trainable parameter named 'weight...' to prune"
+            f"task {name}: the model has no prunable weight (the weights of Linear, Conv, "
+            "Embedding, recurrent and attention layers are prunable; biases and normalisation "
+            "parameters are not)"
         )
     loaders = {
         k: _loader(name, k, parts[k]) if parts[k] is not None else None
@@ -462,7 +464,7 @@ def _engine(task: Task, checked: dict, pruner) -> str:
     path = engine_of(pruner, Problem(task.model, task.loss_fn, checked["train"]))
     if path is None:
         return ""
-    (log.warning if path.engine == "generic" else log.info)("curvature engine %s", path)
+    (log.info if path.engine in ("chain", "graph") else log.warning)("curvature engine %s", path)
     return str(path)
 
 

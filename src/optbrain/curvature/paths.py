@@ -26,6 +26,7 @@ from ..errors import UnsupportedModuleError
 from ..problem import Problem
 from .chain import Link, build_chain, shared_parameters
 from .graph.reader import GraphReadError, ModelGraph, describe, read_graph
+from .graph.sweep import lecun_blocker
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,8 @@ COLUMN_MODES = ("ggn", "ef", "mc", "hessian")
 
 @dataclass(frozen=True)
 class Path:
-    """The engine an estimator takes (``"chain"``, ``"graph"``, ``"generic"``) and why."""
+    """The engine an estimator takes (``"chain"``, ``"graph"``, ``"generic"``) and why;
+    ``"refused"`` where no engine can run the model (the estimator raises with the reason)."""
 
     engine: str
     reason: str
@@ -85,7 +87,12 @@ def choose(problem: Problem, estimator: str, mode: str) -> Path:
         chain = build_chain(model, estimator)
     except UnsupportedModuleError:
         chain = None
+    curved = _mixing_layers(chain) if mode in ("lecun", "hessian") else []
     if chain is not None:
+        refused = _refusal(((lk.prefix, lk.module, lk.rule) for lk in chain), mode)
+        if refused:
+            return Path("generic", refused)
+    if chain is not None and not curved:
         shared = shared_parameters(chain)
         if not shared or mode not in COLUMN_MODES:
             return Path("chain", "an nn.Sequential chain of registry layers", chain=chain)
@@ -94,15 +101,27 @@ def choose(problem: Problem, estimator: str, mode: str) -> Path:
             "tied parameters (one parameter used by several layers): their per-sample gradients "
             "need the cross terms between the uses",
         )
+    if mode == "hessian" and curved:
+        return Path(
+            "generic",
+            f"the exact Hessian diagonal through {', '.join(curved)} needs its second "
+            "derivatives, which the chain engine's sweep does not carry",
+        )
     try:
         graph = graph_of(model)
     except GraphReadError as exc:
-        return Path("generic", exc.reason)
+        return Path("generic" if exc.generic_ok else "refused", exc.reason)
+    refused = _refusal(((gn.name, gn.module, gn.rule) for gn in graph.leaves()), mode)
+    if refused is None and mode.startswith("lecun"):
+        refused = lecun_blocker(graph, problem.parameters())
+    if refused:
+        return Path("generic", refused)
     if mode == "hessian" and not _hessian_ready(graph):
         return Path(
             "generic",
             "the exact Hessian diagonal through a graph needs the second derivatives of every "
-            "non-linear function; the graph engine has them only for chains",
+            "non-linear function; the graph engine has none (only the chain engine has them, "
+            "for chains)",
         )
     if mode in COLUMN_MODES:
         tied = [k for k, v in graph.parameter_uses().items() if v > 1]
@@ -114,6 +133,20 @@ def choose(problem: Problem, estimator: str, mode: str) -> Path:
                 "between the uses",
             )
     return Path("graph", f"torch.fx graph ({describe(graph)})", graph=graph)
+
+
+def _refusal(layers, mode: str) -> str | None:
+    """The first layer (name, module, rule) whose rule refuses its configuration, as a reason."""
+    for name, module, rule in layers:
+        reason = rule.refusal(module, mode) if rule is not None else None
+        if reason is not None:
+            return f"{name or type(module).__name__}: {reason}"
+    return None
+
+
+def _mixing_layers(chain: list[Link] | None) -> list[str]:
+    """Layers of the chain whose second derivatives mix their inputs (LayerNorm)."""
+    return sorted({type(lk.module).__name__ for lk in chain or [] if lk.rule.mixes_curvature})
 
 
 def _bindings(n):

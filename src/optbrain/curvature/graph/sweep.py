@@ -124,6 +124,21 @@ def _leads_to_wanted(graph: ModelGraph, wanted_ids: set[int]) -> set[str]:
     return out
 
 
+def lecun_blocker(graph: ModelGraph, wanted: dict[str, Tensor]) -> str | None:
+    """Why LeCun's recursion cannot run on the graph for these parameters — a function it has
+    no rule for between a wanted parameter and the output — or None (read before any work)."""
+    leads = _leads_to_wanted(graph, {id(p) for p in wanted.values()})
+    for gn in graph.nodes:
+        if gn.glue is None or gn.glue.kind != "opaque" or gn.glue.name in G.CONSTANT:
+            continue
+        if any(getattr(a, "name", None) in leads for a in gn.node.args):
+            return (
+                f"LeCun's recursion has no rule for {gn.glue.name!r} at {gn.name!r} (the other "
+                "estimators handle it)"
+            )
+    return None
+
+
 def _forward(graph: ModelGraph, x: Tensor) -> dict[str, object]:
     """Every node's value for input ``x`` (no autograd)."""
     env: dict[str, object] = {}
