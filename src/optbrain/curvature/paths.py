@@ -87,28 +87,39 @@ def choose(problem: Problem, estimator: str, mode: str) -> Path:
         chain = build_chain(model, estimator)
     except UnsupportedModuleError:
         chain = None
-    curved = _mixing_layers(chain) if mode in ("lecun", "hessian") else []
     if chain is not None:
-        refused = _refusal(((lk.prefix, lk.module, lk.rule) for lk in chain), mode)
-        if refused:
-            return Path("generic", refused)
-    if chain is not None and not curved:
-        shared = shared_parameters(chain)
-        if not shared or mode not in COLUMN_MODES:
-            return Path("chain", "an nn.Sequential chain of registry layers", chain=chain)
-        return Path(
-            "generic",
-            "tied parameters (one parameter used by several layers): their per-sample gradients "
-            "need the cross terms between the uses",
-        )
+        path = _chain_path(chain, mode)
+        if path is not None:
+            return path
+    return _graph_path(problem, mode)
+
+
+def _chain_path(chain: list[Link], mode: str) -> Path | None:
+    """The chain engine, the generic one with the reason, or None (the graph engine decides)."""
+    refused = _refusal(((lk.prefix, lk.module, lk.rule) for lk in chain), mode)
+    if refused:
+        return Path("generic", refused)
+    curved = _mixing_layers(chain) if mode in ("lecun", "hessian") else []
     if mode == "hessian" and curved:
         return Path(
             "generic",
             f"the exact Hessian diagonal through {', '.join(curved)} needs its second "
             "derivatives, which the chain engine's sweep does not carry",
         )
+    if curved:
+        return None
+    if not shared_parameters(chain) or mode not in COLUMN_MODES:
+        return Path("chain", "an nn.Sequential chain of registry layers", chain=chain)
+    return Path(
+        "generic",
+        "tied parameters (one parameter used by several layers): their per-sample gradients "
+        "need the cross terms between the uses",
+    )
+
+
+def _graph_path(problem: Problem, mode: str) -> Path:
     try:
-        graph = graph_of(model)
+        graph = graph_of(problem.model)
     except GraphReadError as exc:
         return Path("generic" if exc.generic_ok else "refused", exc.reason)
     refused = _refusal(((gn.name, gn.module, gn.rule) for gn in graph.leaves()), mode)

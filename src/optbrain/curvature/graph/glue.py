@@ -598,6 +598,25 @@ def glue_for(op: str, target: Any) -> Glue | None:
         return Elementwise(target, label, derivs)
     if op == "call_method" and name in _ELEMENTWISE_METHODS:
         return Elementwise(fn, name, _ELEMENTWISE_METHODS[name])
+    found = _arithmetic(target, name, fn)
+    if found is not None:
+        return found
+    if target in (torch.softmax, F.softmax) or name == "softmax":
+        return Softmax(fn, "softmax")
+    if name == "dropout":
+        return Route(_dropout if op == "call_function" else fn, "dropout", keeps_diagonal=True)
+    if name in _SELECT:
+        return Route(fn, name, keeps_diagonal=True)
+    if name in _SUM:
+        return Route(fn, name)
+    if name in _MEAN:
+        return Mean(fn, name)
+    return None
+
+
+def _arithmetic(target: Any, name: str, fn: Any) -> Glue | None:
+    """The glue of +, −, unary −, ×, ÷, ** and matrix products (as operators, torch functions
+    or methods), or None."""
     if target in (operator.add, operator.iadd, torch.add) or name in ("add", "add_", "__add__"):
         return Add(fn, "add")
     if target in (operator.sub, operator.isub, torch.sub) or name in ("sub", "__sub__"):
@@ -612,16 +631,6 @@ def glue_for(op: str, target: Any) -> Glue | None:
         return Elementwise(fn, "pow")
     if target in (operator.matmul, torch.matmul, torch.bmm) or name in ("matmul", "bmm"):
         return MatMul(fn, "matmul")
-    if target in (torch.softmax, F.softmax) or name == "softmax":
-        return Softmax(fn, "softmax")
-    if name == "dropout":
-        return Route(_dropout if op == "call_function" else fn, "dropout", keeps_diagonal=True)
-    if name in _SELECT:
-        return Route(fn, name, keeps_diagonal=True)
-    if name in _SUM:
-        return Route(fn, name)
-    if name in _MEAN:
-        return Mean(fn, name)
     return None
 
 
