@@ -6,6 +6,7 @@ option (layers, directions, batch_first, initial states) and the bad inputs."""
 from __future__ import annotations
 
 import copy
+import logging
 
 import pytest
 import torch
@@ -274,3 +275,26 @@ def test_packed_sequences_are_refused_by_every_engine_with_the_reason():
     for est in (GGNDiagonal(), EmpiricalFisherDiagonal(), LeCunDiagonal()):
         with pytest.raises(UnsupportedModuleError, match="packs sequences"):
             est.diagonal(problem)
+
+
+def test_layerwise_obs_says_which_prunable_weights_its_default_mask_leaves_out(caplog):
+    """Layer-wise OBS has layer Hessians for Linear/Conv only: on a recurrent model the LSTM's
+    weights are left out, logged and recorded with the reason."""
+    from optbrain.pruners import LayerwiseOBS
+
+    class Reader(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.r, self.o = nn.LSTM(3, 4, batch_first=True), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.o(self.r(x)[0][:, -1])
+
+    torch.manual_seed(0)
+    model = Reader().double()
+    x = torch.randn(6, 5, 3, dtype=torch.float64)
+    problem = Problem(model, nn.MSELoss(), [(x, torch.randn(6, 2, dtype=torch.float64))])
+    with caplog.at_level(logging.INFO, logger="optbrain.pruners.layerwise"):
+        _, info = LayerwiseOBS()(problem, sparsity=0.5)
+    assert "r.weight_ih_l0" in caplog.text and "left out" in caplog.text
+    assert "default" in info.excluded["r.weight_ih_l0"]

@@ -20,13 +20,13 @@ import logging
 import weakref
 from dataclasses import dataclass
 
-from torch import nn
+from torch import Tensor, nn
 
 from ..errors import UnsupportedModuleError
 from ..problem import Problem
 from .chain import Link, build_chain, shared_parameters
 from .graph.reader import GraphReadError, ModelGraph, describe, read_graph
-from .graph.sweep import lecun_blocker
+from .graph.sweep import lecun_blocker, probe
 
 log = logging.getLogger(__name__)
 
@@ -50,15 +50,29 @@ class Path:
 _GRAPHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+_PLAIN = (bool, int, float, str, type(None))
+
+
 def _signature(model: nn.Module) -> tuple:
-    """What a cached graph depends on: the module tree and the parameter objects."""
+    """What a cached graph depends on: the module tree, the parameter objects, the attached
+    masks (their storage and in-place version: the graph holds their 0/1 multipliers) and every
+    plain Python attribute of a module (a flag the ``forward`` branches on decides the trace)."""
     return (
         tuple((name, type(m), id(m)) for name, m in model.named_modules()),
         tuple(id(p) for p in model.parameters()),
         tuple(
-            id(getattr(m, "parametrizations", None))
+            (id(mk), mk.data_ptr(), mk._version)
             for m in model.modules()
             if hasattr(m, "parametrizations")
+            for plist in m.parametrizations.values()
+            for mk in (getattr(p, "mask", None) for p in plist)
+            if isinstance(mk, Tensor)
+        ),
+        tuple(
+            (k, v)
+            for m in model.modules()
+            for k, v in vars(m).items()
+            if isinstance(v, _PLAIN) and not k.startswith("_") and k != "training"
         ),
     )
 
@@ -143,6 +157,10 @@ def _graph_path(problem: Problem, mode: str) -> Path:
                 f"tied parameters {names}: their per-sample gradients need the cross terms "
                 "between the uses",
             )
+    try:
+        probe(problem, graph)
+    except GraphReadError as exc:
+        return Path("generic" if exc.generic_ok else "refused", exc.reason)
     return Path("graph", f"torch.fx graph ({describe(graph)})", graph=graph)
 
 

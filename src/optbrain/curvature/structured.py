@@ -81,6 +81,8 @@ class StructuredEstimator(DiagonalEstimator):
             except UnsupportedModuleError as exc:  # found only while running (GraphReadError too)
                 if self.method == "backprop":
                     raise
+                if getattr(exc, "generic_ok", True) is False:
+                    raise UnsupportedModuleError(f"{name}: {exc.reason}") from exc
                 path = Path("generic", getattr(exc, "reason", None) or str(exc))
                 log.warning("%s falls back to the torch.func path: %s", name, path.reason)
         if out is None:

@@ -140,7 +140,8 @@ class RecurrentRule(Rule):
             if s is not None and tuple(s.shape) != shape:
                 raise ShapeMismatchError(
                     f"{type(m).__name__}: initial state {name} has shape {tuple(s.shape)}, "
-                    f"expected {shape} (layers × directions, batch, hidden)"
+                    f"expected ({shape[0]}, N, {shape[2]}) (layers × directions, batch, hidden) "
+                    f"with N the samples of the call ({n} here)"
                 )
         return h0, c0
 
