@@ -573,7 +573,9 @@ def _add_quantize(sub) -> None:
         "not divide the columns the last group is smaller",
     )
     q.add_argument(
-        "--act-order", action="store_true", help="GPTQ: columns by decreasing Hessian diagonal"
+        "--act-order",
+        action="store_true",
+        help="GPTQ: columns by decreasing Hessian diagonal (refused with rtn and obq)",
     )
     q.add_argument("--static-groups", action="store_true", help="fit group grids up front")
     q.add_argument("--sym", action="store_true", help="symmetric grids (default asymmetric)")
