@@ -52,9 +52,7 @@ class _Res(nn.Module):
 def test_small_chunks_give_the_whole_batch_diagonal(monkeypatch, engine, estimator):
     torch.manual_seed(0)
     model = (
-        _Res()
-        if engine == "graph"
-        else nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 4))
+        _Res() if engine == "graph" else nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 4))
     ).double()
     x, y = torch.randn(23, 5, dtype=torch.float64), torch.randint(0, 4, (23,))
     problem = Problem(model, nn.CrossEntropyLoss(), (x, y))
