@@ -142,3 +142,11 @@ def test_course_numbers_are_the_papers():
         0.0524,
     ]
     assert math.isclose(COURSE["magnitude_blind"][0.95][1], 0.2074)
+
+
+def test_registered_with_a_quick_config():
+    assert "extreme-sparsity" in experiments.names()
+    assert experiments.get("extreme-sparsity") is es
+    quick = experiments.make_config("extreme-sparsity", quick=True)
+    assert quick.nmt_hidden < es.Config().nmt_hidden == 256  # the full setting
+    assert es.Config().levels == (0.5, 0.8, 0.9, 0.95, 0.97, 0.99, 0.995)
