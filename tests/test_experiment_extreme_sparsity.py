@@ -150,3 +150,23 @@ def test_registered_with_a_quick_config():
     quick = experiments.make_config("extreme-sparsity", quick=True)
     assert quick.nmt_hidden < es.Config().nmt_hidden == 256  # the issue's full setting
     assert es.Config().levels == (0.5, 0.8, 0.9, 0.95, 0.97, 0.99, 0.995)
+
+
+def test_course_score_is_snip_squared_on_the_same_data():
+    """What the write-up says of the course project's "OBD": with the gradient accumulated over
+    all the data, ½ (Σ_b ∂L_b/∂w)² w² = ½ N² (SNIP's |w ∂E/∂w|)², a monotone function of SNIP:
+    the same ranking (float64 oracle on a small tanh net)."""
+    import torch
+    from torch import nn
+
+    from optbrain.problem import Problem
+    from optbrain.saliency import SNIP, AccumulatedGradient
+
+    gen = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double()
+    x = torch.randn(40, 5, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (40,), generator=gen)
+    problem = Problem(model, nn.CrossEntropyLoss(), [(x[:16], y[:16]), (x[16:], y[16:])])
+    course, snip = AccumulatedGradient()(problem), SNIP(batches=None)(problem)
+    for k in course:
+        torch.testing.assert_close(course[k], 0.5 * (40 * snip[k]) ** 2)
