@@ -379,12 +379,13 @@ def test_quantize_command_writes_a_loadable_model(tmp_path, capsys, monkeypatch)
     assert data["quantizer"]["act_order"] is True and set(data["report"]["layers"]) == {"0", "2"}
     model = load_quantized(fixtures_task.make_model(), out / "quantized.pt")
     assert isinstance(model[0], QuantLinear) and model[0].bits == 3
-    # a second run into the same folder needs --overwrite
+    # a second run into the same folder needs --force (as optbrain prune; --overwrite too)
     assert cli.main([*args, "--out", str(out)]) == 2
-    assert "--overwrite" in capsys.readouterr().err
-    assert cli.main([*args, "--out", str(out), "--overwrite", "--sparsity", "0.5"]) == 0
+    assert "--force" in capsys.readouterr().err
+    assert cli.main([*args, "--out", str(out), "--force", "--sparsity", "0.5"]) == 0
     data = json.loads((out / "report.json").read_text())
     assert data["quantizer"]["method"] == "joint"
+    assert cli.main([*args, "--out", str(out), "--overwrite"]) == 0
     assert (
         cli.main([*args[:-2], "--method", "rtn", "--sparsity", "0.5", "--out", str(tmp_path / "x")])
         == 2

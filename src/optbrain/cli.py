@@ -607,7 +607,11 @@ def _add_quantize(sub) -> None:
         help="output directory (default optbrain-runs/quantize)",
     )
     q.add_argument(
-        "--overwrite", action="store_true", help="replace the files of an earlier run in DIR"
+        "--force",
+        "--overwrite",
+        dest="overwrite",
+        action="store_true",
+        help="replace the files of an earlier run in DIR (as optbrain prune --force)",
     )
     _common(q, progress=False)
 

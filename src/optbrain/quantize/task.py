@@ -92,7 +92,7 @@ def quantize_task(
     existing = [f for f in FILES if (out / f).exists()]
     if existing and not overwrite:
         raise FileExistsError(
-            f"{out} already holds {', '.join(existing)}; choose another --out or pass --overwrite"
+            f"{out} already holds {', '.join(existing)}; choose another --out or pass --force"
         )
     if calibration_batches is not None and calibration_batches < 1:
         raise ValueError(f"calibration_batches must be >= 1, not {calibration_batches!r}")
