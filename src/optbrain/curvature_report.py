@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from . import distributed
 from .paramdict import ParamDict
 from .problem import Problem
 from .report.progress import Bars
@@ -309,6 +310,9 @@ def run(
         raise ValueError(f"epochs must be >= 0, got {epochs!r}")
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats!r}")
+    distributed.refuse(
+        "the curvature comparison", "it times every estimator in one process: run it alone"
+    )
     t_start = time.perf_counter()
     bars = _Bars(progress)
     loss_fn = nn.CrossEntropyLoss()

@@ -47,6 +47,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from . import distributed
 from .errors import NonFiniteDataError, OptbrainError
 from .pruners.presets import METHODS as _METHOD_TABLE
 
@@ -408,6 +409,7 @@ def prune(
     resume: bool = False,
     force: bool = False,
     progress: bool = False,
+    shards: str = "split",
 ) -> PruneResult:
     """Prune a task's model to ``sparsity`` in ``rounds`` rounds with retraining; write a run dir.
 
@@ -436,7 +438,16 @@ def prune(
     :class:`RunExistsError` unless ``resume`` or ``force``, which replaces it),
     ``<method>/model.pt`` (load with ``optbrain.masking.load_pruned(model, path)`` into a fresh
     model of the same architecture), ``report.md``, its PNGs and ``run.json``.
+
+    Under ``torchrun`` (a ``torch.distributed`` process group, :mod:`optbrain.distributed`) every
+    rank runs the same loop and the saliencies are computed data-parallel: with ``shards="split"``
+    (the default) every rank loads the task's whole data and uses its part of every training
+    batch; with ``"given"`` the task's training loader already yields this rank's shard.
+    Retraining and evaluation run on every rank as the task gives them (identical models are
+    checked by a checksum at every round); rank 0 alone writes the run directory.
     """
+    if shards not in ("split", "given"):
+        raise ValueError(f"shards must be 'split' or 'given', not {shards!r}")
     t_start = time.perf_counter()
     method = resolve_method(method, retrain_epochs)
     run = _Settings(method, sparsity, rounds, retrain_epochs, schedule, lr, optimizer, seed)
@@ -445,8 +456,9 @@ def prune(
     pruner = _pruner(method, seed, task)
     run_dir = Path(out_dir)
     checked = _checked_loaders(task)  # before anything is written or removed
-    _claim(run_dir / method, resume, force)
-    history = _rounds(task, checked, pruner, sched, run_dir / method, run, progress)
+    distributed.on_rank0(lambda: _claim(run_dir / method, resume, force), "claiming --out")
+    split = shards == "split"
+    history = _rounds(task, checked, pruner, sched, run_dir / method, run, progress, split)
     return _finish(task, history, pruner, sched, run_dir, run, t_start)
 
 
@@ -492,7 +504,9 @@ class _Settings:
         return f"{self.retrain_epochs} epoch{'' if self.retrain_epochs == 1 else 's'}"
 
 
-def _rounds(task: Task, checked: dict, pruner, sched, folder: Path, run: _Settings, progress):
+def _rounds(
+    task: Task, checked: dict, pruner, sched, folder: Path, run: _Settings, progress, split: bool
+):
     """The prune–retrain rounds of :func:`prune` (progress bars, checkpoints in ``folder``)."""
     from .loop import CHECKPOINT, HISTORY, iterative_prune
     from .problem import Problem
@@ -516,7 +530,7 @@ def _rounds(task: Task, checked: dict, pruner, sched, folder: Path, run: _Settin
         def make_problem(m: nn.Module) -> Problem:
             if stage is not None:
                 stage.note("saliencies")
-            return Problem(m, loss_fn, train_loader)
+            return Problem(m, loss_fn, train_loader, split=split)
 
         def retrain(m: nn.Module, r: int) -> None:
             if stage is not None:
@@ -525,7 +539,7 @@ def _rounds(task: Task, checked: dict, pruner, sched, folder: Path, run: _Settin
                 kw = dict(lr=run.lr, optimizer=run.optimizer, seed=run.seed + 1000 * r)
                 train(m, train_loader, loss_fn, epochs=run.retrain_epochs, progress=cb, **kw)
 
-        fresh = not (folder / CHECKPOINT).exists()
+        fresh = not distributed.from_rank0((folder / CHECKPOINT).exists)
         try:
             return iterative_prune(
                 task.model,
@@ -541,7 +555,7 @@ def _rounds(task: Task, checked: dict, pruner, sched, folder: Path, run: _Settin
                 loaders=[task.train_loader, task.val_loader, task.test_loader],
             )
         except NonFiniteDataError:
-            if fresh:  # leave no checkpoint of a run whose data turned out to be broken
+            if fresh and distributed.is_rank0():  # no checkpoint of a run with broken data
                 for name in (CHECKPOINT, HISTORY):
                     (folder / name).unlink(missing_ok=True)
             raise
@@ -554,7 +568,7 @@ def _finish(task: Task, history, pruner, sched, run_dir: Path, run: _Settings, t
     from .report.tables import history_table, label, selection_lines
 
     model_path = run_dir / run.method / "model.pt"
-    save_pruned(task.model, model_path)
+    distributed.on_rank0(lambda: save_pruned(task.model, model_path), "saving the model")
     histories = {run.method: history}
     columns = default_columns(histories)
     seconds = time.perf_counter() - t_start
@@ -567,8 +581,11 @@ def _finish(task: Task, history, pruner, sched, run_dir: Path, run: _Settings, t
         f"{model_path.relative_to(run_dir).as_posix()!r})` where `model` is a fresh model of the "
         "same architecture.",
     ]
-    report = write_report(
-        run_dir, histories, title=f"optbrain prune: {task.name}", notes=notes, columns=columns
+    report = distributed.on_rank0(
+        lambda: write_report(
+            run_dir, histories, title=f"optbrain prune: {task.name}", notes=notes, columns=columns
+        ),
+        "writing the report",
     )
     table = "\n".join(
         [
