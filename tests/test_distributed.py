@@ -33,9 +33,19 @@ def ranks(tmp_path_factory) -> list[dict]:
     env.pop("WORLD_SIZE", None)
     procs = [
         subprocess.Popen(
-            [sys.executable, str(HERE / "distributed_worker.py"), str(r), "2",
-             str(tmp / "init"), str(tmp / f"rank{r}.pt")],
-            env=env, cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            [
+                sys.executable,
+                str(HERE / "distributed_worker.py"),
+                str(r),
+                "2",
+                str(tmp / "init"),
+                str(tmp / f"rank{r}.pt"),
+            ],
+            env=env,
+            cwd=tmp,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )  # fmt: skip
         for r in range(2)
     ]
