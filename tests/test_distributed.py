@@ -8,6 +8,7 @@ process on the union of their shards to float64 rounding.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -185,3 +186,33 @@ def test_split_batches_equals_the_union(ranks, union):
 def test_random_estimators_agree_across_ranks(ranks, name):
     """Fresh Hutchinson probes come from rank 0; MC draws differ per rank but are summed."""
     assert _identical(ranks[0][f"bad/{name}"], ranks[1][f"bad/{name}"])
+
+
+def test_optbrain_prune_under_torchrun_equals_one_process(tmp_path):
+    """``torchrun -m optbrain prune``: the same rounds as one process; rank 0 writes the run."""
+    task = f"{HERE / 'fixtures_task.py'}:task"
+    args = ["prune", "--task", task, "--rounds", "2", "--sparsity", "0.6", "--no-progress"]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    env.pop("WORLD_SIZE", None)
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    runs = {
+        "two": [*launch, "-m", "optbrain", *args, "--out", str(tmp_path / "two")],
+        "one": [sys.executable, "-m", "optbrain", *args, "--out", str(tmp_path / "one")],
+    }
+    for name, cmd in runs.items():
+        done = subprocess.run(
+            cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=TIMEOUT
+        )
+        assert done.returncode == 0, f"{name}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+        if name == "two":
+            assert done.stdout.count("optbrain prune:") == 1  # rank 0 alone prints
+    one, two = (
+        json.loads((tmp_path / n / "obd" / "history.json").read_text()) for n in ("one", "two")
+    )
+    for a, b in zip(one["records"], two["records"], strict=True):
+        assert a["remaining"] == b["remaining"]
+        for key in ("objective_before", "objective_pruned", "predicted_increase"):
+            assert float(b[key]) == pytest.approx(float(a[key]), rel=1e-5, nan_ok=True), key
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(
+        p.name for p in (tmp_path / "one").iterdir()
+    )
