@@ -4,6 +4,7 @@ See :mod:`optbrain.curvature.base` for exact definitions of what each estimator 
 """
 
 from .base import DiagonalCurvature, DiagonalEstimator
+from .blocks import BlockInverse, BlockInverseHessian
 from .calibration import LayerHessian, LayerwiseHessian, calibration_hessians
 from .exact import ExactHessianDiagonal
 from .fisher import EmpiricalFisherDiagonal, MCFisherDiagonal
@@ -31,6 +32,8 @@ ESTIMATORS = {
 
 __all__ = [
     "AutoInverse",
+    "BlockInverse",
+    "BlockInverseHessian",
     "DiagonalCurvature",
     "DirectInverse",
     "DiagonalEstimator",

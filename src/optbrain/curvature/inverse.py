@@ -189,7 +189,17 @@ class InverseHessian:
     def __len__(self) -> int:
         return self.coords.size
 
+    def copy(self) -> InverseHessian:
+        """An independent copy (matrix and alive flags; the coordinates are shared)."""
+        out = InverseHessian(self.coords, self.matrix.clone(), self.info)
+        out.alive = self.alive.clone()
+        return out
+
     # ------------------------------------------------------------------ ParamDict views
+    def diagonal_vector(self) -> Tensor:
+        """[H⁻¹]_qq of every row (0 for eliminated rows), float64."""
+        return torch.diagonal(self.matrix)
+
     def diag(self) -> ParamDict:
         """[H⁻¹]_qq per parameter entry; +inf for pruned and eliminated entries."""
         d = torch.where(self.alive, torch.diagonal(self.matrix), torch.inf)
