@@ -21,11 +21,13 @@ from torch import nn
 
 from optbrain import pruners
 from optbrain.curvature import (
+    BlockInverse,
     DirectInverse,
     EmpiricalFisherDiagonal,
     ExactHessianDiagonal,
     GGNDiagonal,
     HutchinsonDiagonal,
+    KFACInverse,
     LayerwiseHessian,
     LeCunDiagonal,
     MCFisherDiagonal,
@@ -121,6 +123,8 @@ def compute(rank: int | None) -> dict:
     out["inverse/recursive"] = RecursiveInverse(alpha=1e-3, chunk=4).inverse(p).matrix
     out["inverse/direct"] = DirectInverse("ggn", damping=1e-3).inverse(p).matrix
     out["inverse/hessian"] = DirectInverse("hessian").matrix(p)[0]
+    out["inverse/blocks"] = [g.inv for g in BlockInverse(4, alpha=1e-3).inverse(p).groups]
+    out["inverse/kfac"] = [(lay.A, lay.B) for lay in KFACInverse(alpha=1e-3).inverse(p).layers]
     out["layerwise_H"] = {k: h.H for k, h in LayerwiseHessian().hessians(p).items()}
     out["snip"] = SNIP(batches=None)(p)
     out["gradient"] = objective_gradient(p)
@@ -146,6 +150,8 @@ def _steps(rank) -> dict:
         "obd": lambda: pruners.obd(),
         "obs": lambda: pruners.obs(),
         "layerwise": lambda: pruners.layerwise_obs(),
+        "obs_blocks": lambda: pruners.obs(inverse=BlockInverse(3, alpha=1e-3)),
+        "obs_kfac": lambda: pruners.obs(inverse=KFACInverse(alpha=1e-3)),
     }.items():
         m = mlp(2)
         mask, info = make()(problem(rank, m), sparsity=0.5)

@@ -103,6 +103,8 @@ COMPARED = [
     "inverse/recursive",
     "inverse/direct",
     "inverse/hessian",
+    "inverse/blocks",
+    "inverse/kfac",
     "layerwise_H",
     "snip",
     "gradient",
@@ -125,7 +127,7 @@ def test_the_union_really_differs_from_each_shard(ranks, union):
     assert not torch.allclose(alone["0.weight"], union["diag/ggn"]["0.weight"], rtol=1e-3)
 
 
-@pytest.mark.parametrize("step", ["obd", "obs", "layerwise"])
+@pytest.mark.parametrize("step", ["obd", "obs", "layerwise", "obs_blocks", "obs_kfac"])
 def test_a_pruner_step_equals_one_process_on_the_union(ranks, union, step):
     r0, r1 = ranks
     for part in ("mask", "weights", "predicted"):

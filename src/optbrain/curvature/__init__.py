@@ -17,6 +17,7 @@ from .inverse import (
     InverseHessian,
     RecursiveInverse,
 )
+from .kfac import KFACInverse, KroneckerInverseHessian
 from .lecun import LeCunDiagonal
 from .paths import Path, explain
 from .rules import register, register_elementwise
@@ -44,6 +45,8 @@ __all__ = [
     "HutchinsonDiagonal",
     "InverseCurvature",
     "InverseHessian",
+    "KFACInverse",
+    "KroneckerInverseHessian",
     "LayerHessian",
     "LayerwiseHessian",
     "LeCunDiagonal",
