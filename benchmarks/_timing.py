@@ -10,8 +10,10 @@ Contention is not only slow drift, though: with several intra-op threads on a bu
 thread that gets pre-empted stalls the others at every barrier, and a 6 ms pass can take 200 ms.
 So each round also measures how long this process's threads sat runnable but not running (the
 run-queue wait in ``/proc/self/task/*/schedstat``, Linux); a round whose wait exceeds
-``max_contention`` × its wall time is discarded and retried, and :func:`wait_quiet` can hold a
-round back until other processes leave the CPUs alone.
+``max_contention`` × its wall time is discarded and retried (a bounded number of times, then kept
+and its contention recorded). :func:`wait_quiet` can hold a round back until other processes leave
+the CPUs alone, but only when asked (``quiet=``): by default nothing waits, so the scripts finish
+on a shared machine and report the spread instead.
 """
 
 from __future__ import annotations
@@ -150,7 +152,7 @@ def compare(
     warmup: bool = True,
     max_contention: float | None = 0.1,
     max_retries: int | None = None,
-    quiet: float | None = 0.25,
+    quiet: float | None = None,
     collect: bool = True,
 ) -> Paired:
     """Time ``candidate`` against ``baseline`` in ``repeats`` interleaved rounds.
@@ -163,8 +165,9 @@ def compare(
 
     A round whose run-queue wait exceeds ``max_contention`` × its wall time is discarded and
     run again, at most ``max_retries`` times in all (default: ``repeats``); after that rounds are
-    kept whatever their contention (it is recorded). With ``quiet``, each round first waits (up
-    to 30 s) until other processes use less than that fraction of the CPUs. ``collect`` runs
+    kept whatever their contention (it is recorded). With ``quiet`` (default None: never wait),
+    each round first waits (up to 30 s) until other processes use less than that fraction of the
+    CPUs. ``collect`` runs
     the garbage collector before each measurement (untimed).
     """
     if repeats < 1:

@@ -9,6 +9,8 @@ Models (random data; one process, ``--threads`` intra-op threads):
   forward, beside ``seq_cnn`` without the skip;
 * ``block``: a transformer block (embedding, LayerNorm, attention, GELU MLP; batch 64, 32 tokens,
   width 64), one class per token (cross-entropy over 64 classes at every position);
+* ``bp_ggn``: BackPACK's ``DiagGGNExact`` beside our exact GGN wherever it runs (the chains, and
+  the residual models in the nn.Tanh-module form its converter reads, same weights);
 * ``gru32``/``lstm32``/``gru128``/``lstm128``: a recurrent layer (input 3, hidden 32 or 128,
   batch 256, 40 steps) with a Linear read-out (3 outputs, MSE) at every step (``*_every``) or at
   the last step only (``*_last``).
@@ -51,16 +53,21 @@ from optbrain.curvature import (  # noqa: E402
 
 # --------------------------------------------------------------------------- models
 class ResMLP(nn.Module):
-    def __init__(self, skips: bool = True):
+    """``modules=True`` calls nn.Tanh modules instead of ``torch.tanh`` (the same function; the
+    form BackPACK's converter can read)."""
+
+    def __init__(self, skips: bool = True, modules: bool = False):
         super().__init__()
         self.l1, self.l2 = nn.Linear(64, 128), nn.Linear(128, 128)
         self.l3, self.l4 = nn.Linear(128, 128), nn.Linear(128, 10)
         self.skips = skips
+        acts = (nn.Tanh(), nn.Tanh(), nn.Tanh()) if modules else (torch.tanh,) * 3
+        self.a1, self.a2, self.a3 = acts
 
     def forward(self, x):
-        h = torch.tanh(self.l1(x))
-        h = h + torch.tanh(self.l2(h)) if self.skips else torch.tanh(self.l2(h))
-        h = h + torch.tanh(self.l3(h)) if self.skips else torch.tanh(self.l3(h))
+        h = self.a1(self.l1(x))
+        h = h + self.a2(self.l2(h)) if self.skips else self.a2(self.l2(h))
+        h = h + self.a3(self.l3(h)) if self.skips else self.a3(self.l3(h))
         return self.l4(h)
 
 
@@ -72,15 +79,17 @@ def seq_mlp() -> nn.Module:
 
 
 class ResCNN(nn.Module):
-    def __init__(self):
+    def __init__(self, modules: bool = False):
         super().__init__()
         self.c1, self.c2 = nn.Conv2d(1, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
         self.pool, self.fc = nn.AvgPool2d(2), nn.Linear(8 * 4 * 4, 10)
+        self.flat = nn.Flatten()
+        self.a1, self.a2 = (nn.Tanh(), nn.Tanh()) if modules else (torch.tanh,) * 2
 
     def forward(self, x):
-        h = torch.tanh(self.c1(x))
-        h = h + torch.tanh(self.c2(h))
-        return self.fc(self.pool(h).flatten(1))
+        h = self.a1(self.c1(x))
+        h = h + self.a2(self.c2(h))
+        return self.fc(self.flat(self.pool(h)))
 
 
 def seq_cnn() -> nn.Module:
@@ -172,6 +181,45 @@ ESTIMATORS = {
 }
 
 
+#: BackPACK's DiagGGNExact runs on these (the residual ones in the module form its converter reads,
+#: with the same weights); the others it refuses (functional activations, LayerNorm, attention,
+#: embeddings and recurrent layers have no BackPACK extension)
+BACKPACK_TWINS = {
+    "seq_mlp": None,
+    "seq_cnn": None,
+    "res_mlp": lambda: ResMLP(modules=True),
+    "res_cnn": lambda: ResCNN(modules=True),
+}
+
+
+def _backpack(name, model, loss_fn, x, y):
+    """BackPACK's exact GGN diagonal on the model (or its module-form twin), as a candidate."""
+    import copy
+
+    from backpack import backpack, extend
+    from backpack.extensions import DiagGGNExact
+
+    twin = BACKPACK_TWINS[name]
+    net = copy.deepcopy(model) if twin is None else twin().eval()
+    if twin is not None:
+        net.load_state_dict(model.state_dict())
+    net = extend(net, use_converter=twin is not None)
+    lf = extend(copy.deepcopy(loss_fn))
+
+    def run():
+        loss = lf(net(x), y)
+        with backpack(DiagGGNExact()):
+            loss.backward()
+        net.zero_grad(set_to_none=True)
+
+    return run, _Engine("backpack")
+
+
+@dataclass
+class _Engine:
+    engine: str
+
+
 def _setup(name: str):
     s = SETTINGS[name]
     g = torch.Generator().manual_seed(0)
@@ -191,7 +239,9 @@ def _grad_pass(model, loss_fn, x, y):
     return run
 
 
-def _estimator(key, model, loss_fn, x, y):
+def _estimator(key, model, loss_fn, x, y, name=None):
+    if key == "bp_ggn":
+        return _backpack(name, model, loss_fn, x, y)
     problem = Problem(model, loss_fn, (x, y))
     est = ESTIMATORS[key]()
 
@@ -204,8 +254,12 @@ def _estimator(key, model, loss_fn, x, y):
 def _memory(name: str, key: str, threads: int) -> float | None:
     """Peak memory (MB above the RSS before the call) of one call, in a fresh process."""
     cmd = [sys.executable, __file__, "--memory-only", f"{name}:{key}", "--threads", str(threads)]
+    # glibc keeps freed memory of the warm-up call and serves the measured call from it, which
+    # hides most of a peak; a fixed mmap threshold returns every block over 128 kB to the system
+    # when it is freed, so the resident-set peak is the call's own
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
     try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=True)
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=True, env=env)
         return json.loads(out.stdout.strip().splitlines()[-1])["mb"]
     except (subprocess.SubprocessError, ValueError, KeyError, IndexError):
         return None
@@ -216,7 +270,7 @@ def _memory_here(spec: str) -> None:
     model, loss_fn, x, y = _setup(name)
     run = _grad_pass(model, loss_fn, x, y) if key == "grad" else None
     if run is None:
-        run, _ = _estimator(key, model, loss_fn, x, y)
+        run, _ = _estimator(key, model, loss_fn, x, y, name)
     run()  # warm: lazy initialisation, allocator pools
     import gc
 
@@ -234,7 +288,9 @@ def bench(name: str, keys: list[str], repeats: int, threads: int, memory: bool) 
     rows = []
     mem_grad = _memory(name, "grad", threads) if memory else None
     for key in keys:
-        run, path = _estimator(key, model, loss_fn, x, y)
+        if key == "bp_ggn" and (name not in BACKPACK_TWINS or not _have_backpack()):
+            continue
+        run, path = _estimator(key, model, loss_fn, x, y, name)
         run()
         paired = compare(base, run, repeats, base_number=3, cand_number=1, slow_s=20.0,
                          slow_repeats=2, quiet=None, max_contention=None)  # fmt: skip
@@ -247,6 +303,12 @@ def bench(name: str, keys: list[str], repeats: int, threads: int, memory: bool) 
         })  # fmt: skip
         print(_row(rows[-1]), flush=True)
     return rows
+
+
+def _have_backpack() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("backpack") is not None
 
 
 def _row(r: dict) -> str:
@@ -264,7 +326,12 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--models", default=",".join(SETTINGS))
-    p.add_argument("--estimators", default=",".join(ESTIMATORS))
+    p.add_argument(
+        "--estimators",
+        default=",".join([*ESTIMATORS, "bp_ggn"]),
+        help="lecun, ef, mc, ggn, and bp_ggn (BackPACK's DiagGGNExact where it runs; needs the "
+        "peers extra)",
+    )
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--quick", action="store_true", help="2 rounds, no memory")
     p.add_argument("--no-memory", action="store_true")

@@ -103,6 +103,10 @@ def test_curvature_command_runs(tmp_path, capsys):
     assert lecun["layer_saliency"]["4"] == pytest.approx(ggn["layer_saliency"]["4"], rel=1e-4)
     assert ggn["min_diag"] >= 0 and lecun["min_diag"] >= 0
     assert all(r["ratio"] > 0 for r in data["rows"])
+    # every estimator says which engine it took on the MLP (an nn.Sequential chain)
+    assert rows["GGN (exact)"]["engine"].startswith("chain: ")
+    assert rows["Hutchinson (4)"]["engine"].startswith("generic: ")
+    assert "engine chain: an nn.Sequential chain of registry layers -- GGN (exact)" in text
 
 
 # ------------------------------------------------------------------------------ demo.run
@@ -371,6 +375,7 @@ def test_prune_command_writes_a_loadable_run(tmp_path, capsys):
     assert cli.main([*argv, "--retrain-epochs", "1", "--out", str(out), "--no-progress"]) == 0
     text = capsys.readouterr().out
     assert "method OBD" in text and "dE pred" in text and "load the pruned model" in text
+    assert "curvature engine: chain: an nn.Sequential chain" in text
     history = History.load(out / "obd" / "history.json")
     assert [r.round for r in history.records] == [0, 1, 2]
     model = fixtures_task.make_model()
@@ -378,6 +383,7 @@ def test_prune_command_writes_a_loadable_run(tmp_path, capsys):
     assert mask.sparsity() == pytest.approx(0.6, abs=0.01)
     assert masking.current_mask(model) == mask
     assert (out / "report.md").is_file() and (out / "accuracy_vs_params.png").is_file()
+    assert "Curvature engine: chain:" in (out / "report.md").read_text()
 
     # the report command rebuilds report.md and the PNGs from the history
     before = (out / "report.md").read_text()

@@ -390,6 +390,16 @@ def test_explain_names_the_engine_of_every_estimator():
     assert explain(Problem(seq, loss_fn, batches))["ggn"].engine == "chain"
 
 
+def test_engine_of_finds_the_estimator_inside_a_pruner():
+    from optbrain.curvature.paths import engine_of
+    from optbrain.pruners import make as make_pruner
+
+    model, loss_fn, batches = make("res_mlp", "ce_mean")
+    problem = Problem(model, loss_fn, batches)
+    assert engine_of(make_pruner("obd", 0), problem).engine == "graph"
+    assert engine_of(make_pruner("magnitude", 0), problem) is None
+
+
 class _Branchy(nn.Module):
     def __init__(self):
         super().__init__()
@@ -475,3 +485,30 @@ def test_samples_that_interact_are_refused():
     _, loss_fn, batches = make("res_mlp", "ce_mean")
     with pytest.raises(UnsupportedModuleError, match="not independent"):
         GGNDiagonal(method="backprop").diagonal(Problem(model, loss_fn, batches))
+
+
+class _DecidesAtTraceTime(nn.Module):
+    """``isinstance(out, tuple)`` is False for the proxy torch.fx traces with and True when the
+    model runs: the traced graph reads another value than the model."""
+
+    def __init__(self):
+        super().__init__()
+        self.r = nn.GRU(3, 4, batch_first=True)
+        self.out = nn.Linear(4, 3)
+
+    def forward(self, x):
+        out = self.r(x)
+        h = out[0][:, -1] if isinstance(out, tuple) else out[1][0]
+        return self.out(torch.tanh(h) if isinstance(out, tuple) else h)
+
+
+def test_a_graph_that_differs_from_the_model_is_refused():
+    model = _DecidesAtTraceTime().to(D)
+    x = torch.randn(6, 4, 3, dtype=D)
+    problem = Problem(model, nn.CrossEntropyLoss(), (x, torch.randint(0, 3, (6,))))
+    with pytest.raises(UnsupportedModuleError, match="does not compute the model"):
+        GGNDiagonal(method="backprop").diagonal(problem)
+    assert_diag_close(
+        GGNDiagonal().diagonal(problem),
+        reference.ggn_diag(model, problem.loss_fn, [(x, problem.data[1])], use_vmap=False),
+    )

@@ -79,6 +79,7 @@ class EstimatorRow:
     spearman_saliency: float | None
     min_diag: float
     note: str = ""
+    engine: str = ""  # the engine the estimator took and why (optbrain.curvature.paths)
 
 
 @dataclass
@@ -289,6 +290,16 @@ def _row(entry, diag: ParamDict, reference: ParamDict, weights, layers, is_ref) 
 
 
 # ------------------------------------------------------------------------------ the demo
+def _check_run(epochs: int, repeats: int) -> None:
+    if epochs < 0:
+        raise ValueError(f"epochs must be >= 0, got {epochs!r}")
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats!r}")
+    distributed.refuse(
+        "the curvature comparison", "it times every estimator in one process: run it alone"
+    )
+
+
 def run(
     epochs: int = 40,
     seed: int = 0,
@@ -306,13 +317,7 @@ def run(
     right before and ``repeats`` right after it;
     ``out`` names a directory to write ``curvature.txt`` and ``curvature.json`` into.
     """
-    if epochs < 0:
-        raise ValueError(f"epochs must be >= 0, got {epochs!r}")
-    if repeats < 1:
-        raise ValueError(f"repeats must be >= 1, got {repeats!r}")
-    distributed.refuse(
-        "the curvature comparison", "it times every estimator in one process: run it alone"
-    )
+    _check_run(epochs, repeats)
     t_start = time.perf_counter()
     bars = _Bars(progress)
     loss_fn = nn.CrossEntropyLoss()
@@ -349,6 +354,7 @@ def run(
             reference = diag
         row = _row(entry, diag, reference, weights, layers, entry is entries[0])
         row.seconds, row.ratio = seconds, seconds / statistics.median(local)
+        row.engine = _engine(entry.estimator, sub)
         rows.append(row)
 
     result = CurvatureReport(
@@ -369,6 +375,21 @@ def run(
     if out is not None:
         result.save(out)
     return result
+
+
+def _engine(estimator, problem: Problem) -> str:
+    """``engine: reason`` for estimators that say which engine they take, "" otherwise."""
+    path = getattr(estimator, "path", None)
+    return str(path(problem)) if callable(path) else ""
+
+
+def _engine_lines(rows: Sequence[EstimatorRow]) -> list[str]:
+    """One line per distinct engine: which estimators took it and why."""
+    by_engine: dict[str, list[str]] = {}
+    for r in rows:
+        if r.engine:
+            by_engine.setdefault(r.engine, []).append(r.label)
+    return [f"engine {eng} -- {', '.join(labels)}" for eng, labels in by_engine.items()]
 
 
 # ------------------------------------------------------------------------------ formatting
@@ -423,5 +444,6 @@ def format_table(result: CurvatureReport) -> str:
     lines.append("and of the OBD saliencies with GGN-based ones (OBD), over all parameters.")
     for i, note in enumerate(notes, 1):
         lines.append(f"{'*' * i} {note}")
+    lines += _engine_lines(result.rows)
     lines.append(f"total time {result.total_seconds:.1f} s")
     return "\n".join(lines)

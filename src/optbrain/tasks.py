@@ -339,6 +339,8 @@ class PruneResult:
     seconds: float
     table: str = field(default="", repr=False)
     model: nn.Module | None = field(default=None, repr=False)
+    #: the curvature engine the method's estimator took and why ("" for methods without one)
+    engine: str = ""
 
     def __str__(self) -> str:
         return self.table
@@ -457,9 +459,23 @@ def prune(
     run_dir = Path(out_dir)
     checked = _checked_loaders(task)  # before anything is written or removed
     distributed.on_rank0(lambda: _claim(run_dir / method, resume, force), "claiming --out")
+    engine = _engine(task, checked, pruner)
     split = shards == "split"
     history = _rounds(task, checked, pruner, sched, run_dir / method, run, progress, split)
-    return _finish(task, history, pruner, sched, run_dir, run, t_start)
+    return _finish(task, history, pruner, sched, run_dir, run, t_start, engine)
+
+
+def _engine(task: Task, checked: dict, pruner) -> str:
+    """Which curvature engine the pruner's estimator takes on the task's model, and why (logged;
+    a fall-back to the slow generic engine is a warning)."""
+    from .curvature.paths import engine_of
+    from .problem import Problem
+
+    path = engine_of(pruner, Problem(task.model, task.loss_fn, checked["train"]))
+    if path is None:
+        return ""
+    (log.warning if path.engine == "generic" else log.info)("curvature engine %s", path)
+    return str(path)
 
 
 @dataclass
@@ -561,7 +577,7 @@ def _rounds(
             raise
 
 
-def _finish(task: Task, history, pruner, sched, run_dir: Path, run: _Settings, t_start: float):
+def _finish(task: Task, history, pruner, sched, run_dir: Path, run: _Settings, t_start, engine):
     """Save the pruned model, write the report, build the round table."""
     from .masking import save_pruned
     from .report import default_columns, write_report
@@ -581,6 +597,8 @@ def _finish(task: Task, history, pruner, sched, run_dir: Path, run: _Settings, t
         f"{model_path.relative_to(run_dir).as_posix()!r})` where `model` is a fresh model of the "
         "same architecture.",
     ]
+    if engine:
+        notes.append(f"Curvature engine: {engine}.")
     report = distributed.on_rank0(
         lambda: write_report(
             run_dir, histories, title=f"optbrain prune: {task.name}", notes=notes, columns=columns
@@ -594,10 +612,11 @@ def _finish(task: Task, history, pruner, sched, run_dir: Path, run: _Settings, t
             "per round",
             history_table(histories, columns),
             *selection_lines(histories),
+            *([f"curvature engine: {engine}"] if engine else []),
             f"total time {seconds:.1f} s",
         ]
     )
-    return PruneResult(history, run_dir, report, model_path, seconds, table, task.model)
+    return PruneResult(history, run_dir, report, model_path, seconds, table, task.model, engine)
 
 
 def _claim(folder: Path, resume: bool, force: bool) -> None:

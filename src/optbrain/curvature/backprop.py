@@ -27,6 +27,7 @@ from ..paramdict import ParamDict
 from ..problem import Problem, eval_mode
 from . import losses
 from ._checks import all_finite
+from .budget import BUDGET, samples_per_sweep, split
 from .chain import Link, build_chain
 from .rules import (
     AvgPoolRule,
@@ -39,20 +40,17 @@ from .rules import (
 )
 
 MODES = ("lecun", "lecun_gn", "ggn", "hessian", "ef", "mc")
-_BUDGET = 2**24  # elements per intermediate column tensor (~128 MB in float64)
+_BUDGET = BUDGET  # kept for the column chunking of the chain engine
 
 
 def _chunks(problem: Problem, size: int | None) -> Iterator[tuple[Tensor, Tensor]]:
     for x, y in problem.batches():
-        if size is None or x.shape[0] <= size:
-            yield x, y
-        else:
-            for i in range(0, x.shape[0], size):
-                yield x[i : i + size], y[i : i + size]
+        yield from split(x, y, size)
 
 
-def _chunk_size(chain: list[Link], xs: list[Tensor], k0: int, mode: str) -> int:
-    """Samples per sweep so that no column tensor exceeds the element budget."""
+def _chunk_size(chain: list[Link], xs: list[Tensor], k0: int, mode: str, batch: int) -> int:
+    """Samples per sweep (:func:`.budget.samples_per_sweep`): the columns within about a gradient
+    pass's memory over the batch, never above the element budget."""
     k = k0
     if mode == "hessian":
         k += sum(
@@ -60,7 +58,8 @@ def _chunk_size(chain: list[Link], xs: list[Tensor], k0: int, mode: str) -> int:
         )
     width = max(x[0].numel() for x in xs)
     width = max([width] + [lk.rule.column_cost(lk.module, x) for lk, x in zip(chain, xs)])
-    return max(1, _BUDGET // max(k * width, 1))
+    scratch = max(lk.rule.scratch_cost(lk.module, x) for lk, x in zip(chain, xs))
+    return samples_per_sweep(k, width, sum(x[0].numel() for x in xs), batch, scratch)
 
 
 def _forward(chain: list[Link], x: Tensor) -> tuple[list[Tensor], set[int]]:
@@ -184,11 +183,12 @@ def run(
     with problem.together(f"{estimator}: the curvature sweep"), torch.no_grad(), eval_mode(model):
         chunk = None  # LeCun carries one diagonal: batches as given
         if not mode.startswith("lecun"):
-            probe = [next(problem.batches())[0][:1]]
+            first_x = next(problem.batches())[0]
+            probe = [first_x[:1]]
             for lk in chain:
                 probe.append(lk.rule.forward(lk.module, probe[-1]))
             k0 = {"ef": 1, "mc": samples}.get(mode, probe[-1][0].numel())
-            chunk = _chunk_size(chain, probe, k0, mode)
+            chunk = _chunk_size(chain, probe, k0, mode, first_x.shape[0])
         for x, y in _chunks(problem, chunk):
             xs, owned = _forward(chain, x)
             if not all_finite([xs[-1]]):

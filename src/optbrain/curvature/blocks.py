@@ -40,8 +40,8 @@ from ..errors import CurvatureTooLargeError, SingularCurvatureError
 from ..masking import Mask
 from ..paramdict import ParamDict
 from ..problem import Problem
-from .backprop import _BUDGET
 from .base import Progress, in_dtype
+from .budget import BUDGET as _BUDGET
 from .inverse import Coordinates
 from .layer_factors import LayerSlot, layer_factors, layer_slots
 

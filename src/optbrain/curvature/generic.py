@@ -17,7 +17,8 @@ from torch.func import functional_call, grad, vjp, vmap
 from ..errors import NonFiniteLossError
 from ..paramdict import ParamDict, numel, raw_names
 from ..problem import Problem, eval_mode
-from .backprop import _BUDGET, _chunks
+from .backprop import _chunks
+from .budget import BUDGET as _BUDGET
 
 log = logging.getLogger(__name__)
 

@@ -52,8 +52,9 @@ from ..masking import Mask
 from ..paramdict import ParamDict, numel
 from ..problem import Problem, eval_mode
 from . import losses
-from .backprop import _BUDGET, _chunks
+from .backprop import _chunks
 from .base import Progress, in_dtype
+from .budget import BUDGET as _BUDGET
 from .generic import _Functional, _per_sample_pullbacks
 from .linalg import damped_cholesky
 

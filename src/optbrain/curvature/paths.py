@@ -133,3 +133,25 @@ def explain(problem: Problem) -> dict[str, Path]:
     for key, cls in ESTIMATORS.items():
         out[key] = cls().path(problem)
     return out
+
+
+def estimator_in(obj, depth: int = 3):
+    """The curvature estimator a pruner or saliency uses (an object with ``path`` and
+    ``diagonal``), found through its ``saliency``/``curvature``/``estimator`` attributes; None for
+    methods without one (magnitude, random, layer-wise OBS)."""
+    if obj is None or depth < 0:
+        return None
+    if callable(getattr(obj, "path", None)) and callable(getattr(obj, "diagonal", None)):
+        return obj
+    for attr in ("saliency", "curvature", "estimator"):
+        found = estimator_in(getattr(obj, attr, None), depth - 1)
+        if found is not None:
+            return found
+    return None
+
+
+def engine_of(obj, problem: Problem) -> Path | None:
+    """The engine the curvature estimator inside ``obj`` (a pruner, a saliency or an estimator)
+    takes on ``problem``'s model, or None when ``obj`` uses no curvature diagonal."""
+    est = estimator_in(obj)
+    return None if est is None else est.path(problem)

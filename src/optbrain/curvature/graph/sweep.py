@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.fx.node import map_arg
 
 from ...errors import NonFiniteLossError
@@ -41,6 +41,7 @@ from ...paramdict import ParamDict
 from ...problem import Problem, eval_mode
 from .. import losses
 from .._checks import all_finite
+from ..budget import samples_per_sweep, split
 from ..rules import LinearRule
 from . import glue as G
 from .reader import GNode, GraphReadError, ModelGraph
@@ -48,7 +49,6 @@ from .reader import GNode, GraphReadError, ModelGraph
 log = logging.getLogger(__name__)
 
 MODES = ("lecun", "lecun_gn", "ggn", "ef", "mc")
-_BUDGET = 2**24  # elements per column tensor (~128 MB in float64)
 _LINEAR = LinearRule()
 #: static-path functions whose vector-Jacobian product moves squared per-sample gradients back
 #: exactly (each output entry is one input entry, none repeated)
@@ -73,16 +73,22 @@ class _Plan:
     """What the sweep needs to know about a graph for one input shape: static nodes, which nodes
     lead to a wanted parameter, the sample layout of every value, the per-sample width."""
 
-    def __init__(self, graph: ModelGraph, wanted: dict[str, Tensor], x: Tensor):
+    def __init__(
+        self, graph: ModelGraph, wanted: dict[str, Tensor], x: Tensor, model: nn.Module | None
+    ):
         self.graph = graph
         self.static = _static_nodes(graph)
         wanted_ids = {id(p) for p in wanted.values()}
         self.wanted_ids = wanted_ids
         self.leads = _leads_to_wanted(graph, wanted_ids)
-        self.layouts, self.width, self.out_width = _layouts(graph, x)
+        self.layouts, self.width, self.out_width, self.kept, self.scratch = _layouts(
+            graph, x, model
+        )
 
 
-def _plan(graph: ModelGraph, wanted: dict[str, Tensor], x: Tensor) -> _Plan:
+def _plan(
+    graph: ModelGraph, wanted: dict[str, Tensor], x: Tensor, model: nn.Module | None = None
+) -> _Plan:
     """The plan for this graph, parameters and input shape (kept on the graph: the probe runs
     once per input shape, not once per call)."""
     key = (tuple(x.shape[1:]), x.dtype, x.device, tuple(sorted(id(p) for p in wanted.values())))
@@ -90,7 +96,7 @@ def _plan(graph: ModelGraph, wanted: dict[str, Tensor], x: Tensor) -> _Plan:
     if key not in cache:
         if len(cache) > 8:
             cache.clear()
-        cache[key] = _Plan(graph, wanted, x)
+        cache[key] = _Plan(graph, wanted, x, model)
     return cache[key]
 
 
@@ -149,17 +155,22 @@ def _forward(graph: ModelGraph, x: Tensor) -> dict[str, object]:
     return env
 
 
-def _layouts(graph: ModelGraph, x: Tensor) -> tuple[dict[str, Layout], int, int]:
+def _layouts(
+    graph: ModelGraph, x: Tensor, model: nn.Module | None = None
+) -> tuple[dict[str, Layout], int, int]:
     """The sample layout of every tensor value, from two probe runs (one and two samples), the
     largest per-sample number of entries and the output's. A value whose samples are not
     separable (mixed with each other, interleaved, or along several dimensions) raises
-    GraphReadError."""
+    GraphReadError, and so does a graph whose output differs from ``model``'s own (a forward
+    that branched on types or values while it was traced)."""
     x1 = x[:1]
     x2 = torch.cat([x[:1], x[1:2] if x.shape[0] > 1 else x[:1]])
     with torch.no_grad(), eval_mode(graph.module):
         e1, e2 = _forward(graph, x1), _forward(graph, x2)
+    if model is not None:
+        _check_faithful(model, x2, e2[_output(graph).name])
     out: dict[str, Layout] = {}
-    width = 1
+    width, kept, scratch = 1, 0, 0
     for gn in graph.nodes:
         v1, v2 = e1.get(gn.name), e2.get(gn.name)
         if gn.kind == "output" or not isinstance(v1, Tensor):
@@ -184,15 +195,36 @@ def _layouts(graph: ModelGraph, x: Tensor) -> tuple[dict[str, Layout], int, int]
                     gn.name,
                 )
         out[gn.name] = Layout(d, mult)
-        width = max(width, v1.numel())
+        width, kept = max(width, v1.numel()), kept + v1.numel()
     for gn in graph.leaves():  # per-sample gradients a rule holds (recurrent weights, kernels)
         arg = gn.node.args[0] if gn.node.args else None
         x = e1.get(arg.name) if hasattr(arg, "name") else None
         if isinstance(x, Tensor):
             width = max(width, gn.rule.column_cost(gn.module, x))
+            scratch = max(scratch, gn.rule.scratch_cost(gn.module, x))
     result = _output(graph).name
     out_width = e1[result].numel() if isinstance(e1.get(result), Tensor) else 1
-    return out, width, out_width
+    return out, width, out_width, kept, scratch
+
+
+def _check_faithful(model: nn.Module, x: Tensor, traced) -> None:
+    """The traced graph computes the model's output (tracing fixes every Python-level decision
+    of the forward: ``isinstance(out, tuple)`` on a layer's output, a branch on a flag read from
+    a value, ...)."""
+    with torch.no_grad(), eval_mode(model):
+        own = model(x)
+    same = (
+        isinstance(own, Tensor)
+        and isinstance(traced, Tensor)
+        and own.shape == traced.shape
+        and torch.allclose(own, traced, rtol=1e-4, atol=1e-6 * (1 + float(own.abs().max())))
+    )
+    if not same:
+        raise GraphReadError(
+            "the traced graph does not compute the model's output (the forward decides "
+            "something at trace time, e.g. isinstance(layer_output, tuple) or a branch on a "
+            "flag, that differs when it runs)"
+        )
 
 
 # ============================================================================ canonical layouts
@@ -229,11 +261,13 @@ def run(
         with eval_mode(problem.model):
             for x, y in problem.batches():
                 if plan is None:
-                    plan = _plan(graph, wanted, x)
+                    plan = _plan(graph, wanted, x, problem.model)
                     if not mode.startswith("lecun"):
                         k = {"ef": 1, "mc": samples}.get(mode, plan.out_width)
-                        chunk = max(1, _BUDGET // max(1, k * plan.width))
-                for xc, yc in _split(x, y, chunk):
+                        chunk = samples_per_sweep(
+                            k, plan.width, plan.kept, x.shape[0], plan.scratch
+                        )
+                for xc, yc in split(x, y, chunk):
                     env = _forward(graph, xc)
                     out = env[_output(graph).name]
                     if not isinstance(out, Tensor):
@@ -255,14 +289,6 @@ def run(
     problem.all_reduce_(out)  # sums over the samples of every rank
     n_total = problem.counted(done)
     return {name: v / n_total for name, v in out.items()}
-
-
-def _split(x: Tensor, y: Tensor, size: int | None):
-    if size is None or x.shape[0] <= size:
-        yield x, y
-    else:
-        for i in range(0, x.shape[0], size):
-            yield x[i : i + size], y[i : i + size]
 
 
 def _output(graph: ModelGraph) -> GNode:

@@ -125,6 +125,11 @@ class Rule:
         """Elements per sample and column that :meth:`sq_grads` materialises (memory planning)."""
         return 0
 
+    def scratch_cost(self, m: nn.Module, x: Tensor) -> int:
+        """Elements per sample, whatever the number of columns, that :meth:`sq_grads` holds
+        besides them (unfolded patches of a convolution; memory planning). ``x``: one sample."""
+        return 0
+
     def vjp(self, m: nn.Module, x: Tensor, cols: Tensor) -> Tensor:
         """Jᵀ·c for every column: (K × N × out) → (K × N × in)."""
         _, fn = vjp(m, x)

@@ -205,6 +205,9 @@ class ConvRule(Rule):
     def column_cost(self, m: nn.Module, x: Tensor) -> int:
         return m.weight.numel()
 
+    def scratch_cost(self, m: nn.Module, x: Tensor) -> int:
+        return self._unfold(m, x[:1]).numel()
+
     def _pads(self, m: nn.Module) -> list[tuple[int, int]]:
         if isinstance(m.padding, str):
             out = []
