@@ -26,6 +26,7 @@ from . import distributed
 from .distributed import Shards
 from .errors import EmptyDataError, NonFiniteLossError, ShapeMismatchError
 from .paramdict import named_parameters
+from .streaming import check_reiterable
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,9 @@ class Problem:
     _local_n: int | None = field(default=None, init=False, repr=False)
     _reduction: str | None = field(default=None, init=False, repr=False)
     _shards: Shards | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        check_reiterable(self.data, "the problem's data")
 
     # ---------------------------------------------------------------- data
     @property
