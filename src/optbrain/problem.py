@@ -188,6 +188,16 @@ class Problem:
         ``names`` (clean names); the sample count and reduction are carried over, not re-probed."""
         return self._derived(self.model, self.data, list(names), self.split)
 
+    def on_batch(self, x: Tensor, y: Tensor) -> Problem:
+        """The same model, loss and parameters on the one batch ``(x, y)`` alone, in this process
+        (no group), taking this problem's validation as done: for estimators that run another
+        estimator batch by batch (:mod:`optbrain.curvature.subsampled`)."""
+        self.prepare()
+        out = Problem(self.model, self.loss_fn, (x, y), self.params, group=None, split=False)
+        out._n = out._local_n = int(x.shape[0])
+        out._reduction = self._reduction
+        return out
+
     def cast(self, dtype: torch.dtype) -> Problem:
         """The problem on a copy of the model cast to ``dtype``, floating data cast on the fly
         (results keep their keys); the problem itself when every parameter has that dtype."""

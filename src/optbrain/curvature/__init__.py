@@ -21,6 +21,7 @@ from .kfac import KFACInverse, KroneckerInverseHessian
 from .lecun import LeCunDiagonal
 from .paths import Path, explain
 from .rules import register, register_elementwise
+from .subsampled import SubsampledDiagonal, SubsampledEstimate
 
 ESTIMATORS = {
     "lecun": LeCunDiagonal,
@@ -54,6 +55,8 @@ __all__ = [
     "Path",
     "explain",
     "RecursiveInverse",
+    "SubsampledDiagonal",
+    "SubsampledEstimate",
     "calibration_hessians",
     "register",
     "register_elementwise",
