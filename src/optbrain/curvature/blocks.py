@@ -416,23 +416,28 @@ def _sequences(g: BlockGroup, theta: Tensor, candidates: Tensor) -> tuple[Tensor
         val, q = s.min(1)
         live = torch.isfinite(val)
         sal[:, t], slot[:, t] = val, torch.where(live, q, -1)
-        _downdate(inv, w, ar[live], q[live])
+        _downdate(inv, w, live, q)
         cand[ar[live], q[live]] = False
     return sal, slot
 
 
-def _downdate(inv: Tensor, w: Tensor, blocks: Tensor, q: Tensor) -> None:
-    """One OBS deletion of slot q in each of ``blocks``: w ← w − (w_q/H⁻¹_qq) H⁻¹e_q, w_q = 0,
-    H⁻¹ ← H⁻¹ − H⁻¹e_q e_qᵀH⁻¹/H⁻¹_qq (row and column q exactly 0)."""
-    if blocks.numel() == 0:
+def _downdate(inv: Tensor, w: Tensor, live: Tensor, q: Tensor) -> None:
+    """One OBS deletion of slot q[b] in every block b where ``live[b]`` (the others unchanged):
+    w ← w − (w_q/H⁻¹_qq) H⁻¹e_q, w_q = 0, H⁻¹ ← H⁻¹ − H⁻¹e_q e_qᵀH⁻¹/H⁻¹_qq (row and column q
+    exactly 0). In place over all blocks at once (a batched rank-one update, no copy of the
+    blocks): the column of a block that is not live is taken as zero."""
+    if not bool(live.any()):
         return
-    col = inv[blocks, :, q]  # k × c
-    dq = col[torch.arange(blocks.numel(), device=q.device), q]
-    w[blocks] -= (w[blocks, q] / dq)[:, None] * col
-    w[blocks, q] = 0
-    inv[blocks] -= col[:, :, None] * (col / dq[:, None])[:, None, :]
-    inv[blocks, q, :] = 0
-    inv[blocks, :, q] = 0
+    ar = torch.arange(inv.shape[0], device=inv.device)
+    q = q.clamp_min(0)
+    col = inv[ar, :, q] * live[:, None]  # B × c
+    dq = torch.where(live, col[ar, q], 1.0)
+    w.sub_((w[ar, q] / dq)[:, None] * col)
+    inv.baddbmm_(col[:, :, None], (col / dq[:, None])[:, None, :], alpha=-1)
+    bl, ql = ar[live], q[live]
+    w[bl, ql] = 0
+    inv[bl, ql, :] = 0
+    inv[bl, :, ql] = 0
 
 
 def _merge(inv: BlockInverseHessian, seqs, count: int, caps) -> tuple[list[Tensor], Tensor, Tensor]:
@@ -509,8 +514,6 @@ def _apply(g: BlockGroup, theta: Tensor, slot: Tensor, k: Tensor) -> None:
     ok = g.index >= 0
     rows = g.index.clamp_min(0)
     w = torch.where(ok, theta[rows], 0.0)
-    ar = torch.arange(g.index.shape[0], device=w.device)
     for t in range(int(k.max())):
-        live = k > t
-        _downdate(g.inv, w, ar[live], slot[live, t])
+        _downdate(g.inv, w, k > t, slot[:, t])
     theta[g.index[ok]] = w[ok]
