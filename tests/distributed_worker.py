@@ -32,6 +32,7 @@ from optbrain.curvature import (
     LeCunDiagonal,
     MCFisherDiagonal,
     RecursiveInverse,
+    SubsampledDiagonal,
 )
 from optbrain.loop import iterative_prune
 from optbrain.masking import current_mask
@@ -214,6 +215,8 @@ def bad_inputs(rank: int) -> dict:
         run(epochs=0)
 
     out["not_distributed"] = _error(report)
+    sub = SubsampledDiagonal(GGNDiagonal(), 0.5)
+    out["subsampled"] = _error(lambda: sub.diagonal(problem(rank, mlp())))
     xq = batches(rank)[0][0].float()
     out["quantize_raw"] = _error(lambda: GPTQ(bits=4).apply(mlp().float(), calibration=xq))
     out["hutchinson_fresh"] = HutchinsonDiagonal(samples=4).diagonal(problem(rank, mlp()))

@@ -166,6 +166,7 @@ def test_gptq_calibrated_on_a_distributed_problem(ranks, union):
         ("remote", ["RemoteRankError", "ShapeMismatchError"]),
         ("not_distributed", ["NotDistributedError", "NotDistributedError"]),
         ("quantize_raw", ["NotDistributedError", "NotDistributedError"]),
+        ("subsampled", ["NotDistributedError", "NotDistributedError"]),
     ],
 )
 def test_bad_input_fails_on_every_rank_with_a_named_error(ranks, scenario, errors):
