@@ -207,6 +207,9 @@ def activation_derivatives(module: nn.Module, a: float) -> tuple[float, float] |
         return (1.0 if a > 0 else 0.0), 0.0
     if name in ("Identity", "Dropout"):
         return 1.0, 0.0
+    if name == "SiLU":
+        s = 1.0 / (1.0 + math.exp(-a))
+        return s + a * s * (1.0 - s), s * (1.0 - s) * (2.0 + a * (1.0 - 2.0 * s))
     if name == "LeCunTanh":
         t = math.tanh(_B * a)
         return _A * _B * (1.0 - t * t), -2.0 * _A * _B * _B * t * (1.0 - t * t)

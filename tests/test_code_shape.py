@@ -11,7 +11,7 @@ import optbrain
 
 MAX_LINES = 80
 ROOT = Path(optbrain.__file__).parent
-EXEMPT = ("curvature",)
+EXEMPT: tuple[str, ...] = ()
 LATER: set[str] = set()  # "path:function" allowed to be longer while it is being split
 
 

@@ -208,6 +208,18 @@ def test_per_parameter_decay_and_singular_full_form_is_damped():
     assert fpe(dead, 0.1, form="full").damping == 0.0
 
 
+def test_interpolating_net_whose_full_form_needs_damping_is_undefined_not_huge():
+    """151 parameters, 20 samples, decay on one bias only: G + Λ is singular (damped), and the
+    undecayed parameters fit every sample, so γ1 ≈ γ2 ≈ N and N + γ1 − 2γ2 is ~0 only by the grace
+    of the damping: FPE is undefined (it used to come out ~2.5e7 with a warning)."""
+    net = _tanh_net(inputs=3, hidden=30)
+    x, y = _data(20)
+    prob = Problem(net, nn.MSELoss(), (x, y))
+    with pytest.raises(FPEUndefinedError, match=r"damping .* N \+ γ1 - 2γ2"):
+        fpe(prob, {"2.bias": 0.1}, form="full")
+    assert math.isfinite(fpe(prob, 10.0, form="full").fpe)  # decay on every parameter: defined
+
+
 def test_bad_inputs():
     prob = _orthogonal_linear()
     with pytest.raises(ValueError, match="finite number >= 0"):

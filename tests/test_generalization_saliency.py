@@ -331,3 +331,55 @@ def test_gamma_stopping_rule_in_the_loop():
     assert [r.round for r in history.records] == [0, 1]
     assert history.stopped and "smallest saliency" in history.stopped
     assert model.weight[0, 2] == 0 and bool((model.weight[0, :2] != 0).all())
+
+
+# ------------------------------------------------------------------------------- float32 nets
+def _near_dead_float32():
+    """A float32 tanh net whose first hidden unit has four tiny weights of distinct sizes: their
+    saliencies (~1e-10) are far below the (2/N)·E ≈ 0.01 that γOBD subtracts."""
+    g = torch.Generator().manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 1))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(0.5 * torch.randn(p.shape, generator=g))
+        net[0].weight[0] = torch.tensor([4e-5, 3e-5, 2e-5, 1e-5])
+    x = torch.randn(200, 4, generator=g)
+    y = x.sum(1, keepdim=True) + torch.randn(200, 1, generator=g)
+    return net, nn.MSELoss(), (x, y)
+
+
+def _flat(d):
+    return torch.cat([v.reshape(-1) for v in d.values()])
+
+
+def test_gamma_obd_without_decay_ranks_exactly_like_obd_on_a_float32_net():
+    model, loss, data = _near_dead_float32()
+    prob = Problem(model, loss, data)
+    g, o = GammaOBD()(prob), OBD()(prob)
+    assert g["0.weight"][0].argsort().tolist() == [3, 2, 1, 0]  # smallest weight first
+    assert torch.equal(torch.argsort(_flat(g), stable=True), torch.argsort(_flat(o), stable=True))
+    assert _flat(g).dtype == F64
+
+
+@pytest.mark.parametrize(
+    "saliency",
+    [
+        lambda data: GammaOBD(0.01),
+        lambda data: GammaOBS(0.01),
+        lambda data: GammaOBS(),
+        lambda data: ESP(),
+        lambda data: EBD(),
+        lambda data: ValidationOBD(data),
+    ],
+    ids=["gamma_obd", "gamma_obs", "gamma_obs_no_decay", "esp", "ebd", "validation_obd"],
+)
+def test_generalisation_saliencies_of_a_float32_net_rank_like_its_float64_copy(saliency):
+    """Computed in float64 whatever the parameters' dtype: tiny saliencies are not rounded into
+    ties with the constant generalisation term (which would turn the order into index order)."""
+    model, loss, data = _near_dead_float32()
+    s32 = saliency(data)(Problem(model, loss, data))["0.weight"][0]
+    wide = (data[0].to(F64), data[1].to(F64))
+    s64 = saliency(wide)(Problem(model.to(F64), loss, wide))["0.weight"][0]
+    assert len(set(s32.tolist())) == 4  # no ties
+    assert s32.argsort().tolist() == s64.argsort().tolist()
+    assert s32.dtype == F64

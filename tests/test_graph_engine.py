@@ -483,7 +483,7 @@ def test_samples_that_interact_are_refused():
 
     model = Mixer().to(D)
     _, loss_fn, batches = make("res_mlp", "ce_mean")
-    with pytest.raises(UnsupportedModuleError, match="not independent"):
+    with pytest.raises(UnsupportedModuleError, match="depends on the other samples"):
         GGNDiagonal(method="backprop").diagonal(Problem(model, loss_fn, batches))
 
 
@@ -512,3 +512,227 @@ def test_a_graph_that_differs_from_the_model_is_refused():
         GGNDiagonal().diagonal(problem),
         reference.ggn_diag(model, problem.loss_fn, [(x, problem.data[1])], use_vmap=False),
     )
+
+
+# --------------------------------------------------------------------------- LayerNorm in a chain
+def _ln_chain():
+    torch.manual_seed(0)
+    seq = nn.Sequential(nn.Linear(4, 5), nn.LayerNorm(5), nn.Tanh(), nn.Linear(5, 3)).to(D)
+    with torch.no_grad():
+        seq[1].weight.add_(0.3 * torch.randn(5, dtype=D))
+    x, y = torch.randn(10, 4, dtype=D), torch.randint(0, 3, (10,))
+    return seq, nn.CrossEntropyLoss(), [(x, y)]
+
+
+def test_a_chain_with_layernorm_gets_its_second_derivatives():
+    """The chain engine's exact-Hessian and full-LeCun sweeps have no term for LayerNorm's own
+    curvature: such a chain takes the graph engine (LeCun) or the generic one (Hessian)."""
+    seq, loss_fn, batches = _ln_chain()
+    problem = Problem(seq, loss_fn, batches)
+    assert_diag_close(
+        ExactHessianDiagonal().diagonal(problem), reference.hessian_diag(seq, loss_fn, batches)
+    )
+    slow = reference_graph.lecun_graph_slow(graph_of(seq).module, seq, loss_fn, batches, False)
+    assert_diag_close(LeCunDiagonal(gauss_newton=False).diagonal(problem), slow)
+    # the Gauss-Newton forms have no second-order residual: the chain engine stays
+    assert GGNDiagonal().path(problem).engine == "chain"
+    assert LeCunDiagonal().path(problem).engine == "chain"
+    assert "LayerNorm" in ExactHessianDiagonal().path(problem).reason
+
+
+# --------------------------------------------------------------------------- rule refusals
+class _Projected(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.r, self.out = nn.LSTM(3, 6, proj_size=2, batch_first=True), nn.Linear(2, 2)
+
+    def forward(self, x):
+        return self.out(self.r(x)[0][:, -1])
+
+
+class _Renormed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.e, self.out = nn.Embedding(7, 4, max_norm=1.0), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.out(self.e(x).mean(1))
+
+
+def test_a_rule_refusal_is_known_before_the_run_and_falls_back():
+    """A layer configuration a rule has no derivatives for (LSTM proj_size, Embedding max_norm,
+    BatchNorm without running statistics) makes explain say generic, with the layer and the
+    reason; the column estimators then fall back; LeCun refuses naming it."""
+    g = torch.Generator().manual_seed(0)
+    cases = [
+        (_Projected(), torch.randn(6, 5, 3, generator=g), nn.MSELoss(), "proj_size"),
+        (_Renormed(), torch.randint(0, 7, (6, 4), generator=g), nn.CrossEntropyLoss(), "max_norm"),
+        (
+            nn.Sequential(
+                nn.Linear(3, 4), nn.BatchNorm1d(4, track_running_stats=False), nn.Linear(4, 2)
+            ),
+            torch.randn(6, 3, generator=g),
+            nn.CrossEntropyLoss(),
+            "track_running_stats",
+        ),  # fmt: skip
+    ]
+    for model, x, loss_fn, word in cases:
+        model = model.to(D).eval()
+        x = x.to(D) if x.is_floating_point() else x
+        y = (
+            torch.randn(6, 2, dtype=D)
+            if isinstance(loss_fn, nn.MSELoss)
+            else torch.randint(0, 2, (6,))
+        )
+        problem = Problem(model, loss_fn, [(x, y)])
+        for key, path in explain(problem).items():
+            assert path.engine == "generic", (key, path)
+            assert key == "hutchinson" or word in path.reason, (key, path)
+        if word != "track_running_stats":  # batch statistics: no per-sample objective to check
+            ggn = GGNDiagonal().diagonal(problem)
+            assert_diag_close(ggn, reference.ggn_diag(model, loss_fn, [(x, y)], use_vmap=False))
+        with pytest.raises(UnsupportedModuleError, match=word):
+            LeCunDiagonal().diagonal(problem)
+
+
+class _Erf(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.b(torch.erf(self.a(x)))
+
+
+def test_explain_knows_before_the_run_that_lecun_has_no_rule_for_a_function():
+    model = _Erf().to(D)
+    problem = Problem(
+        model, nn.CrossEntropyLoss(), [(torch.randn(5, 3, dtype=D), torch.arange(5) % 2)]
+    )
+    paths = explain(problem)
+    assert paths["lecun"].engine == "generic" and "'erf'" in paths["lecun"].reason
+    assert paths["ggn"].engine == "graph"  # the columns go through erf by its vjp
+    with pytest.raises(UnsupportedModuleError, match="erf"):
+        LeCunDiagonal().diagonal(problem)
+    # only the output layer's weights wanted: erf is not between them and the output
+    only_b = Problem(model, nn.CrossEntropyLoss(), problem.data, params=["b.weight", "b.bias"])
+    assert LeCunDiagonal().path(only_b).engine == "graph"
+
+
+# ----------------------------------------------------------------- review: cached state, probes
+class _Flagged(nn.Module):
+    """A forward that branches on a plain Python flag (an ablation switch)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.o = nn.Linear(4, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+        self.skip = True
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        h = h + torch.tanh(self.b(h)) if self.skip else torch.tanh(self.b(h))
+        return self.o(h)
+
+
+def _ce_data(n=6, d=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64)
+    return x, torch.randint(0, 3, (n,), generator=g)
+
+
+def test_a_flag_the_forward_branches_on_is_read_again():
+    torch.manual_seed(0)
+    m, lf = _Flagged().double(), nn.CrossEntropyLoss()
+    x, y = _ce_data()
+    GGNDiagonal().diagonal(Problem(m, lf, [(x, y)]))
+    m.skip = False
+    got = GGNDiagonal().diagonal(Problem(m, lf, [(x, y)]))
+    assert_diag_close(got, reference.ggn_diag(m, lf, [(x, y)]))
+
+
+class _BatchMean(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l, self.o = nn.Linear(4, 5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.l(x))
+        return self.o(h - h.mean(0))
+
+
+@pytest.mark.parametrize("first", [1, 5])
+def test_a_model_mixing_the_samples_of_a_batch_is_refused_by_every_engine(first):
+    """Its per-sample curvature does not exist: no number, whatever the batching (a first batch
+    of one sample included) and whatever the estimator."""
+    torch.manual_seed(0)
+    m, lf = _BatchMean().double(), nn.CrossEntropyLoss()
+    x, y = _ce_data()
+    p = Problem(m, lf, [(x[:first], y[:first]), (x[first:], y[first:])])
+    for key, path in explain(p).items():
+        if key != "hutchinson":  # Hessian-vector products of the batch objective: defined
+            assert path.engine in ("refused",) or key == "hessian", (key, path)
+    for est in (GGNDiagonal(), EmpiricalFisherDiagonal(), LeCunDiagonal()):
+        with pytest.raises(UnsupportedModuleError, match="depends on the other samples"):
+            est.diagonal(p)
+
+
+def test_a_reattached_mask_reaches_the_cached_graph():
+    m, lf, b = make("res_mlp", "ce_mean")
+    g = torch.Generator().manual_seed(0)
+    m1 = torch.rand(6, 6, generator=g) > 0.2
+    attach(m, Mask({"l2.weight": m1}))
+    for est in (GGNDiagonal, LeCunDiagonal):
+        est().diagonal(Problem(m, lf, b))
+    m2 = m1 & (torch.rand(6, 6, generator=g) > 0.5)
+    attach(m, Mask({"l2.weight": m2}))
+    newly = m1 & ~m2
+    assert newly.any()
+    for est in (GGNDiagonal, LeCunDiagonal):
+        d = est().diagonal(Problem(m, lf, b))["l2.weight"]
+        assert float(d[newly].abs().max()) == 0.0, est.__name__
+
+
+class _Leaky(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.o = nn.Linear(4, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.o(torch.where(h > 0, h, 0.1 * h))
+
+
+def test_a_where_on_a_data_dependent_condition_is_a_selection():
+    torch.manual_seed(0)
+    m, lf = _Leaky().double(), nn.CrossEntropyLoss()
+    x, y = _ce_data(8)
+    p = Problem(m, lf, [(x, y)])
+    assert GGNDiagonal().path(p).engine == "graph"
+    assert_diag_close(GGNDiagonal().diagonal(p), reference.ggn_diag(m, lf, [(x, y)]))
+    ef = EmpiricalFisherDiagonal().diagonal(p)
+    assert_diag_close(ef, reference.empirical_fisher_diag(m, lf, [(x, y)]))
+    twin = nn.Sequential(m.a, nn.LeakyReLU(0.1), m.o)
+    got = LeCunDiagonal().diagonal(p)
+    want = LeCunDiagonal().diagonal(Problem(twin, lf, [(x, y)]))
+    assert_diag_close(got, {k.replace("0.", "a.").replace("2.", "o."): v for k, v in want.items()})
+
+
+class _Divided(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.o = nn.Linear(4, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.o(1.0 / (2.0 + h * h))
+
+
+def test_lecun_knows_before_the_run_that_it_cannot_divide_by_a_parameter_dependent_value():
+    torch.manual_seed(0)
+    m, lf = _Divided().double(), nn.CrossEntropyLoss()
+    x, y = _ce_data(8)
+    p = Problem(m, lf, [(x, y)])
+    path = LeCunDiagonal().path(p)
+    assert path.engine == "generic" and "division" in path.reason
+    with pytest.raises(UnsupportedModuleError, match="division"):
+        LeCunDiagonal().diagonal(p)

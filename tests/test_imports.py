@@ -129,6 +129,10 @@ def test_public_api_is_complete():
 
     for name in ob.__all__:
         assert hasattr(ob, name), name
-    for name in ("obd", "obs", "unit_obs", "ocd", "magnitude", "random", "snip", "layerwise_obs"):
-        assert name in ob.__all__ and name in ob.METHODS
+    missing = [name for name in ob.METHODS if name not in ob.__all__ or not hasattr(ob, name)]
+    assert not missing, f"named methods without a top-level preset: {missing}"
+    for name in ob.METHODS:
+        assert getattr(ob, name) is ob.METHODS[name].factory, name
+    for name in ("fpe", "effective_parameters", "FPEEstimate", "FPEUndefinedError"):
+        assert name in ob.__all__ and hasattr(ob, name), name
     assert ob.prune.__name__ == "prune_model"

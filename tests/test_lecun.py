@@ -400,3 +400,23 @@ def test_tied_weights_sum_over_their_connections(gauss_newton):
         graph_of(s.model).module, s.model, s.loss_fn, s.batches, gauss_newton
     )
     cases.assert_diag_close(got, slow)
+
+
+@pytest.mark.parametrize("act", [nn.SiLU, nn.Mish])
+def test_activations_without_a_forward_mode_second_derivative(act):
+    """SiLU and Mish have no forward-over-forward derivative in PyTorch: f'' comes from reverse
+    mode; the full recursion and the exact Hessian diagonal are exact."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 4, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (8,), generator=g)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), act(), nn.Linear(6, 3)).double()
+    lf, batches = nn.CrossEntropyLoss(), [(x, y)]
+    problem = Problem(model, lf, batches)
+    assert_diag_close(
+        ExactHessianDiagonal().diagonal(problem), reference.hessian_diag(model, lf, batches)
+    )
+    full = LeCunDiagonal(gauss_newton=False).diagonal(problem)
+    if act is nn.SiLU:  # closed-form f', f'' in the slow transcription
+        want = reference.lecun_recursion_slow(model, lf, batches, gauss_newton=False)
+        assert_diag_close(full, want)

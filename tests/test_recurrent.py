@@ -6,6 +6,7 @@ option (layers, directions, batch_first, initial states) and the bad inputs."""
 from __future__ import annotations
 
 import copy
+import logging
 
 import pytest
 import torch
@@ -249,3 +250,51 @@ def test_a_sequence_of_length_zero_is_named():
     x = torch.randn(2, 0, 3, dtype=D)
     with pytest.raises((ShapeMismatchError, RuntimeError, IndexError)):
         LeCunDiagonal().diagonal(_problem(model, x))
+
+
+class _Packed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.r, self.o = nn.GRU(3, 4, batch_first=True), nn.Linear(4, 2)
+
+    def forward(self, x):
+        lengths = torch.full((x.shape[0],), x.shape[1])
+        packed = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True)
+        return self.o(self.r(packed)[1][-1])
+
+
+def test_packed_sequences_are_refused_by_every_engine_with_the_reason():
+    from optbrain.curvature import EmpiricalFisherDiagonal, GGNDiagonal, LeCunDiagonal, explain
+
+    g = torch.Generator().manual_seed(0)
+    problem = Problem(
+        _Packed(), nn.CrossEntropyLoss(), (torch.randn(5, 6, 3, generator=g), torch.arange(5) % 2)
+    )
+    path = explain(problem)["ggn"]
+    assert path.engine == "refused" and "pack_padded_sequence" in path.reason
+    for est in (GGNDiagonal(), EmpiricalFisherDiagonal(), LeCunDiagonal()):
+        with pytest.raises(UnsupportedModuleError, match="packs sequences"):
+            est.diagonal(problem)
+
+
+def test_layerwise_obs_says_which_prunable_weights_its_default_mask_leaves_out(caplog):
+    """Layer-wise OBS has layer Hessians for Linear/Conv only: on a recurrent model the LSTM's
+    weights are left out, logged and recorded with the reason."""
+    from optbrain.pruners import LayerwiseOBS
+
+    class Reader(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.r, self.o = nn.LSTM(3, 4, batch_first=True), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.o(self.r(x)[0][:, -1])
+
+    torch.manual_seed(0)
+    model = Reader().double()
+    x = torch.randn(6, 5, 3, dtype=torch.float64)
+    problem = Problem(model, nn.MSELoss(), [(x, torch.randn(6, 2, dtype=torch.float64))])
+    with caplog.at_level(logging.INFO, logger="optbrain.pruners.layerwise"):
+        _, info = LayerwiseOBS()(problem, sparsity=0.5)
+    assert "r.weight_ih_l0" in caplog.text and "left out" in caplog.text
+    assert "default" in info.excluded["r.weight_ih_l0"]

@@ -261,3 +261,22 @@ def test_one_obd_pruning_round_on_a_small_oe_model():
     # after the deletion the GGN of the pruned model is zero on the deleted entries
     g = GGNDiagonal().diagonal(sequence_problem(m, u, y, segment=30))
     assert all(torch.equal(g[k][~mask[k]], torch.zeros_like(g[k][~mask[k]])) for k in g)
+
+
+@pytest.mark.parametrize("build", ["gru_model", "lstm_model"])
+def test_recurrent_sysid_models_take_the_graph_engine(build):
+    """Their input check is skipped while torch.fx traces them, so the curvature runs on the
+    graph engine's recurrent rules (equal to the torch.func path)."""
+    from optbrain import Problem, models
+    from optbrain.curvature import GGNDiagonal, explain
+
+    model = getattr(models, build)(4).double()
+    x = torch.randn(3, 40, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    y = torch.randn_like(model(x))
+    problem = Problem(model, torch.nn.MSELoss(), (x, y))
+    assert explain(problem)["ggn"].engine == "graph"
+    fast, slow = GGNDiagonal().diagonal(problem), GGNDiagonal(method="func").diagonal(problem)
+    for k in slow:
+        torch.testing.assert_close(fast[k], slow[k], rtol=1e-9, atol=1e-12)
+    with pytest.raises(ValueError, match="batch × time"):
+        model(torch.randn(3, 40, dtype=torch.float64))  # the check still runs outside tracing

@@ -140,7 +140,7 @@ def test_as_task_checks(tmp_path):
         tasks.as_task((model, loss_fn, torch.zeros(3, 8), None))
     with pytest.raises(TaskError, match="rows"):
         tasks.as_task((model, loss_fn, (torch.zeros(3, 8), torch.zeros(2)), None))
-    with pytest.raises(TaskError, match="no trainable parameter named 'weight"):
+    with pytest.raises(TaskError, match="no prunable weight"):
         tasks.as_task((torch.nn.Tanh(), loss_fn, train_loader, None))
     with pytest.raises(TaskError, match="raised RuntimeError"):
         bad = [(torch.zeros(4, 5), torch.zeros(4, dtype=torch.long))]  # wrong input width

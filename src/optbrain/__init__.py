@@ -11,9 +11,11 @@ The public API is :data:`__all__`; everything else is private or lives in a name
     history = ob.iterative_prune(model, ob.obd(), ob.schedule.geometric(0.3), rounds=8,
                                  make_problem=lambda m: ob.Problem(m, loss_fn, loader))
     result = ob.prune(model, loss_fn, loader, method="obd", sparsity=0.9)   # train-prune-retrain
+    ob.fpe(problem, weight_decay=1e-3)      # NNSYSID's FPE: estimated test error, N_eff
 """
 
 from . import cells, curvature, errors, masking, paramdict, pruners, saliency, schedule, structure
+from .generalization import FPEEstimate, FPEUndefinedError, effective_parameters, fpe
 from .history import History
 from .loop import iterative_prune
 from .masking import Mask, attach, detach, load_pruned, save_pruned
@@ -26,6 +28,10 @@ from .pruners import (
     OBSPruner,
     PruneInfo,
     Pruner,
+    ebd,
+    esp,
+    gamma_obd,
+    gamma_obs,
     layerwise_obs,
     magnitude,
     obd,
@@ -34,6 +40,7 @@ from .pruners import (
     random,
     snip,
     unit_obs,
+    validation_obd,
 )
 from .structure import remove_dead_units
 from .tasks import prune_model as prune
@@ -41,6 +48,8 @@ from .tasks import prune_model as prune
 __version__ = "0.1.0"
 
 __all__ = [
+    "FPEEstimate",
+    "FPEUndefinedError",
     "METHODS",
     "AdaptiveSteps",
     "CellPruner",
@@ -56,7 +65,13 @@ __all__ = [
     "cells",
     "curvature",
     "detach",
+    "ebd",
+    "effective_parameters",
     "errors",
+    "esp",
+    "fpe",
+    "gamma_obd",
+    "gamma_obs",
     "iterative_prune",
     "layerwise_obs",
     "load_pruned",
@@ -76,4 +91,5 @@ __all__ = [
     "snip",
     "structure",
     "unit_obs",
+    "validation_obd",
 ]

@@ -66,6 +66,24 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _number(text: str, ok, what: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if not (math.isfinite(value) and ok(value)):
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    return _number(text, lambda v: v >= 0, "a number >= 0")
+
+
+def _finite_float(text: str) -> float:
+    return _number(text, lambda v: True, "a finite number")
+
+
 def _fraction(text: str) -> float:
     try:
         value = float(text)
@@ -283,6 +301,7 @@ def _add_prune(sub) -> None:
         default=str(Path("optbrain-runs") / "prune"),
         help="output directory (default optbrain-runs/prune)",
     )
+    _add_generalization(prn)
     prn.add_argument(
         "--resume",
         action="store_true",
@@ -301,6 +320,44 @@ def _add_prune(sub) -> None:
         "every rank loads the whole data), or the task's loader yields this rank's shard (given)",
     )
     _common(prn)
+
+
+def _add_generalization(prn: argparse.ArgumentParser) -> None:
+    """Weight decay, FPE, round selection and the saliency stop of ``optbrain prune``."""
+    prn.add_argument(
+        "--weight-decay",
+        type=_non_negative_float,
+        default=0.0,
+        metavar="LAMBDA",
+        help="L2 weight decay of the retraining (PyTorch's weight_decay), also used by the "
+        "saliencies that have a weight-decay form (obd, obs, gamma_obd, gamma_obs) and by FPE (0)",
+    )
+    prn.add_argument(
+        "--fpe",
+        nargs="?",
+        const="diagonal",
+        choices=("diagonal", "full"),
+        default=None,
+        help="record NNSYSID's FPE and N_eff of every round on the training data (diagonal "
+        "form if no FORM is given; full: dense Gauss-Newton matrix, small nets)",
+    )
+    prn.add_argument(
+        "--select",
+        choices=("fpe", "validation"),
+        default=None,
+        help="choose a round (fpe: smallest FPE, turns --fpe on; validation: smallest validation "
+        "loss; never the test set), keep every round's model and save the chosen one as "
+        "METHOD/model_selected.pt",
+    )
+    prn.add_argument(
+        "--stop-saliency",
+        type=_finite_float,
+        default=None,
+        metavar="S",
+        help="stop before a round whose smallest kept saliency exceeds S (0 with gamma_obd or "
+        "gamma_obs: Pedersen et al.'s rule, stop when every deletion would raise the estimated "
+        "test error)",
+    )
 
 
 def _add_report(sub) -> None:
@@ -473,6 +530,10 @@ def _cmd_prune(args: argparse.Namespace) -> int:
             force=args.force,
             progress=not args.no_progress,
             shards=args.shards,
+            weight_decay=args.weight_decay,
+            fpe=args.fpe,
+            select=args.select,
+            stop_saliency=args.stop_saliency,
         )
     except (
         TaskError,
@@ -540,7 +601,9 @@ def _add_quantize(sub) -> None:
         "not divide the columns the last group is smaller",
     )
     q.add_argument(
-        "--act-order", action="store_true", help="GPTQ: columns by decreasing Hessian diagonal"
+        "--act-order",
+        action="store_true",
+        help="GPTQ: columns by decreasing Hessian diagonal (refused with rtn and obq)",
     )
     q.add_argument("--static-groups", action="store_true", help="fit group grids up front")
     q.add_argument("--sym", action="store_true", help="symmetric grids (default asymmetric)")

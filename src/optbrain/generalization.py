@@ -32,7 +32,11 @@ The formulas are derived for squared error with Gaussian noise around a (regular
 for other losses (cross-entropy) they are a heuristic. With ``form="full"`` a G + Λ that is not
 positive definite (per-parameter decay leaving singular directions undamped) is damped by the
 smallest d of :func:`~optbrain.curvature.linalg.damped_cholesky`'s ladder that factorises it, and
-d is reported (``damping``).
+d is reported (``damping``). Directions that neither the data nor the decay determine (a dead
+input without decay) add nothing to γ1 or γ2 whatever d is; when the result does depend on d
+(the FPE factor moves by more than 1 % with 10·d: the undecayed parameters almost interpolate the
+data and N + γ1 − 2γ2 ≈ 0), :func:`fpe` raises :class:`FPEUndefinedError` rather than return a
+number made by the damping.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -57,6 +62,7 @@ from .problem import Problem
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "DAMPING_RTOL",
     "FORMS",
     "FPEEstimate",
     "FPEUndefinedError",
@@ -177,9 +183,19 @@ def _diagonal_gammas(
     return float(r.square().sum()), float(r.sum())
 
 
+def _traces(chol: Tensor, g: Tensor) -> tuple[float, float]:
+    """(γ1, γ2) from the Cholesky factor L of H = LLᵀ: A = L⁻¹ G L⁻ᵀ is symmetric, γ2 = tr(G H⁻¹)
+    = tr A, γ1 = tr(A²) = ‖A‖²_F."""
+    left = torch.linalg.solve_triangular(chol, g, upper=False)
+    a = torch.linalg.solve_triangular(chol, left.T.contiguous(), upper=False)
+    a = 0.5 * (a + a.T)
+    return float(a.square().sum()), float(torch.diagonal(a).sum())
+
+
 def _full_gammas(
     problem: Problem, mask: Mask, lam: Tensor, max_params: int | None
-) -> tuple[float, float, float]:
+) -> tuple[float, float, float, tuple[float, float] | None]:
+    """(γ1, γ2, damping, (γ1, γ2) with 10× the damping, or None when none was needed)."""
     opts = {} if max_params is None else {"max_params": max_params}
     g, _coords = DirectInverse("ggn", **opts).matrix(problem, mask)
     g = 0.5 * (g + g.T)
@@ -189,13 +205,22 @@ def _full_gammas(
         raise SingularCurvatureError(
             f"G + weight decay is not positive definite even with damping {damping:.3g}"
         )
-    if damping:
-        log.warning("G + weight decay is singular; FPE's full form used damping %.3g", damping)
-    # A = L⁻¹ G L⁻ᵀ (H = LLᵀ) is symmetric: γ2 = tr(G H⁻¹) = tr A, γ1 = tr(A²) = ‖A‖²_F
-    left = torch.linalg.solve_triangular(chol, g, upper=False)
-    a = torch.linalg.solve_triangular(chol, left.T.contiguous(), upper=False)
-    a = 0.5 * (a + a.T)
-    return float(a.square().sum()), float(torch.diagonal(a).sum()), float(damping)
+    g1, g2 = _traces(chol, g)
+    if not damping:
+        return g1, g2, 0.0, None
+    log.warning("G + weight decay is singular; FPE's full form used damping %.3g", damping)
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    more = torch.linalg.cholesky(h + 10 * damping * eye)
+    return g1, g2, float(damping), _traces(more, g)
+
+
+class _Gammas(NamedTuple):
+    gamma1: float
+    gamma2: float
+    p: int
+    form: str  # the form used: "none", "diagonal" or "full"
+    damping: float = 0.0
+    damped_more: tuple[float, float] | None = None  # (γ1, γ2) with 10× the damping
 
 
 def _gammas(
@@ -205,8 +230,8 @@ def _gammas(
     form: str,
     curvature: DiagonalCurvature | None,
     max_params: int | None,
-) -> tuple[float, float, int, str, float]:
-    """(γ1, γ2, p, form used, damping)."""
+) -> _Gammas:
+    """γ1, γ2, p, the form used and the damping of the full form."""
     if form not in FORMS:
         raise ValueError(f"form must be one of {FORMS}, not {form!r}")
     weight_decay = check_decay(weight_decay)
@@ -218,12 +243,35 @@ def _gammas(
     known = named_parameters(problem.model, trainable_only=False)
     lam = weight_decay_vector(coords, weight_decay, list(known))
     if not bool((lam > 0).any()):
-        return float(p), float(p), p, "none", 0.0
+        return _Gammas(float(p), float(p), p, "none")
     if form == "diagonal":
         g1, g2 = _diagonal_gammas(problem, coords, lam, curvature)
-        return g1, g2, p, form, 0.0
-    g1, g2, damping = _full_gammas(problem, mask, lam, max_params)
-    return g1, g2, p, form, damping
+        return _Gammas(g1, g2, p, form)
+    g1, g2, damping, more = _full_gammas(problem, mask, lam, max_params)
+    return _Gammas(g1, g2, p, form, damping, more)
+
+
+DAMPING_RTOL = 0.01
+"""How far (relative) the full form's FPE factor may move when its damping is multiplied by 10."""
+
+
+def _check_damping(gam: _Gammas, n: int, factor: float) -> None:
+    """Raise :class:`FPEUndefinedError` when a damped full form's FPE depends on the damping."""
+    if gam.damped_more is None:
+        return
+    g1, g2 = gam.damped_more
+    denom = n + g1 - 2 * g2
+    other = (n + g1) / denom if denom > 0 else math.inf
+    if abs(other - factor) <= DAMPING_RTOL * factor:
+        return
+    raise FPEUndefinedError(
+        f"FPE is undefined: G + weight decay is singular and the full form needed damping "
+        f"{gam.damping:.3g}, on which the result depends: N + γ1 - 2γ2 = "
+        f"{n + gam.gamma1 - 2 * gam.gamma2:.4g} (N = {n}, γ1 = {gam.gamma1:.4g}, "
+        f"γ2 = {gam.gamma2:.4g}) gives FPE/E = {factor:.4g}, and 10x the damping gives "
+        f"{other:.4g}: the parameters without decay (almost) interpolate the N samples; put "
+        "weight decay on every parameter, or use more data or fewer parameters"
+    )
 
 
 # ---------------------------------------------------------------------------- public
@@ -241,7 +289,7 @@ def effective_parameters(
     Σ_k (h_k/(h_k + λ_k))² (h = diag G from ``curvature``, default the exact GGN diagonal);
     ``"full"`` the dense GGN (at most ``max_params`` coordinates, default that of
     :class:`~optbrain.curvature.DirectInverse`). Arguments as :func:`fpe`."""
-    return _gammas(problem, weight_decay, mask, form, curvature, max_params)[0]
+    return _gammas(problem, weight_decay, mask, form, curvature, max_params).gamma1
 
 
 def fpe(
@@ -262,10 +310,15 @@ def fpe(
     conversion from NNSYSID's PI = SSE/(2N) in the module doc.
 
     Raises :class:`FPEUndefinedError` when the denominator is not positive (without weight decay:
-    N ≤ p) — never a negative FPE — ``ValueError``/``TypeError`` for a negative or non-numeric
+    N ≤ p; diagonal form: N ≤ N_eff; full form: N + γ1 − 2γ2 ≤ 0) — never a negative FPE — and
+    also when the full form needed damping to factorise G + Λ and the FPE depends on it (the
+    factor moves by more than :data:`DAMPING_RTOL` when the damping is multiplied by 10: the
+    undecayed parameters all but interpolate the data, N + γ1 − 2γ2 ≈ 0, and the value would be
+    an artefact of the damping); ``ValueError``/``TypeError`` for a negative or non-numeric
     weight decay or an unknown form.
     """
-    g1, g2, p, used, damping = _gammas(problem, weight_decay, mask, form, curvature, max_params)
+    gam = _gammas(problem, weight_decay, mask, form, curvature, max_params)
+    g1, g2, p, used, damping = gam.gamma1, gam.gamma2, gam.p, gam.form, gam.damping
     n = problem.n_samples
     denom = {"none": n - p, "diagonal": n - g1, "full": n + g1 - 2 * g2}[used]
     if not denom > 0:
@@ -277,8 +330,9 @@ def fpe(
         raise FPEUndefinedError(
             f"FPE is undefined: {what}; use more data, fewer parameters or more weight decay"
         )
-    err = problem.objective()
     factor = (n + g1) / denom
+    _check_damping(gam, n, factor)
+    err = problem.objective()
     return FPEEstimate(
         fpe=factor * err,
         n_eff=g1,

@@ -247,3 +247,129 @@ def selector_for(scope: str, min_kept: int = 1):
     if scope == "layer":
         return LayerSelector(min_kept)
     raise ValueError(f"scope must be 'global' or 'layer', not {scope!r}")
+
+
+# --------------------------------------------------------------------------- weight classes
+def _class_groups(classes: Mapping[str, str], mask: Mask) -> dict[str, list[str]]:
+    """Class label → the masked parameter names in it (in mask order); every masked parameter
+    must have a class."""
+    missing = [n for n in mask.names if n not in classes]
+    if missing:
+        raise KeyError(f"no class for masked parameter(s) {missing}")
+    groups: dict[str, list[str]] = {}
+    for n in mask.names:
+        groups.setdefault(str(classes[n]), []).append(n)
+    return groups
+
+
+class ClassUniformSelector:
+    """See, Luong & Manning's (2016) *class-uniform* pruning: every class of parameters loses the
+    same fraction of its entries, lowest saliency first within the class.
+
+    ``classes`` maps each masked parameter's name to its class (e.g. ``"encoder"`` for both
+    weight matrices of an encoder LSTM); a class may hold several parameters, ranked together.
+    The total target is split over the classes by size (:func:`split_target`, so the counts add
+    up exactly; a class already pruned beyond its share keeps its deletions). With one class per
+    parameter this is :class:`LayerSelector`. ``min_kept`` entries of every parameter are never
+    deleted; a class whose share needs them raises
+    :class:`~optbrain.errors.EmptyLayerError`."""
+
+    def __init__(self, classes: Mapping[str, str], min_kept: int = 0):
+        self.classes = dict(classes)
+        self.min_kept = check_min_kept(min_kept)
+
+    def __call__(self, saliency: Mapping[str, Tensor], mask: Mask, sparsity) -> Mask:
+        _check(saliency, mask)
+        groups = _class_groups(self.classes, mask)
+        kept = {c: torch.cat([mask[n].reshape(-1).cpu() for n in ns]) for c, ns in groups.items()}
+        forced = [int((~k).sum()) for k in kept.values()]
+        target = target_count(sparsity, mask.total())
+        quota = split_target(forced, [k.numel() for k in kept.values()], target)
+        prune: dict[str, Tensor] = {}
+        for (c, names), q, f in zip(groups.items(), quota, forced):
+            free = _guarded(saliency, mask, names, self.min_kept)
+            if q - f > int(free.sum()):
+                raise EmptyLayerError(
+                    f"class {c!r} would need {q - f} more deletions but only {int(free.sum())} "
+                    f"of its entries may go while each of its parameters keeps {self.min_kept}"
+                )
+            scores = torch.cat([saliency[n].detach().reshape(-1).cpu() for n in names])
+            sub = Mask({n: mask[n] for n in names})
+            prune.update(_split(_smallest_kept(scores, free, q - f), names, sub))
+        return mask.with_pruned(prune)
+
+    def __repr__(self) -> str:
+        extra = f", min_kept={self.min_kept}" if self.min_kept else ""
+        return f"ClassUniformSelector({len(set(self.classes.values()))} classes{extra})"
+
+
+class ClassDistributionSelector:
+    """See, Luong & Manning's (2016) *class-distribution* pruning: a threshold per class
+    proportional to the class's spread.
+
+    Entry k of class c is deleted when s_k < λ·ν_c, with λ the one global factor that reaches
+    the total target; equivalently the entries of lowest s_k/ν_c over all classes go first.
+    ``spread`` maps each class to ν_c > 0; without it ν_c is the standard deviation of the
+    saliencies of the class's kept entries at the call. For the paper's rule — delete
+    |w| < λσ_c, σ_c the standard deviation of the class's weights — use :meth:`for_magnitude`
+    with the ``Magnitude`` saliency ½w² (½w² < λ'·½σ_c² ⇔ |w| < √λ'·σ_c).
+    ``min_kept`` as :class:`GlobalSelector`'s (the normalisation is constant within a
+    parameter, so the entries it keeps are the same)."""
+
+    def __init__(
+        self,
+        classes: Mapping[str, str],
+        spread: Mapping[str, float] | None = None,
+        min_kept: int = 0,
+    ):
+        self.classes = dict(classes)
+        if spread is not None:
+            bad = {c: v for c, v in spread.items() if not (math.isfinite(v) and v > 0)}
+            if bad:
+                raise ValueError(f"class spreads must be finite and > 0, got {bad}")
+            spread = {str(c): float(v) for c, v in spread.items()}
+        self.spread = spread
+        self.min_kept = check_min_kept(min_kept)
+
+    @classmethod
+    def for_magnitude(
+        cls, weights: Mapping[str, Tensor], classes: Mapping[str, str], min_kept: int = 0
+    ) -> ClassDistributionSelector:
+        """The paper's rule for the ``Magnitude`` saliency ½w²: ν_c = ½σ_c², σ_c the (sample)
+        standard deviation of every entry of class c's parameters among ``weights`` (name →
+        tensor, e.g. the trained model's, before pruning)."""
+        values: dict[str, list[Tensor]] = {}
+        for n, c in classes.items():
+            if n in weights:
+                values.setdefault(str(c), []).append(weights[n].detach().reshape(-1).double())
+        sigma = {c: float(torch.cat(v).std()) for c, v in values.items()}
+        return cls(classes, {c: 0.5 * s * s for c, s in sigma.items()}, min_kept)
+
+    def _spread(self, saliency: Mapping[str, Tensor], mask: Mask, groups) -> dict[str, float]:
+        if self.spread is not None:
+            missing = [c for c in groups if c not in self.spread]
+            if missing:
+                raise KeyError(f"no spread for class(es) {missing}")
+            return {c: self.spread[c] for c in groups}
+        out = {}
+        for c, names in groups.items():
+            parts = [
+                saliency[n].detach().reshape(-1).cpu()[mask[n].reshape(-1).cpu()] for n in names
+            ]
+            s = torch.cat(parts).double()
+            sd = float(s.std()) if s.numel() > 1 else 0.0
+            if not (math.isfinite(sd) and sd > 0):
+                raise ValueError(f"class {c!r}: the spread of its saliencies is {sd}; pass spread")
+            out[c] = sd
+        return out
+
+    def __call__(self, saliency: Mapping[str, Tensor], mask: Mask, sparsity) -> Mask:
+        _check(saliency, mask)
+        groups = _class_groups(self.classes, mask)
+        spread = self._spread(saliency, mask, groups)
+        scaled = {n: saliency[n] / spread[str(self.classes[n])] for n in mask.names}
+        return GlobalSelector(self.min_kept)(scaled, mask, sparsity)
+
+    def __repr__(self) -> str:
+        extra = f", min_kept={self.min_kept}" if self.min_kept else ""
+        return f"ClassDistributionSelector({len(set(self.classes.values()))} classes{extra})"

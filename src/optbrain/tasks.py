@@ -274,7 +274,9 @@ def as_task(value: Any, name: str = "task") -> Task:
 
     if len(Mask.ones(model)) == 0:
         raise TaskError(
-            f"task {name}: the model has no trainable parameter named 'weight...' to prune"
+            f"task {name}: the model has no prunable weight (the weights of Linear, Conv, "
+            "Embedding, recurrent and attention layers are prunable; biases and normalisation "
+            "parameters are not)"
         )
     loaders = {
         k: _loader(name, k, parts[k]) if parts[k] is not None else None
@@ -341,19 +343,31 @@ class PruneResult:
     model: nn.Module | None = field(default=None, repr=False)
     #: the curvature engine the method's estimator took and why ("" for methods without one)
     engine: str = ""
+    #: with ``select``: the round the rule chose (:meth:`History.select`) and a copy of the model
+    #: restored to that round (``model`` is the last round's); None without ``select``
+    selected: Any = None
+    selected_model: nn.Module | None = field(default=None, repr=False)
 
     def __str__(self) -> str:
         return self.table
 
 
-def _pruner(method: str, seed: int, task: Task | None = None):
+def _pruner(method: str, seed: int, task: Task | None = None, weight_decay: float = 0.0):
+    """The method's pruner; ``weight_decay`` goes to factories that take one (OBD, OBS, γOBD,
+    γOBS), so that their saliencies assume the decay the retraining applies."""
     from .pruners import make
 
+    options: dict[str, Any] = {}
+    factory = _METHOD_TABLE[method].factory
+    if weight_decay and "weight_decay" in inspect.signature(factory).parameters:
+        options["weight_decay"] = weight_decay
+    elif weight_decay:
+        log.info("method %s has no weight-decay saliency: λ is used in retraining and FPE", method)
     if not _METHOD_TABLE[method].needs_validation:
-        return make(method, seed, task=True)
+        return make(method, seed, task=True, **options)
     if task is None or task.val_loader is None:
         raise TaskError(f"method {method!r} needs a validation loader: return 'val_loader' too")
-    return make(method, seed, task=True, validation=task.val_loader)
+    return make(method, seed, task=True, validation=task.val_loader, **options)
 
 
 def resolve_method(method: str | None, retrain_epochs: int) -> str:
@@ -412,6 +426,10 @@ def prune(
     force: bool = False,
     progress: bool = False,
     shards: str = "split",
+    weight_decay: float = 0.0,
+    fpe: str | None = None,
+    select: str | None = None,
+    stop_saliency: float | None = None,
 ) -> PruneResult:
     """Prune a task's model to ``sparsity`` in ``rounds`` rounds with retraining; write a run dir.
 
@@ -439,30 +457,47 @@ def prune(
     an uninterrupted run's; a folder that already holds a run is refused with
     :class:`RunExistsError` unless ``resume`` or ``force``, which replaces it),
     ``<method>/model.pt`` (load with ``optbrain.masking.load_pruned(model, path)`` into a fresh
-    model of the same architecture), ``report.md``, its PNGs and ``run.json``.
+    model of the same architecture), ``report.md``, its PNGs and ``run.json``. Under ``torchrun``
+    the saliencies are data-parallel (``shards="split"``: each rank takes its part of every
+    training batch; ``"given"``: the loader yields this rank's shard); rank 0 alone writes.
 
-    Under ``torchrun`` (a ``torch.distributed`` process group, :mod:`optbrain.distributed`) every
-    rank runs the same loop and the saliencies are computed data-parallel: with ``shards="split"``
-    (the default) every rank loads the task's whole data and uses its part of every training
-    batch; with ``"given"`` the task's training loader already yields this rank's shard.
-    Retraining and evaluation run on every rank as the task gives them (identical models are
-    checked by a checksum at every round); rank 0 alone writes the run directory.
+    Generalisation (PAPERS.md §5, §14.4; :mod:`optbrain.generalization`): ``weight_decay`` λ ≥ 0
+    is the L2 decay of the retraining optimizer (PyTorch's ``weight_decay``: the model is taken
+    to be trained on E + ½λ‖w‖²) and goes to the saliencies that have a weight-decay form
+    (``obd``, ``obs``, ``gamma_obd``, ``gamma_obs``) and to FPE. ``fpe`` (``"diagonal"`` or
+    ``"full"``) records NNSYSID's FPE and N_eff of every round on the training data.
+    ``select`` (``"fpe"`` — which turns ``fpe="diagonal"`` on if unset — or ``"validation"``:
+    the smallest validation loss; never the test set) keeps every round's model in
+    ``<method>/rounds/`` and saves the chosen one as ``<method>/model_selected.pt``
+    (:attr:`PruneResult.selected`, :attr:`PruneResult.selected_model`). ``stop_saliency`` stops
+    before a round whose smallest kept saliency exceeds it: ``0`` is γOBD's rule (stop once
+    every deletion would raise the estimated test error).
     """
-    if shards not in ("split", "given"):
-        raise ValueError(f"shards must be 'split' or 'given', not {shards!r}")
+    split = _split_shards(shards)
     t_start = time.perf_counter()
     method = resolve_method(method, retrain_epochs)
     run = _Settings(method, sparsity, rounds, retrain_epochs, schedule, lr, optimizer, seed)
+    run.weight_decay, run.fpe = weight_decay, fpe
+    run.select, run.stop_saliency = select, stop_saliency
     sched = run.check()
     task = load_task(task) if isinstance(task, str) else as_task(task)
-    pruner = _pruner(method, seed, task)
+    if run.select == "validation" and task.val_loader is None:
+        raise TaskError("select='validation' needs a validation loader: return 'val_loader' too")
+    pruner = _pruner(method, seed, task, run.weight_decay)
     run_dir = Path(out_dir)
     checked = _checked_loaders(task)  # before anything is written or removed
     distributed.on_rank0(lambda: _claim(run_dir / method, resume, force), "claiming --out")
     engine = _engine(task, checked, pruner)
-    split = shards == "split"
     history = _rounds(task, checked, pruner, sched, run_dir / method, run, progress, split)
     return _finish(task, history, pruner, sched, run_dir, run, t_start, engine)
+
+
+def _split_shards(shards: str) -> bool:
+    """Whether every rank splits the training batches (``"split"``) or gets its shard
+    (``"given"``)."""
+    if shards not in ("split", "given"):
+        raise ValueError(f"shards must be 'split' or 'given', not {shards!r}")
+    return shards == "split"
 
 
 def _engine(task: Task, checked: dict, pruner) -> str:
@@ -474,7 +509,7 @@ def _engine(task: Task, checked: dict, pruner) -> str:
     path = engine_of(pruner, Problem(task.model, task.loss_fn, checked["train"]))
     if path is None:
         return ""
-    (log.warning if path.engine == "generic" else log.info)("curvature engine %s", path)
+    (log.info if path.engine in ("chain", "graph") else log.warning)("curvature engine %s", path)
     return str(path)
 
 
@@ -490,15 +525,46 @@ class _Settings:
     lr: float
     optimizer: str
     seed: int
+    weight_decay: float = 0.0
+    fpe: str | None = None
+    select: str | None = None
+    stop_saliency: float | None = None
 
     def check(self):
         """Validate; returns the schedule."""
+        from .generalization import FORMS, check_decay
+
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose from {', '.join(METHODS)}")
         e = self.retrain_epochs
         if isinstance(e, bool) or not isinstance(e, int) or e < 0:
             raise ValueError(f"retrain_epochs must be an int >= 0, not {e!r}")
+        self.weight_decay = check_decay(self.weight_decay)
+        if isinstance(self.weight_decay, Mapping):
+            raise TypeError("weight_decay of a whole-task run is one number (PyTorch's)")
+        if self.fpe is not None and self.fpe not in FORMS:
+            raise ValueError(f"fpe must be None or one of {FORMS}, not {self.fpe!r}")
+        if self.select not in (None, "fpe", "validation"):
+            raise ValueError(f"select must be None, 'fpe' or 'validation', not {self.select!r}")
+        if self.select == "fpe" and self.fpe is None:
+            self.fpe = "diagonal"
+        stop = self.stop_saliency
+        if stop is not None and (
+            isinstance(stop, bool) or not isinstance(stop, (int, float)) or not math.isfinite(stop)
+        ):
+            raise ValueError(f"stop_saliency must be None or a finite number, not {stop!r}")
         return make_schedule(self.schedule, self.sparsity, self.rounds)
+
+    def generalization(self) -> dict[str, Any]:
+        """The generalisation settings that differ from the defaults (in the config only then,
+        so that runs without them resume as before)."""
+        out = {
+            "weight_decay": self.weight_decay or None,
+            "fpe": self.fpe,
+            "select": self.select,
+            "stop_saliency": self.stop_saliency,
+        }
+        return {k: v for k, v in out.items() if v is not None}
 
     def config(self, task: Task, pruner, sched) -> dict[str, Any]:
         """What a checkpoint must match to be resumed."""
@@ -514,6 +580,7 @@ class _Settings:
             "optimizer": self.optimizer,
             "lr": self.lr,
             "seed": self.seed,
+            **self.generalization(),
         }
 
     def epochs_text(self) -> str:
@@ -553,6 +620,7 @@ def _rounds(
                 stage.note("retraining")
             with bars.stage(f"retraining round {r}", total=run.retrain_epochs) as cb:
                 kw = dict(lr=run.lr, optimizer=run.optimizer, seed=run.seed + 1000 * r)
+                kw["weight_decay"] = run.weight_decay
                 train(m, train_loader, loss_fn, epochs=run.retrain_epochs, progress=cb, **kw)
 
         fresh = not distributed.from_rank0((folder / CHECKPOINT).exists)
@@ -569,6 +637,11 @@ def _rounds(
                 config=run.config(task, pruner, sched),
                 progress=stage,
                 loaders=[task.train_loader, task.val_loader, task.test_loader],
+                stop_saliency=run.stop_saliency,
+                estimate_fpe=(
+                    {"weight_decay": run.weight_decay, "form": run.fpe} if run.fpe else False
+                ),
+                keep_rounds=run.select is not None,
             )
         except NonFiniteDataError:
             if fresh and distributed.is_rank0():  # no checkpoint of a run with broken data
@@ -585,6 +658,9 @@ def _finish(task: Task, history, pruner, sched, run_dir: Path, run: _Settings, t
 
     model_path = run_dir / run.method / "model.pt"
     distributed.on_rank0(lambda: save_pruned(task.model, model_path), "saving the model")
+    selected, selected_model, chosen = distributed.from_rank0(
+        lambda: _select(task, history, run, run_dir), "selecting a round"
+    )
     histories = {run.method: history}
     columns = default_columns(histories)
     seconds = time.perf_counter() - t_start
@@ -599,6 +675,7 @@ def _finish(task: Task, history, pruner, sched, run_dir: Path, run: _Settings, t
     ]
     if engine:
         notes.append(f"Curvature engine: {engine}.")
+    notes += _generalization_notes(run, chosen)
     report = distributed.on_rank0(
         lambda: write_report(
             run_dir, histories, title=f"optbrain prune: {task.name}", notes=notes, columns=columns
@@ -612,11 +689,71 @@ def _finish(task: Task, history, pruner, sched, run_dir: Path, run: _Settings, t
             "per round",
             history_table(histories, columns),
             *selection_lines(histories),
+            *([chosen] if chosen else []),
             *([f"curvature engine: {engine}"] if engine else []),
             f"total time {seconds:.1f} s",
         ]
     )
-    return PruneResult(history, run_dir, report, model_path, seconds, table, task.model, engine)
+    return PruneResult(
+        history,
+        run_dir,
+        report,
+        model_path,
+        seconds,
+        table,
+        task.model,
+        engine,
+        selected,
+        selected_model,
+    )
+
+
+_CRITERIA = {"fpe": "FPE", "validation": "validation loss"}
+
+
+def _select(task: Task, history, run: _Settings, run_dir: Path):
+    """With ``run.select``: (the chosen round, a copy of the model restored to it, a line
+    saying so), the copy saved as ``<method>/model_selected.pt``; (None, None, "") otherwise or
+    when no round has a finite value of the criterion (logged)."""
+    import copy
+
+    from .loop import load_round
+    from .masking import save_pruned
+
+    if run.select is None:
+        return None, None, ""
+    try:
+        rec = history.select(run.select)
+    except ValueError as exc:
+        log.warning("no round selected: %s", exc)
+        return None, None, f"no round selected by {_CRITERIA[run.select]}: {exc}"
+    chosen = copy.deepcopy(task.model)
+    load_round(chosen, run_dir / run.method, rec.round)
+    save_pruned(chosen, run_dir / run.method / "model_selected.pt")
+    line = (
+        f"{_CRITERIA[run.select]} selects round {rec.round} ({rec.remaining_params:,} params, "
+        f"{100 * rec.sparsity:.1f}% pruned): {run.method}/model_selected.pt"
+    )
+    return rec, chosen, line
+
+
+def _generalization_notes(run: _Settings, chosen: str) -> list[str]:
+    """The report's notes on weight decay, FPE and the selected round."""
+    notes = []
+    if run.weight_decay:
+        notes.append(
+            f"Weight decay λ = {run.weight_decay:g} in retraining, in the saliency where the "
+            "method has a weight-decay form, and in FPE."
+        )
+    if run.fpe:
+        notes.append(f"FPE ({run.fpe} form) of every round on the training data (PAPERS.md §5).")
+    if run.stop_saliency is not None:
+        notes.append(
+            f"Stopping rule: stop once the smallest saliency exceeds {run.stop_saliency:g}."
+        )
+    if chosen:
+        notes.append(f"Model selection: {chosen}.")
+    return notes
 
 
 def _claim(folder: Path, resume: bool, force: bool) -> None:
@@ -678,7 +815,8 @@ def prune_model(
     validation and test data are evaluated every round. With ``out_dir`` the run directory of
     :func:`prune` is written there (report, history, checkpoints, ``model.pt``); without it nothing
     is written and the paths in the result are None. ``options`` go to :func:`prune`
-    (``schedule``, ``lr``, ``optimizer``, ``seed``, ``resume``, ``progress``).
+    (``schedule``, ``lr``, ``optimizer``, ``seed``, ``resume``, ``progress``, and the
+    generalisation options ``weight_decay``, ``fpe``, ``select``, ``stop_saliency``).
     """
     import tempfile
 

@@ -18,6 +18,7 @@ At each layer with parameters the rule turns the current curvature into paramete
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -248,107 +249,163 @@ def _sweep(problem, chain, xs, y, mode, first, acc, wanted, samples, generator, 
     g = losses.output_grads(problem, out, y) if (need_grad or mode == "ef") else None
     if mode in ("lecun", "lecun_gn"):
         # the recursion is linear in (d, g): the objective's 1/N is applied once, at the end
-        d = losses.hessian_diagonal(problem, out, y)
-        owned = True  # d is a fresh tensor of this sweep, free to be scaled in place
-        squared: set[int] = set()  # storages of layer inputs squared in place
-        for i in range(len(chain) - 1, first - 1, -1):
-            lk, x, y = chain[i], xs[i], xs[i + 1]
-            xs[i + 1] = None  # released once this step is done: nothing before reads it
-            if i == first:
-                x2 = _squared_input(lk, x, writable[i])
-                _add(acc, wanted, lk, lk.rule.diag_params(lk.module, x2, d))
-                break
-            if lk.params:
-                if g is not None:  # before x may be squared in place
-                    g = lk.rule.vjp(lk.module, x, g[None])[0]
-                x2 = _squared_input(lk, x, writable[i])
-                if x2 is x:
-                    squared.add(_storage(x))
-                contrib, d_in = lk.rule.lecun_step(lk.module, x2, d)
-                _add(acc, wanted, lk, contrib)
-                d, owned = d_in, type(lk.rule) in _FRESH_VJP
-            elif isinstance(lk.rule, ElementwiseRule):
-                if g is None and squared and _storage(y) in squared:  # y holds f(a)² now
-                    d, owned = lk.rule.scale2_from_square(lk.module, y, d, inplace=owned), True
-                elif g is None:
-                    if owned:
-                        d = lk.rule.scale2_(lk.module, x, y, d)
-                    else:
-                        d, owned = lk.rule.scale2(lk.module, x, y, d), True
-                else:
-                    f1, f2 = lk.rule.derivatives(lk.module, x, y, True)
-                    d, owned = f1.square() * d + f2 * g, True
-                    g = f1 * g
-            else:
-                d = lk.rule.sq_vjp(lk.module, x, d)
-                if not isinstance(lk.rule, ReshapeRule):  # a reshape is a view of d
-                    owned = type(lk.rule) in _FRESH_VJP
-                if g is not None:
-                    g = lk.rule.vjp(lk.module, x, g[None])[0]
+        st = _LeCunState(losses.hessian_diagonal(problem, out, y), g)
+        _lecun_sweep(st, chain, xs, first, acc, wanted, writable)
         return
     sign: Tensor | None = None
     if mode in ("ggn", "hessian"):
         cols, sign = losses.hessian_factor(problem, out, y)
     elif mode == "ef":
-        cols = g[None]
-        g = None
+        cols, g = g[None], None
     else:
         cols = losses.mc_factor(problem, out, y, samples, generator)
+    _column_sweep(_ColumnState(cols, sign, g), chain, xs, first, acc, wanted)
+
+
+@dataclass
+class _LeCunState:
+    """What LeCun's recursion carries backwards: the diagonal ``d`` (N × value), the gradient
+    ``g`` where the f'' terms are wanted, whether ``d`` is this sweep's own tensor (free to be
+    scaled in place) and the storages of layer inputs already squared in place."""
+
+    d: Tensor
+    g: Tensor | None
+    owned: bool = True
+    squared: set = field(default_factory=set)
+
+
+def _lecun_sweep(st: _LeCunState, chain, xs, first, acc, wanted, writable) -> None:
+    for i in range(len(chain) - 1, first - 1, -1):
+        lk, x, y = chain[i], xs[i], xs[i + 1]
+        xs[i + 1] = None  # released once this step is done: nothing before reads it
+        if i == first:
+            x2 = _squared_input(lk, x, writable[i])
+            _add(acc, wanted, lk, lk.rule.diag_params(lk.module, x2, st.d))
+            return
+        if lk.params:
+            _lecun_layer(st, lk, x, writable[i], acc, wanted)
+        elif isinstance(lk.rule, ElementwiseRule):
+            _lecun_elementwise(st, lk, x, y)
+        else:
+            st.d = lk.rule.sq_vjp(lk.module, x, st.d)
+            if not isinstance(lk.rule, ReshapeRule):  # a reshape is a view of d
+                st.owned = type(lk.rule) in _FRESH_VJP
+            if st.g is not None:
+                st.g = lk.rule.vjp(lk.module, x, st.g[None])[0]
+
+
+def _lecun_layer(st: _LeCunState, lk: Link, x: Tensor, writable: bool, acc, wanted) -> None:
+    """A layer with parameters: its diagonal from d, and d passed to its input (connection rule)."""
+    if st.g is not None:  # before x may be squared in place
+        st.g = lk.rule.vjp(lk.module, x, st.g[None])[0]
+    x2 = _squared_input(lk, x, writable)
+    if x2 is x:
+        st.squared.add(_storage(x))
+    contrib, st.d = lk.rule.lecun_step(lk.module, x2, st.d)
+    _add(acc, wanted, lk, contrib)
+    st.owned = type(lk.rule) in _FRESH_VJP
+
+
+def _lecun_elementwise(st: _LeCunState, lk: Link, x: Tensor, y: Tensor) -> None:
+    """d ← f'²·d (+ f''·g): from f(a)² where the next layer squared its input in place."""
+    if st.g is None and st.squared and _storage(y) in st.squared:  # y holds f(a)² now
+        st.d = lk.rule.scale2_from_square(lk.module, y, st.d, inplace=st.owned)
+    elif st.g is None:
+        st.d = (lk.rule.scale2_ if st.owned else lk.rule.scale2)(lk.module, x, y, st.d)
+    else:
+        f1, f2 = lk.rule.derivatives(lk.module, x, y, True)
+        st.d = f1.square() * st.d + f2 * st.g
+        st.g = f1 * st.g
+    st.owned = True
+
+
+@dataclass
+class _ColumnState:
+    """What the column sweep carries backwards: signed columns (K × N × value), the gradient ``g``
+    (``hessian`` mode), the diagonal part from f'' terms, whether ``cols`` is this sweep's own
+    tensor, a pending f' of the activation just before the first layer, and Σ_k σ cols² in
+    place of the columns once only the first layer is left."""
+
+    cols: Tensor
+    sign: Tensor | None
+    g: Tensor | None
     diag: Tensor | None = None
-    owned = False  # cols is a fresh tensor of this sweep, free to be scaled in place
-    factor: Tensor | None = None  # pending f' of the activation just before the first layer
-    sqsum: Tensor | None = None  # Σ_k σ cols² in place of cols (only the first layer is left)
+    owned: bool = False
+    factor: Tensor | None = None
+    sqsum: Tensor | None = None
+
+
+def _column_sweep(st: _ColumnState, chain, xs, first, acc, wanted) -> None:
     for i in range(len(chain) - 1, first - 1, -1):
         lk, x, y = chain[i], xs[i], xs[i + 1]
         xs[i + 1] = None  # released once this step is done: nothing before reads it
         if lk.params:
-            if sqsum is not None:
-                sq = lk.rule.grads_from_square_sum(x.square(), sqsum, factor)
-            elif factor is not None:
-                sq = lk.rule.sq_grads(lk.module, x, cols, sign, factor=factor)
-            else:
-                sq = lk.rule.sq_grads(lk.module, x, cols, sign)
-            _add(acc, wanted, lk, sq)
-            if diag is not None:
-                x2 = _squared_input(lk, x, inplace=False)
-                _add(acc, wanted, lk, lk.rule.diag_params(lk.module, x2, diag))
+            _column_params(st, lk, x, acc, wanted)
         if i == first:
-            break
+            return
         if isinstance(lk.rule, ElementwiseRule):
-            if i - 1 == first and type(chain[first].rule) is LinearRule:
-                # only Σ_k σ (f'⊙c)² = f'² Σ_k σ c² is left: scale N × out, not K × N × out
-                factor = lk.rule.derivatives(lk.module, x, y, second=False)[0]
-            elif owned:
-                cols = lk.rule.scale_(lk.module, x, y, cols)
-            else:
-                cols = lk.rule.scale(lk.module, x, y, cols)
-                owned = True
-            if diag is not None:
-                diag = lk.rule.scale2(lk.module, x, y, diag)
-            if g is not None:
-                _, f2 = lk.rule.derivatives(lk.module, x, y, True)
-                r = f2 * g
-                diag = r if diag is None else diag + r
-                g = lk.rule.scale(lk.module, x, y, g)
-            continue
-        if diag is None and _square_sum_suffices(chain, xs, i, first):
-            sqsum = lk.rule.vjp_square_sum(lk.module, cols, sign)
-            if g is not None:
-                g = lk.rule.vjp(lk.module, x, g[None])[0]
-            continue
-        new_cols = lk.rule.vjp(lk.module, x, cols)
-        if not isinstance(lk.rule, ReshapeRule):  # a reshape is a view: ownership unchanged
-            owned = type(lk.rule) in _FRESH_VJP
-        if diag is not None:
-            if isinstance(lk.rule, (ReshapeRule, MaxPoolRule)):  # Jᵀ diag(d) J stays diagonal
-                diag = lk.rule.sq_vjp(lk.module, x, diag)
-            else:
-                extra, extra_sign = lk.rule.diag_columns(lk.module, x, diag)
-                base = sign if sign is not None else torch.ones(cols.shape[:2]).to(cols)
-                sign = torch.cat([base, extra_sign.to(cols)])
-                new_cols = torch.cat([new_cols, extra])
-                owned = True
-                diag = None
-        if g is not None:
-            g = lk.rule.vjp(lk.module, x, g[None])[0]
-        cols = new_cols
+            _column_elementwise(st, lk, x, y, last=i - 1 == first and _linear(chain[first]))
+        elif st.diag is None and _square_sum_suffices(chain, xs, i, first):
+            st.sqsum = lk.rule.vjp_square_sum(lk.module, st.cols, st.sign)
+            if st.g is not None:
+                st.g = lk.rule.vjp(lk.module, x, st.g[None])[0]
+        else:
+            _column_layer(st, lk, x)
+
+
+def _linear(lk: Link) -> bool:
+    return type(lk.rule) is LinearRule
+
+
+def _column_params(st: _ColumnState, lk: Link, x: Tensor, acc, wanted) -> None:
+    """A layer's parameter diagonal: per-sample squared gradients of the columns, plus LeCun's
+    connection rule for the diagonal part."""
+    if st.sqsum is not None:
+        sq = lk.rule.grads_from_square_sum(x.square(), st.sqsum, st.factor)
+    elif st.factor is not None:
+        sq = lk.rule.sq_grads(lk.module, x, st.cols, st.sign, factor=st.factor)
+    else:
+        sq = lk.rule.sq_grads(lk.module, x, st.cols, st.sign)
+    _add(acc, wanted, lk, sq)
+    if st.diag is not None:
+        x2 = _squared_input(lk, x, inplace=False)
+        _add(acc, wanted, lk, lk.rule.diag_params(lk.module, x2, st.diag))
+
+
+def _column_elementwise(st: _ColumnState, lk: Link, x: Tensor, y: Tensor, last: bool) -> None:
+    """cols ← f'⊙cols (left pending as ``factor`` before a first Linear layer: only
+    Σ_k σ (f'⊙c)² = f'² Σ_k σ c² is needed there, N × out instead of K × N × out)."""
+    if last:
+        st.factor = lk.rule.derivatives(lk.module, x, y, second=False)[0]
+    elif st.owned:
+        st.cols = lk.rule.scale_(lk.module, x, y, st.cols)
+    else:
+        st.cols, st.owned = lk.rule.scale(lk.module, x, y, st.cols), True
+    if st.diag is not None:
+        st.diag = lk.rule.scale2(lk.module, x, y, st.diag)
+    if st.g is not None:
+        _, f2 = lk.rule.derivatives(lk.module, x, y, True)
+        r = f2 * st.g
+        st.diag = r if st.diag is None else st.diag + r
+        st.g = lk.rule.scale(lk.module, x, y, st.g)
+
+
+def _column_layer(st: _ColumnState, lk: Link, x: Tensor) -> None:
+    """Columns through a layer that mixes entries; a pending diagonal becomes new columns there
+    (it stays diagonal through a reshape or max-pooling)."""
+    new_cols = lk.rule.vjp(lk.module, x, st.cols)
+    if not isinstance(lk.rule, ReshapeRule):  # a reshape is a view: ownership unchanged
+        st.owned = type(lk.rule) in _FRESH_VJP
+    if st.diag is not None:
+        if isinstance(lk.rule, (ReshapeRule, MaxPoolRule)):  # Jᵀ diag(d) J stays diagonal
+            st.diag = lk.rule.sq_vjp(lk.module, x, st.diag)
+        else:
+            extra, extra_sign = lk.rule.diag_columns(lk.module, x, st.diag)
+            cols = st.cols
+            base = st.sign if st.sign is not None else torch.ones(cols.shape[:2]).to(cols)
+            st.sign = torch.cat([base, extra_sign.to(cols)])
+            new_cols = torch.cat([new_cols, extra])
+            st.owned, st.diag = True, None
+    if st.g is not None:
+        st.g = lk.rule.vjp(lk.module, x, st.g[None])[0]
+    st.cols = new_cols

@@ -162,8 +162,9 @@ class _Accumulator:
     """Σ x xᵀ over a layer's input rows: GEMMs into a buffer of the input precision, flushed into
     a float64 sum every :data:`CHUNK_ROWS` rows (float64 inputs accumulate in float64 directly)."""
 
-    def __init__(self, module: nn.Module):
+    def __init__(self, module: nn.Module, name: str = ""):
         self.module = module
+        self.name = name
         self.S: Tensor | None = None  # float64 sum of the flushed buffers
         self.buf: Tensor | None = None  # running sum of the current chunk (input precision)
         self.rows_in_buf = 0
@@ -219,8 +220,8 @@ class _Accumulator:
                 self.buf.baddbmm_(chunk.transpose(1, 2), chunk)
             if not bool(torch.isfinite(self.buf.diagonal(dim1=1, dim2=2)).all()):
                 self.error = CalibrationError(
-                    f"{type(module).__name__} received NaN or infinite calibration inputs (or "
-                    f"inputs whose squares overflow {rows.dtype})"
+                    f"layer {self.name!r} ({type(module).__name__}) received NaN or infinite "
+                    f"calibration inputs (or inputs whose squares overflow {rows.dtype})"
                 )
                 return
             start += take
@@ -240,7 +241,7 @@ class HessianHooks:
     """
 
     def __init__(self, layers: Mapping[str, nn.Module]):
-        self.acc = {name: _Accumulator(m) for name, m in layers.items()}
+        self.acc = {name: _Accumulator(m, name) for name, m in layers.items()}
         self._handles: list = []
 
     def __enter__(self) -> HessianHooks:

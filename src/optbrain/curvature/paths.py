@@ -20,12 +20,13 @@ import logging
 import weakref
 from dataclasses import dataclass
 
-from torch import nn
+from torch import Tensor, nn
 
 from ..errors import UnsupportedModuleError
 from ..problem import Problem
 from .chain import Link, build_chain, shared_parameters
 from .graph.reader import GraphReadError, ModelGraph, describe, read_graph
+from .graph.sweep import lecun_blocker, probe
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,8 @@ COLUMN_MODES = ("ggn", "ef", "mc", "hessian")
 
 @dataclass(frozen=True)
 class Path:
-    """The engine an estimator takes (``"chain"``, ``"graph"``, ``"generic"``) and why."""
+    """The engine an estimator takes (``"chain"``, ``"graph"``, ``"generic"``) and why;
+    ``"refused"`` where no engine can run the model (the estimator raises with the reason)."""
 
     engine: str
     reason: str
@@ -48,15 +50,29 @@ class Path:
 _GRAPHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+_PLAIN = (bool, int, float, str, type(None))
+
+
 def _signature(model: nn.Module) -> tuple:
-    """What a cached graph depends on: the module tree and the parameter objects."""
+    """What a cached graph depends on: the module tree, the parameter objects, the attached
+    masks (their storage and in-place version: the graph holds their 0/1 multipliers) and every
+    plain Python attribute of a module (a flag the ``forward`` branches on decides the trace)."""
     return (
         tuple((name, type(m), id(m)) for name, m in model.named_modules()),
         tuple(id(p) for p in model.parameters()),
         tuple(
-            id(getattr(m, "parametrizations", None))
+            (id(mk), mk.data_ptr(), mk._version)
             for m in model.modules()
             if hasattr(m, "parametrizations")
+            for plist in m.parametrizations.values()
+            for mk in (getattr(p, "mask", None) for p in plist)
+            if isinstance(mk, Tensor)
+        ),
+        tuple(
+            (k, v)
+            for m in model.modules()
+            for k, v in vars(m).items()
+            if isinstance(v, _PLAIN) and not k.startswith("_") and k != "training"
         ),
     )
 
@@ -86,23 +102,51 @@ def choose(problem: Problem, estimator: str, mode: str) -> Path:
     except UnsupportedModuleError:
         chain = None
     if chain is not None:
-        shared = shared_parameters(chain)
-        if not shared or mode not in COLUMN_MODES:
-            return Path("chain", "an nn.Sequential chain of registry layers", chain=chain)
+        path = _chain_path(chain, mode)
+        if path is not None:
+            return path
+    return _graph_path(problem, mode)
+
+
+def _chain_path(chain: list[Link], mode: str) -> Path | None:
+    """The chain engine, the generic one with the reason, or None (the graph engine decides)."""
+    refused = _refusal(((lk.prefix, lk.module, lk.rule) for lk in chain), mode)
+    if refused:
+        return Path("generic", refused)
+    curved = _mixing_layers(chain) if mode in ("lecun", "hessian") else []
+    if mode == "hessian" and curved:
         return Path(
             "generic",
-            "tied parameters (one parameter used by several layers): their per-sample gradients "
-            "need the cross terms between the uses",
+            f"the exact Hessian diagonal through {', '.join(curved)} needs its second "
+            "derivatives, which the chain engine's sweep does not carry",
         )
+    if curved:
+        return None
+    if not shared_parameters(chain) or mode not in COLUMN_MODES:
+        return Path("chain", "an nn.Sequential chain of registry layers", chain=chain)
+    return Path(
+        "generic",
+        "tied parameters (one parameter used by several layers): their per-sample gradients "
+        "need the cross terms between the uses",
+    )
+
+
+def _graph_path(problem: Problem, mode: str) -> Path:
     try:
-        graph = graph_of(model)
+        graph = graph_of(problem.model)
     except GraphReadError as exc:
-        return Path("generic", exc.reason)
+        return Path("generic" if exc.generic_ok else "refused", exc.reason)
+    refused = _refusal(((gn.name, gn.module, gn.rule) for gn in graph.leaves()), mode)
+    if refused is None and mode.startswith("lecun"):
+        refused = lecun_blocker(graph, problem.parameters())
+    if refused:
+        return Path("generic", refused)
     if mode == "hessian" and not _hessian_ready(graph):
         return Path(
             "generic",
             "the exact Hessian diagonal through a graph needs the second derivatives of every "
-            "non-linear function; the graph engine has them only for chains",
+            "non-linear function; the graph engine has none (only the chain engine has them, "
+            "for chains)",
         )
     if mode in COLUMN_MODES:
         tied = [k for k, v in graph.parameter_uses().items() if v > 1]
@@ -113,7 +157,25 @@ def choose(problem: Problem, estimator: str, mode: str) -> Path:
                 f"tied parameters {names}: their per-sample gradients need the cross terms "
                 "between the uses",
             )
+    try:
+        probe(problem, graph)
+    except GraphReadError as exc:
+        return Path("generic" if exc.generic_ok else "refused", exc.reason)
     return Path("graph", f"torch.fx graph ({describe(graph)})", graph=graph)
+
+
+def _refusal(layers, mode: str) -> str | None:
+    """The first layer (name, module, rule) whose rule refuses its configuration, as a reason."""
+    for name, module, rule in layers:
+        reason = rule.refusal(module, mode) if rule is not None else None
+        if reason is not None:
+            return f"{name or type(module).__name__}: {reason}"
+    return None
+
+
+def _mixing_layers(chain: list[Link] | None) -> list[str]:
+    """Layers of the chain whose second derivatives mix their inputs (LayerNorm)."""
+    return sorted({type(lk.module).__name__ for lk in chain or [] if lk.rule.mixes_curvature})
 
 
 def _bindings(n):

@@ -10,9 +10,7 @@ from ..paramdict import ParamDict
 from ..problem import Problem
 from . import backprop
 from .base import DiagonalEstimator, in_dtype
-from .chain import build_chain, shared_parameters
 from .graph import sweep
-from .graph.reader import GraphReadError
 from .paths import Path, choose
 
 log = logging.getLogger(__name__)
@@ -50,6 +48,8 @@ class StructuredEstimator(DiagonalEstimator):
         params = problem.parameters()
         name = type(self).__name__
         path = self.path(work)
+        if path.engine == "refused":
+            raise UnsupportedModuleError(f"{name}: {path.reason}")
         if self.method == "backprop" and path.engine == "generic":
             raise UnsupportedModuleError(
                 f"{name}(method='backprop') has no structured path for this model: "
@@ -78,23 +78,15 @@ class StructuredEstimator(DiagonalEstimator):
                     tick=self.progress,
                     **self._backprop_options(),
                 )
-            except GraphReadError as exc:
+            except UnsupportedModuleError as exc:  # found only while running (GraphReadError too)
                 if self.method == "backprop":
                     raise
-                path = Path("generic", exc.reason)
+                if getattr(exc, "generic_ok", True) is False:
+                    raise UnsupportedModuleError(f"{name}: {exc.reason}") from exc
+                path = Path("generic", getattr(exc, "reason", None) or str(exc))
+                log.warning("%s falls back to the torch.func path: %s", name, path.reason)
         if out is None:
             if path.engine == "generic" and self.method == "auto":
                 log.info("%s takes the torch.func path: %s", name, path.reason)
             out = self._generic(work)
         return self._finish(problem, out, params)
-
-
-def structured_chain(problem: Problem, estimator: str) -> list | None:
-    """The model's chain of registry layers when the chain sweep handles it exactly (every layer
-    registered, no parameter used twice); None otherwise."""
-    try:
-        chain = build_chain(problem.model, estimator)
-    except UnsupportedModuleError as exc:
-        log.debug("%s: no chain: %s", estimator, exc)
-        return None
-    return None if shared_parameters(chain) else chain

@@ -143,6 +143,14 @@ REGISTRY: dict[str, ExperimentSpec] = {
             "Ławryńczuk 2018): parameters removed and validation error, full vs pruned, against "
             "magnitude pruning, NARX, GRU/LSTM and a sysidentpy NARMAX model",
         ),
+        ExperimentSpec(
+            "extreme-sparsity",
+            "optbrain.experiments.extreme_sparsity",
+            "OBD (LeCun's diagonal through time) vs the course project's squared-gradient 'OBD', "
+            "SNIP, magnitude (class-blind/uniform/distribution) and random at 50-99.5 % sparsity, "
+            "with and without retraining, on an LSTM+attention number-word translator (BLEU) "
+            "and the digits MLP",
+        ),
     )
 }
 

@@ -6,13 +6,17 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.fx
 from torch import Tensor, nn
 
 __all__ = ["ScaledSequenceModel", "check_sequence_input", "order_arg"]
 
 
 def check_sequence_input(x: Tensor, start: int, channels: int = 2) -> None:
-    """``x`` must be a floating B × T × ``channels`` tensor with T > ``start``."""
+    """``x`` must be a floating B × T × ``channels`` tensor with T > ``start``. (Skipped while
+    torch.fx traces the model — the curvature's graph engine — where ``x`` is a symbol.)"""
+    if isinstance(x, torch.fx.Proxy):
+        return
     if not isinstance(x, Tensor) or not x.is_floating_point():
         raise TypeError(f"x must be a floating-point tensor, not {type(x).__name__}")
     if x.dim() != 3 or x.shape[2] != channels:

@@ -101,7 +101,7 @@ def excluded(model: nn.Module, mask: Mask) -> dict[str, str]:
     part = partition(model)
     why = dict(part.excluded)
     for name in part.prunable:
-        why.setdefault(name, "not in the mask given")
+        why.setdefault(name, "not in the mask the step ran on (given, or the method's default)")
     return {k: v for k, v in why.items() if k not in mask}
 
 

@@ -58,6 +58,7 @@ from ..errors import (
 from ..masking import Mask, current_mask
 from ..paramdict import ParamDict, named_parameters, restored_on_error
 from ..problem import Problem
+from ..prunable import partition
 from ..selection import TargetExceededError, check_min_kept, split_target, target_count
 from .adaptive import measured_objective
 from .base import PruneInfo, PrunerBase
@@ -659,6 +660,13 @@ class LayerwiseOBS(PrunerBase):
         if len(attached):
             return attached
         names = [f"{p}.weight" if p else "weight" for p in supported_layers(model)]
+        left = sorted(set(partition(model).prunable) - set(names))
+        if left:
+            log.info(
+                "layer-wise OBS prunes Linear/Conv weights (a layer Hessian 2XXᵀ/n needs a "
+                "product with the layer's input); left out: %s",
+                ", ".join(left),
+            )
         return Mask.ones(model, names)
 
     def __repr__(self) -> str:

@@ -60,6 +60,16 @@ def _shards(calibration: object) -> Shards:
     return SINGLE
 
 
+def refuse_act_order(spec: QuantSpec, who: str, why: str) -> None:
+    """Raise ``ValueError`` when ``act_order=True`` was given to a quantiser that has no use for
+    it (RTN, OBQ), rather than record an option that did nothing."""
+    if spec.act_order:
+        raise ValueError(
+            f"act_order=True does not apply to {who}: {why}; act_order (columns by decreasing "
+            "diag H) is GPTQ's option"
+        )
+
+
 def _error(delta: Tensor, H: Tensor) -> float:
     """Σ_rows ½ δᵀHδ = (1/n)‖δX‖²_F (products in δ's dtype, the sum in float64)."""
     return float(0.5 * ((delta @ H.to(delta.dtype)) * delta).sum(dtype=torch.float64))
@@ -157,9 +167,10 @@ class Quantizer:
         start = time.perf_counter()
         targets, skipped = find_layers(model, self.layers, self.exclude)
         if not targets:
+            why = "; ".join(f"{path or 'the model'} ({reason})" for path, reason in skipped.items())
             raise QuantizationError(
                 "the model has no layer to quantise (Linear, Conv1d, Conv2d, transformers "
-                f"Conv1D){'; skipped: ' + ', '.join(skipped) if skipped else ''}"
+                f"Conv1D){'; skipped: ' + why if skipped else ''}"
             )
         for path, m in targets.items():
             if not bool(torch.isfinite(m.weight).all()):

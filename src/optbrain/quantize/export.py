@@ -25,6 +25,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .. import safeload
+from ..errors import UnsafeFileError
 from ..jsonio import atomic_write, to_jsonable
 from .layers import layer_kind
 from .qlayers import QuantConv, QuantLinear, quantized_module
@@ -126,9 +128,12 @@ def save_quantized(
 def load_quantized(model: nn.Module, path: str | Path, map_location=None) -> nn.Module:
     """Load a file written by :func:`save_quantized` into ``model`` (a fresh instance of the same
     architecture, float weights): its quantised layers become packed layers that dequantise on
-    the fly; returns ``model``."""
+    the fly; returns ``model``. A file holding pickled code or objects raises
+    :class:`~optbrain.errors.UnsafeFileError` without running it (as ``load_pruned``)."""
     try:
-        payload = torch.load(path, map_location=map_location or "cpu", weights_only=True)
+        payload = safeload.load(path, map_location=map_location or "cpu")
+    except UnsafeFileError:
+        raise
     except Exception as exc:  # noqa: BLE001 - re-raised with the cause named
         raise ValueError(f"cannot read quantised model {path}: {exc}") from exc
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from ..pruners.layerwise import EXACT_LIMIT, blocked_obs, check_nm, exact_obs
 from ..selection import target_count
-from .base import Quantizer
+from .base import Quantizer, refuse_act_order
 from .gptq import gptq
 from .obq import obq
 from .result import QuantizedMatrix
@@ -61,6 +61,10 @@ class Joint(Quantizer):
             raise ValueError(f"quantizer must be 'gptq' or 'obq', not {quantizer!r}")
         if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize < 1:
             raise ValueError(f"blocksize must be a positive int, not {blocksize!r}")
+        if quantizer == "obq":
+            refuse_act_order(
+                self.spec, "Joint(quantizer='obq')", "OBQ quantises in its own greedy order"
+            )
         self.sparsity, self.prune, self.quantizer = sparsity, prune, quantizer
         self.blocksize, self.outliers, self.exact_limit = blocksize, bool(outliers), exact_limit
 

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from ..pruners.layerwise import CHUNK_BYTES, damped_inverse, prepare_layer
-from .base import Quantizer
+from .base import Quantizer, refuse_act_order
 from .grid import QuantSpec, fit_grid, group_count, quantize_codes
 from .result import QuantizedMatrix
 
@@ -124,12 +124,13 @@ def _greedy_rows(
 class OBQ(Quantizer):
     """OBQ quantiser (exact greedy per row; small layers): ``OBQ(bits=4, group_size=None,
     sym=False, damping=0.01, outliers=True).apply(model, calibration)``. Grids are static (fitted
-    before quantising); ``act_order`` has no effect (the order is greedy)."""
+    before quantising); ``act_order=True`` is refused (OBQ's order is its greedy choice)."""
 
     method = "obq"
 
     def __init__(self, bits: int = 4, *, outliers: bool = True, **kwargs):
         super().__init__(bits, **kwargs)
+        refuse_act_order(self.spec, "OBQ", "it quantises in its own greedy order")
         if not isinstance(outliers, bool):
             raise TypeError(f"outliers must be a bool, not {outliers!r}")
         self.outliers = outliers

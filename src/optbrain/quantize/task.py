@@ -58,12 +58,7 @@ def make_quantizer(
     if sparsity is not None:
         if method == "rtn":
             raise ValueError("joint pruning + quantisation (--sparsity) needs gptq or obq")
-        if method == "gptq":
-            return Joint(bits, sparsity=sparsity, quantizer="gptq", **options)
-        options.pop("act_order", None)
-        return Joint(bits, sparsity=sparsity, quantizer="obq", **options)
-    if method == "obq":
-        options.pop("act_order", None)
+        return Joint(bits, sparsity=sparsity, quantizer=method, **options)
     return {"rtn": RTN, "gptq": GPTQ, "obq": OBQ}[method](bits, **options)
 
 

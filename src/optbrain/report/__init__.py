@@ -32,6 +32,7 @@ from .tables import (
     predicts_objective,
     primary_metric,
     selection_lines,
+    selection_metric,
 )
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,7 @@ __all__ = [
     "plot_histories",
     "regenerate",
     "selection_lines",
+    "selection_metric",
     "write_report",
 ]
 
@@ -113,8 +115,8 @@ def _files_section(run_dir: Path, names: Sequence[str]) -> list[str]:
                 "checkpoint.pt": "per-round checkpoint (resume)",
                 "model.pt": "the pruned model after the last round "
                 "(`optbrain.masking.load_pruned(model, path)`)",
-                "model_selected.pt": "the pruned model of the largest compression within the "
-                "tolerance (`optbrain.masking.load_pruned(model, path)`)",
+                "model_selected.pt": "the pruned model of the selected round (see above; "
+                "`optbrain.masking.load_pruned(model, path)`)",
             }.get(path.name, "")
             lines.append(f"- `{rel}`" + (f": {what}" if what else ""))
     return lines
@@ -132,10 +134,14 @@ def _selection_section(histories: dict[str, History], metric, tolerance: float) 
         lines += ["", *chosen, ""]
     sel = selection_lines(histories, metric, tolerance, markdown=True)
     if sel:
+        on_val = (metric or selection_metric(histories) or "").startswith("metrics.val_")
         lines += [sel[0], "", *sel[1:]]
         lines += [
             "",
-            "(A description of the run, not model selection: chosen on the reported metric, "
+            "(The round is chosen on the validation set; its test value is not biased by the "
+            "choice.)"
+            if on_val
+            else "(A description of the run, not model selection: chosen on the reported metric, "
             "the chosen round's value is optimistically biased.)",
             "",
         ]

@@ -27,6 +27,7 @@ __all__ = [
     "largest_compression",
     "markdown_table",
     "primary_metric",
+    "selection_metric",
     "predicts_objective",
     "has_fpe",
     "model_selection_lines",
@@ -364,6 +365,27 @@ def largest_compression(
     return Selection(name, metric, tolerance, float(base), best, total)
 
 
+def selection_metric(histories: Mapping[str, History]) -> str | None:
+    """The metric the largest compression is chosen on: the validation accuracy when every
+    history has one (choosing on the test set would bias the test value reported for the chosen
+    round), else :func:`primary_metric`."""
+    key = "val_accuracy"
+    if histories and all(h.records and key in h.records[0].metrics for h in histories.values()):
+        return f"metrics.{key}"
+    return primary_metric(histories)
+
+
+def _test_twin(sel: Selection) -> str:
+    """``, test accuracy 91.00%`` for a round chosen on a validation metric ("" otherwise)."""
+    split, _, what = sel.metric.split(".", 1)[1].partition("_")
+    if split != "val":
+        return ""
+    v = sel.record.metrics.get(f"test_{what}")
+    if not isinstance(v, (int, float)) or math.isnan(v):
+        return ""
+    return f", test {what.replace('_', ' ')} {_fmt(v, 'pct2' if 'accuracy' in what else 'float')}"
+
+
 def selection_lines(
     histories: Mapping[str, History],
     metric: str | None = None,
@@ -371,10 +393,12 @@ def selection_lines(
     markdown: bool = False,
 ) -> list[str]:
     """A heading line, then one line per history naming its largest compression within
-    ``tolerance`` of the unpruned ``metric`` (default: :func:`primary_metric` if an accuracy);
-    empty if there is none. ``markdown=True`` gives a sentence and a bullet list."""
+    ``tolerance`` of the unpruned ``metric`` (default: :func:`selection_metric` if an accuracy:
+    the validation accuracy where there is one, and then the chosen round's test accuracy is
+    shown beside it); empty if there is none. ``markdown=True`` gives a sentence and a bullet
+    list."""
     if metric is None:
-        metric = primary_metric(histories)
+        metric = selection_metric(histories)
         if metric is None or "accuracy" not in metric:
             return []  # a tolerance on a loss has no natural default
     pct = "accuracy" in metric
@@ -400,7 +424,7 @@ def selection_lines(
             if rec.round == 0
             else f"round {rec.round}: {100 * rec.sparsity:.1f}% pruned, "
             f"{rec.remaining_params:,} params left ({s.compression:.1f}x smaller), "
-            f"{mname} {_fmt(s.value, 'pct2' if pct else 'float')}"
+            f"{mname} {_fmt(s.value, 'pct2' if pct else 'float')}{_test_twin(s)}"
         )
         name = label(n) or "run"
         lines.append(f"- **{name}**: {what}" if markdown else f"  {name:<{width}}  {what}")

@@ -1,5 +1,6 @@
 """Saliencies: estimated increase of the objective if a parameter is removed (see ``base``)."""
 
+from .accumulated_gradient import AccumulatedGradient
 from .base import Saliency
 from .generalization import EBD, ESP, GammaOBD, GammaOBS, ValidationOBD
 from .obd import OBD
@@ -8,6 +9,7 @@ from .ocd import OCD, CellSaliencies
 from .simple import SNIP, Magnitude, Random
 
 __all__ = [
+    "AccumulatedGradient",
     "EBD",
     "ESP",
     "OBD",

@@ -1,7 +1,9 @@
 """Saliencies for generalisation and for networks that are not at a minimum (PAPERS.md §5, §8,
 §14.3, §14.4).
 
-All follow :mod:`optbrain.saliency.base` (lowest is pruned first), with E the per-sample mean
+All follow :mod:`optbrain.saliency.base` (lowest is pruned first) and are returned in float64
+whatever the parameters' dtype (a float32 training part of ~1e-10 would round into a tie once
+γOBD's constant ~2E/N is subtracted), with E the per-sample mean
 objective of the :class:`~optbrain.problem.Problem` (unregularised), h a diagonal curvature of it
 (default: the exact Gauss–Newton diagonal), g = ∂E/∂w and λ the weight decay on OBD's scale:
 
@@ -106,9 +108,12 @@ class GammaOBD:
         w = detached_params(problem)
         penalty = 2.0 * problem.objective() / problem.n_samples
         out: dict[str, Tensor] = {}
-        for k, hk in h.items():
+        for k, h32 in h.items():
+            # float64: the training part of a near-dead weight (~1e-10) must survive the
+            # subtraction of the penalty (~1e-2), or the ranking turns into index order
+            hk = h32.to(torch.float64)
             lam = torch.full_like(hk, self._decay(k))
-            train = (0.5 * hk + lam) * w[k].to(hk.dtype).square()
+            train = (0.5 * hk + lam) * w[k].to(device=hk.device, dtype=hk.dtype).square()
             out[k] = train - penalty * fraction_determined(hk, lam).square()
         return out
 

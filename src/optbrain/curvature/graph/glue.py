@@ -40,6 +40,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.func import vjp, vmap
 
+from .. import pointwise
+
 #: the kinds a glue function can have (see the module docstring)
 KINDS = ("route", "sub", "scale", "mean", "elementwise", "product", "matmul", "softmax", "opaque")
 
@@ -340,17 +342,11 @@ class Elementwise(Glue):
         a = args[0]
         if self._derivs is not None and not _options(args, kwargs):
             return self._derivs(a, out, second)
-        ones = torch.ones_like(a)
 
         def f(u):
             return self.call((u, *args[1:]), kwargs)
 
-        def first(t):
-            return torch.func.jvp(f, (t,), (ones,))[1]
-
-        if not second:
-            return first(a), None
-        return torch.func.jvp(first, (a,), (ones,))
+        return pointwise.derivatives(f, a, second)
 
     def call(self, args, kwargs):
         kwargs = {k: v for k, v in kwargs.items() if k != "inplace"}
@@ -517,6 +513,9 @@ _SELECT = {
 CONSTANT = {
     "new_zeros", "new_ones", "new_full", "new_empty", "new_tensor", "zeros_like", "ones_like",
     "full_like", "empty_like", "size", "dim", "numel", "detach", "getattr",
+    "gt", "ge", "lt", "le", "eq", "ne", "greater", "greater_equal", "less", "less_equal",
+    "logical_and", "logical_or", "logical_not", "logical_xor", "isnan", "isinf", "isfinite",
+    "argmax", "argmin", "sign", "bool", "long", "int",
 }  # fmt: skip
 #: ... and those summing input entries (coefficient 1)
 _SUM = {"sum"}
@@ -598,6 +597,25 @@ def glue_for(op: str, target: Any) -> Glue | None:
         return Elementwise(target, label, derivs)
     if op == "call_method" and name in _ELEMENTWISE_METHODS:
         return Elementwise(fn, name, _ELEMENTWISE_METHODS[name])
+    found = _arithmetic(target, name, fn)
+    if found is not None:
+        return found
+    if target in (torch.softmax, F.softmax) or name == "softmax":
+        return Softmax(fn, "softmax")
+    if name == "dropout":
+        return Route(_dropout if op == "call_function" else fn, "dropout", keeps_diagonal=True)
+    if name in _SELECT:
+        return Route(fn, name, keeps_diagonal=True)
+    if name in _SUM:
+        return Route(fn, name)
+    if name in _MEAN:
+        return Mean(fn, name)
+    return None
+
+
+def _arithmetic(target: Any, name: str, fn: Any) -> Glue | None:
+    """The glue of +, −, unary −, ×, ÷, ** and matrix products (as operators, torch functions
+    or methods), or None."""
     if target in (operator.add, operator.iadd, torch.add) or name in ("add", "add_", "__add__"):
         return Add(fn, "add")
     if target in (operator.sub, operator.isub, torch.sub) or name in ("sub", "__sub__"):
@@ -612,16 +630,6 @@ def glue_for(op: str, target: Any) -> Glue | None:
         return Elementwise(fn, "pow")
     if target in (operator.matmul, torch.matmul, torch.bmm) or name in ("matmul", "bmm"):
         return MatMul(fn, "matmul")
-    if target in (torch.softmax, F.softmax) or name == "softmax":
-        return Softmax(fn, "softmax")
-    if name == "dropout":
-        return Route(_dropout if op == "call_function" else fn, "dropout", keeps_diagonal=True)
-    if name in _SELECT:
-        return Route(fn, name, keeps_diagonal=True)
-    if name in _SUM:
-        return Route(fn, name)
-    if name in _MEAN:
-        return Mean(fn, name)
     return None
 
 

@@ -43,16 +43,23 @@ log = logging.getLogger(__name__)
 
 
 class GraphReadError(UnsupportedModuleError):
-    """The graph reader cannot follow a model; ``node`` names the place (or is None)."""
+    """The graph reader cannot follow a model; ``node`` names the place (or is None).
+    ``generic_ok`` is False where the generic engine cannot run the model either (packed
+    sequences): then no estimator can, and they refuse with this reason."""
 
-    def __init__(self, message: str, node: str | None = None):
+    def __init__(self, message: str, node: str | None = None, *, generic_ok: bool = True):
         where = f" at {node!r}" if node else ""
+        advice = f"; use one of {', '.join(GENERIC_ESTIMATORS)}" if generic_ok else ""
         super().__init__(
-            f"the structured graph engine cannot read this model{where}: {message}; use one of "
-            f"{', '.join(GENERIC_ESTIMATORS)}"
+            f"the structured graph engine cannot read this model{where}: {message}{advice}"
         )
         self.node = node
         self.reason = message
+        self.generic_ok = generic_ok
+
+
+#: functions whose output no engine can differentiate per sample (torch.func cannot batch them)
+_PACKING = ("pack_padded_sequence", "pack_sequence", "pack_padded", "_pack_padded_sequence")
 
 
 ParamBinding = tuple[str, Tensor, "Tensor | None"]  # clean name, parameter, mask multiplier
@@ -173,8 +180,25 @@ def _trace(model: nn.Module, extra_leaves: tuple[type, ...] = ()) -> fx.GraphMod
         with eval_mode(model):
             graph = tracer.trace(model)
     except Exception as exc:  # noqa: BLE001 - any tracing failure means: fall back, and say why
+        if _packs(exc):
+            raise GraphReadError(
+                "its forward packs sequences (torch.nn.utils.rnn.pack_padded_sequence): no "
+                "engine differentiates packed sequences per sample; pass padded batches instead "
+                "(equal lengths, or a loss that ignores the padded steps)",
+                generic_ok=False,
+            ) from exc
         raise GraphReadError(f"torch.fx cannot trace it ({type(exc).__name__}: {exc})") from exc
     return fx.GraphModule(tracer.root, graph)
+
+
+def _packs(exc: BaseException) -> bool:
+    """Whether the traceback of a tracing failure passes through sequence packing."""
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_name in _PACKING:
+            return True
+        tb = tb.tb_next
+    return False
 
 
 def read_graph(model: nn.Module, extra_leaves: tuple[type, ...] = ()) -> ModelGraph:

@@ -124,6 +124,27 @@ def _leads_to_wanted(graph: ModelGraph, wanted_ids: set[int]) -> set[str]:
     return out
 
 
+def lecun_blocker(graph: ModelGraph, wanted: dict[str, Tensor]) -> str | None:
+    """Why LeCun's recursion cannot run on the graph for these parameters — a function it has
+    no rule for between a wanted parameter and the output — or None (read before any work)."""
+    leads = _leads_to_wanted(graph, {id(p) for p in wanted.values()})
+    for gn in graph.nodes:
+        if gn.glue is None or gn.glue.name in G.CONSTANT:
+            continue
+        led = [getattr(a, "name", None) in leads for a in gn.node.args]
+        if gn.glue.kind == "opaque" and any(led):
+            return (
+                f"LeCun's recursion has no rule for {gn.glue.name!r} at {gn.name!r} (the other "
+                "estimators handle it)"
+            )
+        if getattr(gn.glue, "divide", False) and len(led) > 1 and led[1]:
+            return (
+                f"LeCun's recursion has no rule for a division by a value that depends on the "
+                f"parameters, at {gn.name!r} (the other estimators handle it)"
+            )
+    return None
+
+
 def _forward(graph: ModelGraph, x: Tensor) -> dict[str, object]:
     """Every node's value for input ``x`` (no autograd)."""
     env: dict[str, object] = {}
@@ -164,7 +185,7 @@ def _layouts(
     GraphReadError, and so does a graph whose output differs from ``model``'s own (a forward
     that branched on types or values while it was traced)."""
     x1 = x[:1]
-    x2 = torch.cat([x[:1], x[1:2] if x.shape[0] > 1 else x[:1]])
+    x2 = torch.cat([x1, x[1:2] if x.shape[0] > 1 else _another_sample(x1)])
     with torch.no_grad(), eval_mode(graph.module):
         e1, e2 = _forward(graph, x1), _forward(graph, x2)
     if model is not None:
@@ -186,14 +207,8 @@ def _layouts(
         mult = v1.shape[d]
         if v2.shape[d] != 2 * mult:
             raise GraphReadError("a value's size is not proportional to the batch size", gn.name)
-        if x.shape[0] > 1 and v1.is_floating_point():
-            head = v2.narrow(d, 0, mult)
-            if not torch.allclose(head, v1, rtol=1e-4, atol=1e-5 * (1 + float(v1.abs().max()))):
-                raise GraphReadError(
-                    "samples are not independent or not sample-major in this value (e.g. "
-                    "a reshape merging time-major positions with samples)",
-                    gn.name,
-                )
+        if v1.is_floating_point() and not _close(v2.narrow(d, 0, mult), v1):
+            _not_separable(graph, e1, e2, gn.name)
         out[gn.name] = Layout(d, mult)
         width, kept = max(width, v1.numel()), kept + v1.numel()
     for gn in graph.leaves():  # per-sample gradients a rule holds (recurrent weights, kernels)
@@ -205,6 +220,40 @@ def _layouts(
     result = _output(graph).name
     out_width = e1[result].numel() if isinstance(e1.get(result), Tensor) else 1
     return out, width, out_width, kept, scratch
+
+
+def _another_sample(x1: Tensor) -> Tensor:
+    """A second probe sample when the data give only one: the entries of ``x1`` rotated (the
+    same kind of values, in other places), or shifted where that changes nothing."""
+    other = x1.flatten(1).roll(1, 1).view_as(x1)
+    if torch.equal(other, x1) and x1.is_floating_point():
+        other = x1 * 0.5 + 0.25
+    return other
+
+
+def _close(a: Tensor, b: Tensor) -> bool:
+    return torch.allclose(a, b, rtol=1e-4, atol=1e-5 * (1 + float(b.abs().max())))
+
+
+def _not_separable(graph: ModelGraph, e1: dict, e2: dict, name: str) -> None:
+    """Raise for a value whose first sample changes when a second sample joins the batch:
+    refused by every engine when the model's output does too (no per-sample curvature
+    exists), else left to the generic engine (a layout only this engine cannot follow)."""
+    out = _output(graph).name
+    o1, o2 = e1.get(out), e2.get(out)
+    mixes = isinstance(o1, Tensor) and o1.is_floating_point() and not _close(o2[:1], o1)
+    if mixes:
+        raise GraphReadError(
+            "the model's output for one sample depends on the other samples of the batch (e.g. "
+            "a mean or a normalisation over the batch): a per-sample curvature does not exist",
+            name,
+            generic_ok=False,
+        )
+    raise GraphReadError(
+        "samples are not independent or not sample-major in this value (e.g. a reshape "
+        "merging time-major positions with samples)",
+        name,
+    )
 
 
 def _check_faithful(model: nn.Module, x: Tensor, traced) -> None:
@@ -238,6 +287,17 @@ def canon(t: Tensor, lay: Layout, lead: int = 0) -> Tensor:
 
 
 # ============================================================================ the sweep
+def probe(problem: Problem, graph: ModelGraph) -> None:
+    """Read the sample layout of every value on the problem's first batch (and check that the
+    graph computes the model's output) before any work: GraphReadError where the sweep cannot
+    follow it. The plan is kept, so the run that follows does not repeat it."""
+    x = next(iter(problem.batches()), (None,))[0]
+    if not isinstance(x, Tensor) or x.shape[0] == 0:
+        return
+    with torch.no_grad(), eval_mode(problem.model):
+        _plan(graph, problem.parameters(), x, problem.model)
+
+
 def run(
     problem: Problem,
     graph: ModelGraph,

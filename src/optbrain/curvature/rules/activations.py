@@ -8,8 +8,8 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
-from torch.func import jvp
 
+from .. import pointwise
 from .base import Derivatives, Rule, register, stock_forward
 
 
@@ -52,15 +52,7 @@ class ElementwiseRule(Rule):
         m = _out_of_place(m)
         if self._derivs is not None:
             return self._derivs(m, a, m(a) if y is None else y, second)
-        ones = torch.ones_like(a)
-
-        def first(t: Tensor) -> Tensor:
-            return jvp(m, (t,), (ones,))[1]
-
-        if not second:
-            return first(a), None
-        f1, f2 = jvp(first, (a,), (ones,))
-        return f1, f2
+        return pointwise.derivatives(m, a, second)
 
     def scale(self, m: nn.Module, a: Tensor, y: Tensor, t: Tensor) -> Tensor:
         """f'(a) ⊙ t (t may carry leading column axes)."""

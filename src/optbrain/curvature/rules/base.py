@@ -72,6 +72,22 @@ class Rule:
     #: the graph engine may hand it inputs with extra leading dimensions (positions, a batch
     #: dimension that is not the first, samples merged with positions)
     last_dim: bool = False
+    #: non-linear in its input but not element-wise (LayerNorm): the chain engine's sweeps for
+    #: the full LeCun recursion and the exact Hessian have no term for its second derivatives,
+    #: so such a chain takes the graph engine (``lecun``) or the generic one (``hessian``)
+    mixes_curvature: bool = False
+
+    def refusal(self, m: nn.Module, mode: str) -> str | None:
+        """Why this rule cannot handle the module in the sweep ``mode`` (a configuration it has
+        no derivatives for), or None. Read when the engine is chosen, so that such a model falls
+        back (or LeCun refuses) before any work, with this reason."""
+        return None
+
+    def check(self, m: nn.Module, mode: str = "ggn") -> None:
+        """Raise :class:`UnsupportedModuleError` with :meth:`refusal`'s reason, if any."""
+        reason = self.refusal(m, mode)
+        if reason is not None:
+            raise UnsupportedModuleError(reason)
 
     def param_names(self, m: nn.Module) -> tuple[str, ...]:
         """Attribute paths (``"weight"``, ``"out_proj.weight"``) of the parameters the rule

@@ -16,15 +16,13 @@ class EmbeddingRule(Rule):
     params = ("weight",)
     last_dim = True
 
-    @staticmethod
-    def _check(m: nn.Embedding) -> None:
+    def refusal(self, m: nn.Embedding, mode: str) -> str | None:
         if m.max_norm is not None:
-            raise UnsupportedModuleError(
-                "nn.Embedding(max_norm=...) renormalises its weight in the forward pass"
-            )
+            return "nn.Embedding(max_norm=...) renormalises its weight in the forward pass"
+        return None
 
     def forward(self, m: nn.Embedding, x: Tensor) -> Tensor:
-        self._check(m)
+        self.check(m)
         return m(x)
 
     def vjp(self, m, x, cols):

@@ -172,17 +172,18 @@ class ConvRule(Rule):
     def forward_fused(self, m: nn.Module, x: Tensor, activation: str) -> Tensor | None:
         return fusion.conv2d_pointwise(m, x, activation)
 
-    def _check(self, m: nn.Module) -> None:
+    def refusal(self, m: nn.Module, mode: str) -> str | None:
         if m.padding_mode != "zeros":
-            raise UnsupportedModuleError(
+            return (
                 f"{type(m).__name__} with padding_mode={m.padding_mode!r}: only 'zeros' is "
                 "supported by the structured estimators; use one of "
                 f"{', '.join(GENERIC_ESTIMATORS)}"
             )
+        return None
 
     def _unfold(self, m: nn.Module, x: Tensor) -> Tensor:
         """Input patches, N × groups × (C_in/groups · k) × positions."""
-        self._check(m)
+        self.check(m)
         ks, st, dl = list(m.kernel_size), list(m.stride), list(m.dilation)
         if isinstance(m.padding, str):
             pads = []
@@ -253,20 +254,20 @@ class ConvRule(Rule):
     def lecun_step(self, m: nn.Module, x2: Tensor, d: Tensor) -> tuple[dict[str, Tensor], Tensor]:
         """One backward call: input-gradient with squared kernels ((J∘J)ᵀ·d), weight-gradient
         of the squared input ``x2`` and bias-gradient (Σ d), as a gradient pass does in one call."""
-        self._check(m)
+        self.check(m)
         gi, gw, gb = self._backward3(m, x2, m.weight.square(), d, (True, True, m.bias is not None))
         return {"weight": gw, "bias": gb}, gi
 
     def sq_vjp(self, m: nn.Module, x: Tensor, d: Tensor) -> Tensor:
         """(J∘J)ᵀ·d: the input-gradient of the convolution with squared kernels."""
-        self._check(m)
+        self.check(m)
         return self._backward(m, x, m.weight.square(), d, want_input=True)
 
     def diag_params(self, m: nn.Module, x2: Tensor, d: Tensor) -> dict[str, Tensor]:
         """Σ_{n,p} d·x²: the weight-gradient of the convolution for the squared input ``x2`` and
         cotangent d (zero padding stays zero when squared), with the bias sum Σ d from the same
         backward call."""
-        self._check(m)
+        self.check(m)
         _, gw, gb = self._backward3(m, x2, m.weight, d, (False, True, m.bias is not None))
         return {"weight": gw, "bias": gb}
 
@@ -285,16 +286,22 @@ class AvgPoolRule(Rule):
     def fresh_output(self, m: nn.Module) -> bool:
         return stock_forward(m, nn.AvgPool1d, nn.AvgPool2d)
 
+    def refusal(self, m: nn.Module, mode: str) -> str | None:
+        if not mode.startswith("lecun") or getattr(m, "divisor_override", None):
+            return None
+        pad = m.padding if isinstance(m.padding, (tuple, list)) else (m.padding,)
+        if m.ceil_mode or (not m.count_include_pad and any(pad)):
+            return (
+                f"{type(m).__name__} with ceil_mode or count_include_pad=False and padding has "
+                "windows of unequal size; LeCunDiagonal supports only uniform average pooling"
+            )
+        return None
+
     def _divisor(self, m: nn.Module) -> float:
         override = getattr(m, "divisor_override", None)  # AvgPool1d has none
         if override:
             return float(override)
-        pad = m.padding if isinstance(m.padding, (tuple, list)) else (m.padding,)
-        if m.ceil_mode or (not m.count_include_pad and any(pad)):
-            raise UnsupportedModuleError(
-                f"{type(m).__name__} with ceil_mode or count_include_pad=False and padding has "
-                "windows of unequal size; LeCunDiagonal supports only uniform average pooling"
-            )
+        self.check(m, "lecun")
         ks = m.kernel_size if isinstance(m.kernel_size, (tuple, list)) else (m.kernel_size,)
         dims = 2 if isinstance(m, nn.AvgPool2d) else 1
         if len(ks) == 1 and dims == 2:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ...errors import UnsupportedModuleError
 from .base import Rule, register
 from .layers import _column_square_sum
 
@@ -24,6 +23,7 @@ from .layers import _column_square_sum
 class LayerNormRule(Rule):
     params = ("weight", "bias")
     last_dim = True
+    mixes_curvature = True
 
     @staticmethod
     def _rows(m: nn.LayerNorm, x: Tensor) -> tuple[Tensor, Tensor, int]:
@@ -114,13 +114,16 @@ class BatchNormRule(Rule):
 
     params = ("weight", "bias")
 
-    @staticmethod
-    def _stats(m: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
+    def refusal(self, m: nn.Module, mode: str) -> str | None:
         if m.running_mean is None or m.running_var is None:
-            raise UnsupportedModuleError(
+            return (
                 f"{type(m).__name__}(track_running_stats=False) normalises with the statistics "
                 "of the batch, so samples are not independent"
             )
+        return None
+
+    def _stats(self, m: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
+        self.check(m)
         shape = (1, -1) + (1,) * (x.dim() - 2)
         inv = torch.rsqrt(m.running_var.to(x) + m.eps).reshape(shape)
         return m.running_mean.to(x).reshape(shape), inv

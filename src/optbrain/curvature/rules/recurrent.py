@@ -61,12 +61,10 @@ class RecurrentRule(Rule):
         weight of one layer and direction)."""
         return max(p.numel() for p in m.parameters())
 
-    @staticmethod
-    def _check(m: nn.RNNBase) -> None:
+    def refusal(self, m: nn.RNNBase, mode: str) -> str | None:
         if getattr(m, "proj_size", 0):
-            raise UnsupportedModuleError(
-                "nn.LSTM(proj_size > 0) has no rule yet; use a generic estimator"
-            )
+            return "nn.LSTM(proj_size > 0) has no rule yet; use a generic estimator"
+        return None
 
     def _weights(self, m, layer: int, direction: int):
         sfx = f"_l{layer}" + ("_reverse" if direction else "")
@@ -95,7 +93,7 @@ class RecurrentRule(Rule):
     # ------------------------------------------------------------------ forward
     def forward_ctx(self, m: nn.RNNBase, args: tuple, kwargs: dict):
         """The module's output and the values the backward sweeps need."""
-        self._check(m)
+        self.check(m)
         if kwargs:
             raise UnsupportedModuleError(f"{type(m).__name__} called with keyword arguments")
         x, state = self._split_args(m, args)
@@ -142,7 +140,8 @@ class RecurrentRule(Rule):
             if s is not None and tuple(s.shape) != shape:
                 raise ShapeMismatchError(
                     f"{type(m).__name__}: initial state {name} has shape {tuple(s.shape)}, "
-                    f"expected {shape} (layers × directions, batch, hidden)"
+                    f"expected ({shape[0]}, N, {shape[2]}) (layers × directions, batch, hidden) "
+                    f"with N the samples of the call ({n} here)"
                 )
         return h0, c0
 

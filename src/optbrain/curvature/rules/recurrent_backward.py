@@ -76,45 +76,52 @@ def _step_cols(kind, c, t, cur, dc, w_hh, out_ih, out_hh):
     return _addmm_like(cur * c["Z"][:, t], out_hh, w_hh), None
 
 
-def _coefs_lecun(rule, lay, full):
-    """Coefficients of LeCun's step: D_a = P·(d) + Q·(g) per gate, g_a = G·(g)."""
+def _coefs_lecun(rule, lay, full, grad):
+    """Coefficients of LeCun's step: D_a = P·(d) + Q·(g) per gate, g_a = G·(g); the gradient's
+    (G, Q) only where the step carries one (``grad``; Q only in the ``full`` variant)."""
     s, kind = lay.saved, type(rule).__name__
     if kind == "RNNRule":
         d1, d2 = _act_coefs(rule, s)
         return {"P": d1 * d1, "Q": d2, "G": d1}
     if kind == "LSTMRule":
-        i, f, g, o, tc, cp = s["i"], s["f"], s["g"], s["o"], s["tc"], lay.c_prev
-        t1 = _d1("tanh", tc)
-        gate = torch.cat([g * _d1("sig", i), cp * _d1("sig", f), i * _d1("tanh", g),
-                          tc * _d1("sig", o)], -1)  # fmt: skip
-        out = {"Ac": (t1 * o).square(), "Gc": t1 * o, "F2": f * f, "F": f,
-               "P": gate.square(), "G": gate}  # fmt: skip
-        if full:
-            out["Bc"] = _d2("tanh", tc) * o
-            out["Q"] = torch.cat([_d2("sig", i) * g, _d2("sig", f) * cp, _d2("tanh", g) * i,
-                                  _d2("sig", o) * tc], -1)  # fmt: skip
-        return out
-    r, z, n, q, hp = s["r"], s["z"], s["n"], s["q"], lay.h_prev
+        return _coefs_lecun_lstm(s, lay.c_prev, full, grad)
+    # GRU: formed step by step from the saved gates (N × 3H a step, not N × T × 3H at once)
+    return {"gru": (s, lay.h_prev, full, grad)}
+
+
+def _gru_coefs_at(s, hp, full, grad, t):
+    """A GRU's LeCun coefficients at step t. W_hh's are W_ih's with the candidate block times
+    r (G) or r² (P, Q)."""
+    r, z, n, q, hp = s["r"][:, t], s["z"][:, t], s["n"][:, t], s["q"][:, t], hp[:, t]
     dn, dr, dz = _d1("tanh", n), _d1("sig", r), _d1("sig", z)
     gn = dn * (1 - z)
     pn = gn.square()
-    pz = dz.square() * (n * n + hp * hp)
     out = {
-        "P_ih": torch.cat([(dr * q).square() * pn, pz, pn], -1),
-        "P_hh": torch.cat([(dr * q).square() * pn, pz, r * r * pn], -1),
-        "G_ih": torch.cat([dr * q * gn, dz * (hp - n), gn], -1),
-        "G_hh": torch.cat([dr * q * gn, dz * (hp - n), r * gn], -1),
-        "Z2": z * z, "Z": z,
+        "P": torch.cat([(dr * q).square() * pn, dz.square() * (n * n + hp * hp), pn], -1),
+        "Z2": z * z, "R2": r * r,
     }  # fmt: skip
+    if grad:
+        out.update(G=torch.cat([dr * q * gn, dz * (hp - n), gn], -1), Z=z, R=r)
     if full:
         qn = _d2("tanh", n) * (1 - z)
-        out["Q_ih"] = torch.cat(
+        out["Q"] = torch.cat(
             [(dr * q).square() * qn + _d2("sig", r) * q * gn, _d2("sig", z) * (hp - n), qn], -1
         )
-        out["Q_hh"] = torch.cat(
-            [(dr * q).square() * qn + _d2("sig", r) * q * gn, _d2("sig", z) * (hp - n), r * r * qn],
-            -1,
-        )
+    return out
+
+
+def _coefs_lecun_lstm(s, cp, full, grad):
+    i, f, g, o, tc = s["i"], s["f"], s["g"], s["o"], s["tc"]
+    t1 = _d1("tanh", tc)
+    gate = torch.cat([g * _d1("sig", i), cp * _d1("sig", f), i * _d1("tanh", g),
+                      tc * _d1("sig", o)], -1)  # fmt: skip
+    out = {"Ac": (t1 * o).square(), "F2": f * f, "P": gate.square()}
+    if grad:
+        out.update(Gc=t1 * o, F=f, G=gate)
+    if full:
+        out["Bc"] = _d2("tanh", tc) * o
+        out["Q"] = torch.cat([_d2("sig", i) * g, _d2("sig", f) * cp, _d2("tanh", g) * i,
+                              _d2("sig", o) * tc], -1)  # fmt: skip
     return out
 
 
@@ -127,33 +134,45 @@ def _step_lecun(kind, c, t, d, g, dc, gc, w_hh, w2, full):
         ga = None if g is None else g * c["G"][:, t]
         return da, da, ga, da @ w2, (None if ga is None else ga @ w_hh), None, None
     if kind == "LSTMRule":
-        d_c = d * c["Ac"][:, t] if dc is None else torch.addcmul(dc, d, c["Ac"][:, t])
-        g_c = None
-        if g is not None:
-            g_c = g * c["Gc"][:, t] if gc is None else torch.addcmul(gc, g, c["Gc"][:, t])
-            if full:
-                d_c = torch.addcmul(d_c, g, c["Bc"][:, t])
-        da = torch.cat([d_c, d_c, d_c, d], -1).mul_(c["P"][:, t])
-        ga = None
-        if g is not None:
-            both = torch.cat([g_c, g_c, g_c, g], -1)
-            ga = both * c["G"][:, t]
-            if full:
-                da.addcmul_(both, c["Q"][:, t])
-        return (da, da, ga, da @ w2, (None if ga is None else ga @ w_hh), d_c * c["F2"][:, t],
-                None if g_c is None else g_c * c["F"][:, t])  # fmt: skip
-    rep = torch.cat([d, d, d], -1)
-    da_ih, da_hh = rep * c["P_ih"][:, t], rep * c["P_hh"][:, t]
+        return _step_lecun_lstm(c, t, d, g, dc, gc, w_hh, w2, full)
+    return _step_lecun_gru(c, t, d, g, w_hh, w2, full)
+
+
+def _step_lecun_lstm(c, t, d, g, dc, gc, w_hh, w2, full):
+    d_c = d * c["Ac"][:, t] if dc is None else torch.addcmul(dc, d, c["Ac"][:, t])
+    g_c = None
+    if g is not None:
+        g_c = g * c["Gc"][:, t] if gc is None else torch.addcmul(gc, g, c["Gc"][:, t])
+        if full:
+            d_c = torch.addcmul(d_c, g, c["Bc"][:, t])
+    da = torch.cat([d_c, d_c, d_c, d], -1).mul_(c["P"][:, t])
+    ga = None
+    if g is not None:
+        both = torch.cat([g_c, g_c, g_c, g], -1)
+        ga = both * c["G"][:, t]
+        if full:
+            da.addcmul_(both, c["Q"][:, t])
+    return (da, da, ga, da @ w2, (None if ga is None else ga @ w_hh), d_c * c["F2"][:, t],
+            None if g_c is None else g_c * c["F"][:, t])  # fmt: skip
+
+
+def _step_lecun_gru(c, t, d, g, w_hh, w2, full):
+    h = d.shape[-1]
+    c = _gru_coefs_at(*c["gru"], t)
+    da_ih = torch.cat([d, d, d], -1).mul_(c["P"])
     ga_ih = g_h = None
     if g is not None:
         grep = torch.cat([g, g, g], -1)
-        ga_ih, ga_hh = grep * c["G_ih"][:, t], grep * c["G_hh"][:, t]
-        g_h = _addmm_like(g * c["Z"][:, t], ga_hh, w_hh)
+        ga_ih = grep * c["G"]
         if full:
-            da_ih.addcmul_(grep, c["Q_ih"][:, t])
-            da_hh.addcmul_(grep, c["Q_hh"][:, t])
-    d_h = _addmm_like(d * c["Z2"][:, t], da_hh, w2)
-    return da_ih, da_hh, ga_ih, d_h, g_h, None, None
+            da_ih.addcmul_(grep, c["Q"])
+        ga_hh = ga_ih.clone()
+        ga_hh[..., 2 * h :].mul_(c["R"])
+        g_h = _addmm_like(g * c["Z"], ga_hh, w_hh)
+    # D_a for W_hh is D_a for W_ih with the candidate block times r²: never stored (None)
+    d_h = _addmm_like(d * c["Z2"], da_ih[..., : 2 * h], w2[: 2 * h])
+    d_h = _addmm_like(d_h, da_ih[..., 2 * h :] * c["R2"], w2[2 * h :])
+    return da_ih, None, ga_ih, d_h, g_h, None, None
 
 
 def _addmm_like(base: Tensor, a: Tensor, w: Tensor) -> Tensor:
@@ -268,32 +287,37 @@ def _bptt_cols(kind, rule, lay, incoming, fin_h, fin_c, w_hh):
 
 def _bptt_lecun(kind, rule, lay, incoming, fin_h, fin_c, w_hh, full):
     """LeCun's (d, g) through time; returns D_a for W_ih and W_hh and g_a for W_ih of every step
-    (N, T, G) and the carries left at the initial states."""
+    (N, T, G) and the carries left at the initial states (GRU: D_a for W_hh is None, see
+    :func:`_lecun_params`)."""
     t_len = lay.x.shape[1]
-    coef = _coefs_lecun(rule, lay, full)
     zeros = lay.x.new_zeros(lay.x.shape[0], lay.h_prev.shape[-1])
     dh, gh = fin_h if fin_h is not None else (zeros, None)
     dc, gc = fin_c if fin_c is not None else (None, None)
     if full and gh is None:  # the full variant carries the gradient everywhere
         gh = zeros
+    grad = gh is not None or (incoming is not None and incoming[1] is not None)
+    coef = _coefs_lecun(rule, lay, full, grad)
     w2 = w_hh.square()
-    da_ih, da_hh, ga_ih = [None] * t_len, [None] * t_len, [None] * t_len
+    da_ih = da_hh = ga_ih = None
     for t in range(t_len - 1, -1, -1):
         d_cur, g_cur = dh, gh
         if incoming is not None:
             d_cur = d_cur + incoming[0][:, t]
             if incoming[1] is not None:
-                g_cur = g_cur + incoming[1][:, t]
-        out = _step_lecun(kind, coef, t, d_cur, g_cur, dc, gc, w_hh, w2, full)
-        da_ih[t], da_hh[t], ga_ih[t], dh, gh, dc, gc = out
-    ga = None if ga_ih[0] is None else torch.stack(ga_ih, 1)
-    return (
-        torch.stack(da_ih, 1),
-        torch.stack(da_hh, 1),
-        ga,
-        (dh, gh),
-        (None if dc is None else (dc, gc)),
-    )
+                g_cur = incoming[1][:, t] if g_cur is None else g_cur + incoming[1][:, t]
+        a_ih, a_hh, g_ih, dh, gh, dc, gc = _step_lecun(
+            kind, coef, t, d_cur, g_cur, dc, gc, w_hh, w2, full
+        )
+        if da_ih is None:  # the per-step results go straight into (N, T, G) tensors
+            da_ih = a_ih.new_empty(a_ih.shape[0], t_len, a_ih.shape[1])
+            da_hh = da_ih if a_hh is a_ih else (None if a_hh is None else torch.empty_like(da_ih))
+            ga_ih = None if g_ih is None else torch.empty_like(da_ih)
+        da_ih[:, t] = a_ih
+        if da_hh is not None and da_hh is not da_ih:
+            da_hh[:, t] = a_hh
+        if ga_ih is not None:
+            ga_ih[:, t] = g_ih
+    return da_ih, da_hh, ga_ih, (dh, gh), (None if dc is None else (dc, gc))
 
 
 def _col_params(params, want, sfx, lay, da_ih, da_hh, b_ih, b_hh, sign):
@@ -314,13 +338,24 @@ def _lecun_params(params, want, sfx, lay, da_ih, da_hh, b_ih, b_hh):
     if "weight_ih" + sfx in want:
         x2 = lay.x.square()
         params["weight_ih" + sfx] = da_ih.reshape(-1, g).T @ x2.reshape(-1, x2.shape[-1])
-    if "weight_hh" + sfx in want:
-        h2 = lay.h_prev.square()
-        params["weight_hh" + sfx] = da_hh.reshape(-1, g).T @ h2.reshape(-1, h2.shape[-1])
     if b_ih is not None and "bias_ih" + sfx in want:
         params["bias_ih" + sfx] = da_ih.reshape(-1, g).sum(0)
-    if b_hh is not None and "bias_hh" + sfx in want:
-        params["bias_hh" + sfx] = da_hh.reshape(-1, g).sum(0)
+    wanted = "weight_hh" + sfx in want, b_hh is not None and "bias_hh" + sfx in want
+    if not any(wanted):
+        return
+    parts = [da_hh] if da_hh is not None else _gru_hh_parts(lay, da_ih)
+    if wanted[0]:
+        h2 = lay.h_prev.square().reshape(-1, lay.h_prev.shape[-1])
+        params["weight_hh" + sfx] = torch.cat([a.reshape(-1, a.shape[-1]).T @ h2 for a in parts])
+    if wanted[1]:
+        params["bias_hh" + sfx] = torch.cat([a.reshape(-1, a.shape[-1]).sum(0) for a in parts])
+
+
+def _gru_hh_parts(lay, da_ih: Tensor) -> list[Tensor]:
+    """A GRU's D_a for W_hh from W_ih's: the reset and update blocks as they are, the candidate
+    block times r² (r multiplies W_hh's candidate pre-activation only)."""
+    h = da_ih.shape[-1] // 3
+    return [da_ih[..., : 2 * h], da_ih[..., 2 * h :] * lay.saved["r"].square()]
 
 
 def _input_states(m, args, seq, h0s, c0s, need, pair, lead):
