@@ -195,6 +195,7 @@ def test_optbrain_prune_under_torchrun_equals_one_process(tmp_path):
     """``torchrun -m optbrain prune``: the same rounds as one process; rank 0 writes the run."""
     task = f"{HERE / 'fixtures_task.py'}:task"
     args = ["prune", "--task", task, "--rounds", "2", "--sparsity", "0.6", "--no-progress"]
+    args += ["--select", "fpe"]  # FPE per round, the round chosen on rank 0
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
     env.pop("WORLD_SIZE", None)
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]

@@ -658,9 +658,7 @@ def _finish(task: Task, history, pruner, sched, run_dir: Path, run: _Settings, t
 
     model_path = run_dir / run.method / "model.pt"
     distributed.on_rank0(lambda: save_pruned(task.model, model_path), "saving the model")
-    selected, selected_model, chosen = distributed.from_rank0(
-        lambda: _select(task, history, run, run_dir), "selecting a round"
-    )
+    selected, selected_model, chosen = _select_on_rank0(task, history, run, run_dir)
     histories = {run.method: history}
     columns = default_columns(histories)
     seconds = time.perf_counter() - t_start
@@ -709,6 +707,20 @@ def _finish(task: Task, history, pruner, sched, run_dir: Path, run: _Settings, t
 
 
 _CRITERIA = {"fpe": "FPE", "validation": "validation loss"}
+
+
+def _select_on_rank0(task: Task, history, run: _Settings, run_dir: Path):
+    """:func:`_select` on rank 0 (which wrote the rounds); every rank gets the chosen record and
+    line, the restored model stays on rank 0 (None elsewhere: a parametrised module cannot be
+    sent between processes)."""
+    got: list = []
+
+    def pick():
+        got.extend(_select(task, history, run, run_dir))
+        return got[0], got[2]
+
+    rec, line = distributed.from_rank0(pick, "selecting a round")
+    return rec, (got[1] if got else None), line
 
 
 def _select(task: Task, history, run: _Settings, run_dir: Path):
