@@ -344,7 +344,8 @@ class PruneResult:
     #: the curvature engine the method's estimator took and why ("" for methods without one)
     engine: str = ""
     #: with ``select``: the round the rule chose (:meth:`History.select`) and a copy of the model
-    #: restored to that round (``model`` is the last round's); None without ``select``
+    #: restored to that round (``model`` is the last round's); None without ``select`` (the model:
+    #: also None on the ranks other than 0 under ``torchrun``)
     selected: Any = None
     selected_model: nn.Module | None = field(default=None, repr=False)
 
