@@ -38,7 +38,7 @@ from optbrain.loop import iterative_prune
 from optbrain.masking import current_mask
 from optbrain.problem import Problem
 from optbrain.quantize import GPTQ
-from optbrain.saliency import SNIP
+from optbrain.saliency import SNIP, AccumulatedGradient
 from optbrain.saliency.generalization import objective_gradient
 from optbrain.schedule import geometric
 
@@ -128,6 +128,7 @@ def compute(rank: int | None) -> dict:
     out["inverse/kfac"] = [(lay.A, lay.B) for lay in KFACInverse(alpha=1e-3).inverse(p).layers]
     out["layerwise_H"] = {k: h.H for k, h in LayerwiseHessian().hessians(p).items()}
     out["snip"] = SNIP(batches=None)(p)
+    out["accumulated_gradient"] = AccumulatedGradient()(p)
     out["gradient"] = objective_gradient(p)
     out["quantized"] = _quantized(rank)
     out.update(_steps(rank))

@@ -107,6 +107,7 @@ COMPARED = [
     "inverse/kfac",
     "layerwise_H",
     "snip",
+    "accumulated_gradient",
     "gradient",
 ]
 
