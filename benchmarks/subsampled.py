@@ -121,6 +121,7 @@ def one_setting(name, model, loss_fn, stream, n, args) -> list[dict]:
             first=args.first,
             growth=args.growth,
             min_batches=args.min_batches,
+            draw=args.draw,
         )
         result: dict = {}
         full_t, sub_t = [], []
@@ -181,7 +182,8 @@ def render(rows: list[dict], args) -> str:
         )
     lines.append(
         f"\nconfidence {args.confidence}, tolerance {args.tolerance}, first check at {args.first} "
-        f"samples, growth {args.growth}, {args.rounds} interleaved round(s); {environment()}"
+        f"samples, growth {args.growth}, draws of {args.draw or 'one batch'}, {args.rounds} "
+        f"interleaved round(s); {environment()}"
     )
     return "\n".join(lines)
 
@@ -198,6 +200,7 @@ def main(argv=None) -> None:
     ap.add_argument("--first", type=int, default=256)
     ap.add_argument("--growth", type=float, default=1.5)
     ap.add_argument("--min-batches", type=int, default=8)
+    ap.add_argument("--draw", type=int, help="join batches into draws of this many samples")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)

@@ -28,9 +28,11 @@ def _batches(x: torch.Tensor, y: torch.Tensor, size: int) -> list:
     return [(x[i : i + size], y[i : i + size]) for i in range(0, len(x), size)]
 
 
-def test_mean_and_stderr_match_the_closed_form():
-    # f = w·x, ℓ = (f − y)²: the per-sample GGN diagonal is 2 x_j², so batch b gives the mean of
-    # 2 x_j² over its samples; SE = sd of the batch means (m − 1) / √m
+@pytest.mark.parametrize("draw", [None, 10])
+def test_mean_and_stderr_match_the_closed_form(draw):
+    # f = w·x, ℓ = (f − y)²: the per-sample GGN diagonal is 2 x_j², so a draw (a batch of 5, or
+    # two joined with draw=10) gives the mean of 2 x_j² over its samples; SE = sd of the draw
+    # means (m − 1) / √m
     g = torch.Generator().manual_seed(1)
     m, size = 40, 5
     x = torch.randn(m * size, 4, generator=g, dtype=F64) * torch.tensor(
@@ -38,7 +40,9 @@ def test_mean_and_stderr_match_the_closed_form():
     )
     y = torch.randn(m * size, 1, generator=g, dtype=F64)
     problem = Problem(_linear(torch.ones(4, dtype=F64)), nn.MSELoss(), _batches(x, y, size))
-    est = SubsampledDiagonal(GGNDiagonal(), 0.5, first=10**9).estimate(problem)
+    est = SubsampledDiagonal(GGNDiagonal(), 0.5, first=10**9, draw=draw).estimate(problem)
+    if draw:
+        m, size = m * size // draw, draw
     means = (2 * x.square()).reshape(m, size, 4).mean(1)
     torch.testing.assert_close(est.diagonal["weight"][0], means.mean(0), rtol=1e-12, atol=0)
     se = means.std(0, correction=1) / math.sqrt(m)
@@ -107,6 +111,7 @@ def test_undecided_fraction_counts_intervals_across_the_threshold():
         {"growth": 1.0},
         {"min_batches": 1},
         {"max_samples": 0},
+        {"draw": 0},
         {"sparsity": 1.5},
     ],
 )

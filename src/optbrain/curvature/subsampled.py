@@ -11,8 +11,8 @@ D_b = (1/n_b) Σ_{n∈b} d_n and the running estimate after m batches is
 
 Its standard error treats the batch means as independent draws (the batch is the sampling unit,
 so the data must come in random order: a shuffled ``DataLoader``, an i.i.d. generator; batch
-size 1 gives per-sample draws). With West's (1979) weighted form of Welford's update, for the
-weights w_b = n_b, W = Σ_b w_b,
+size 1 gives per-sample draws; ``draw`` joins consecutive batches into larger units). With
+West's (1979) weighted form of Welford's update, for the weights w_b = n_b, W = Σ_b w_b,
 
     δ = D_b − D̂;  D̂ += (w_b/W) δ;  M2 += w_b δ (D_b − D̂);
     SE(D̂)² = M2 / (W (m − 1)),
@@ -117,8 +117,10 @@ class SubsampledDiagonal(DiagonalEstimator):
     and the stopping rule).
 
     ``diagonal(problem)`` returns D̂ (so the wrapper plugs into OBD and every diagonal consumer);
-    :meth:`estimate` also returns the standard errors and the samples used. The data must be in
-    random order; this process only (a distributed problem raises
+    :meth:`estimate` also returns the standard errors and the samples used. ``draw``: join
+    consecutive batches into draws of at least that many samples (the sampling unit of the
+    standard error, and one base-estimator call each: fewer, larger calls for small batches).
+    The data must be in random order; this process only (a distributed problem raises
     :class:`~optbrain.errors.NotDistributedError`).
     """
 
@@ -133,6 +135,7 @@ class SubsampledDiagonal(DiagonalEstimator):
         growth: float = 2.0,
         min_batches: int = 8,
         max_samples: int | None = None,
+        draw: int | None = None,
         dtype: torch.dtype | None = None,
         progress: Progress | None = None,
     ):
@@ -150,11 +153,13 @@ class SubsampledDiagonal(DiagonalEstimator):
             )
         if max_samples is not None and max_samples < 1:
             raise ValueError(f"max_samples must be >= 1 or None, not {max_samples}")
+        if draw is not None and draw < 1:
+            raise ValueError(f"draw must be >= 1 or None, not {draw}")
         target_count(sparsity, 2)  # the type and range of the target, before any pass
         self.estimator, self.sparsity = estimator, sparsity
         self.confidence, self.tolerance = confidence, tolerance
         self.first, self.growth, self.min_batches = first, growth, min_batches
-        self.max_samples = max_samples
+        self.max_samples, self.draw = max_samples, draw
 
     def diagonal(self, problem: Problem) -> ParamDict:
         return self.estimate(problem).diagonal
@@ -172,7 +177,7 @@ class SubsampledDiagonal(DiagonalEstimator):
         acc, seen, check = _Welford(), 0, float(self.first)
         undecided, converged = math.nan, False
         problem.prepare()
-        for x, y in problem.batches():
+        for x, y in self._draws(problem):
             acc.add(self.estimator.diagonal(problem.on_batch(x, y)), float(x.shape[0]))
             seen += x.shape[0]
             if self.progress is not None:
@@ -196,9 +201,29 @@ class SubsampledDiagonal(DiagonalEstimator):
         se = {n: v.to(out[n]) for n, v in acc.stderr().items()}
         return SubsampledEstimate(out, se, seen, acc.count, undecided, converged)
 
+    def _draws(self, problem: Problem):
+        """The problem's batches, consecutive ones joined until a draw holds ``draw`` samples
+        (each batch its own draw when ``draw`` is None); the rest at the end is a last draw."""
+        xs: list[Tensor] = []
+        ys: list[Tensor] = []
+        n = 0
+        for x, y in problem.batches():
+            xs.append(x)
+            ys.append(y)
+            n += x.shape[0]
+            if self.draw is None or n >= self.draw:
+                yield _joined(xs), _joined(ys)
+                xs, ys, n = [], [], 0
+        if xs:
+            yield _joined(xs), _joined(ys)
+
     def __repr__(self) -> str:
         return (
             f"SubsampledDiagonal({self.estimator!r}, sparsity={self.sparsity!r}, "
             f"confidence={self.confidence}, tolerance={self.tolerance}, first={self.first}, "
-            f"growth={self.growth}, max_samples={self.max_samples})"
+            f"growth={self.growth}, max_samples={self.max_samples}, draw={self.draw})"
         )
+
+
+def _joined(parts: list[Tensor]) -> Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
