@@ -9,9 +9,12 @@ without history) are reported in one line on stderr with exit status 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
+import os
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -309,6 +312,13 @@ def _add_prune(sub) -> None:
         action="store_true",
         help="replace a run already in --out (refused without it)",
     )
+    prn.add_argument(
+        "--shards",
+        choices=("split", "given"),
+        default="split",
+        help="under torchrun: split every training batch over the ranks (split, the default: "
+        "every rank loads the whole data), or the task's loader yields this rank's shard (given)",
+    )
     _common(prn)
 
 
@@ -463,8 +473,8 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
         return _fail(args, exc)
     _threads(args.threads)
     out = Path(args.out) if args.out else Path("optbrain-runs") / args.name
-    with Bars(not args.no_progress).stage(args.name, leave=True) as stage:
-        result = experiments.get(args.name).run(config, out, progress=stage)
+    with Bars(not args.no_progress).stage(args.name, leave=True) as stage, _parallel(out) as dest:
+        result = experiments.get(args.name).run(config, dest, progress=stage)
     print(f"{result.title or result.experiment}  ({result.seconds:.1f} s)")
     if args.quick:
         print(QUICK_BANNER)
@@ -473,6 +483,23 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
     held = sum(c.held for c in result.claims)
     print(f"{held} of {len(result.claims)} claims held; report: {out / 'report.md'}")
     return 1 if args.check and not result.held else 0
+
+
+@contextlib.contextmanager
+def _parallel(out: Path):
+    """Under torchrun: every problem splits its batches over the ranks, and the ranks other
+    than 0 write into a temporary folder, removed afterwards (rank 0 writes ``out``)."""
+    from . import distributed
+
+    if not distributed.world().active:
+        yield out
+        return
+    with distributed.split_batches():
+        if distributed.is_rank0():
+            yield out
+        else:
+            with tempfile.TemporaryDirectory(prefix="optbrain-rank-") as tmp:
+                yield Path(tmp)
 
 
 def _cmd_prune(args: argparse.Namespace) -> int:
@@ -502,6 +529,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
             resume=args.resume,
             force=args.force,
             progress=not args.no_progress,
+            shards=args.shards,
             weight_decay=args.weight_decay,
             fpe=args.fpe,
             select=args.select,
@@ -666,7 +694,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
+    if args.command in _PARALLEL and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return _distributed(args)
     return _COMMANDS[args.command](args)
+
+
+_PARALLEL = ("prune", "reproduce")
+"""The commands that run data-parallel under torchrun."""
+
+
+def _distributed(args: argparse.Namespace) -> int:
+    """Run a command as one rank of torchrun's process group (gloo on CPU, NCCL with CUDA, or
+    ``OPTBRAIN_DIST_BACKEND``); only rank 0 prints. The group is closed afterwards."""
+    import torch.distributed as dist
+
+    from . import distributed
+
+    started = not dist.is_initialized()
+    world = distributed.init_from_env(os.environ.get("OPTBRAIN_DIST_BACKEND") or None)
+    with contextlib.ExitStack() as stack:
+        if world.rank != 0:
+            sink = stack.enter_context(open(os.devnull, "w"))
+            stack.enter_context(contextlib.redirect_stdout(sink))
+        try:
+            return _COMMANDS[args.command](args)
+        finally:
+            if started and dist.is_initialized():
+                dist.destroy_process_group()
 
 
 if __name__ == "__main__":

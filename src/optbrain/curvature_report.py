@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from . import distributed
 from .paramdict import ParamDict
 from .problem import Problem
 from .report.progress import Bars
@@ -289,6 +290,16 @@ def _row(entry, diag: ParamDict, reference: ParamDict, weights, layers, is_ref) 
 
 
 # ------------------------------------------------------------------------------ the demo
+def _check_run(epochs: int, repeats: int) -> None:
+    if epochs < 0:
+        raise ValueError(f"epochs must be >= 0, got {epochs!r}")
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats!r}")
+    distributed.refuse(
+        "the curvature comparison", "it times every estimator in one process: run it alone"
+    )
+
+
 def run(
     epochs: int = 40,
     seed: int = 0,
@@ -306,10 +317,7 @@ def run(
     right before and ``repeats`` right after it;
     ``out`` names a directory to write ``curvature.txt`` and ``curvature.json`` into.
     """
-    if epochs < 0:
-        raise ValueError(f"epochs must be >= 0, got {epochs!r}")
-    if repeats < 1:
-        raise ValueError(f"repeats must be >= 1, got {repeats!r}")
+    _check_run(epochs, repeats)
     t_start = time.perf_counter()
     bars = _Bars(progress)
     loss_fn = nn.CrossEntropyLoss()

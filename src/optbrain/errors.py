@@ -61,3 +61,31 @@ class UnsafeFileError(OptbrainError, ValueError):
 class TooFewSamplesError(OptbrainError, ValueError):
     """The problem's data have too few samples for the measured objective to steer a pruner's
     adaptive sub-steps (:class:`optbrain.pruners.AdaptiveSteps`)."""
+
+
+class DistributedError(OptbrainError, RuntimeError):
+    """A data-parallel problem (``torch.distributed``) cannot go on: the ranks disagree, or one of
+    them failed (:mod:`optbrain.distributed`)."""
+
+
+class ShardMismatchError(DistributedError, ValueError):
+    """The ranks of a process group hold data of different sample shapes or dtypes, or use
+    different losses (their shards are not parts of one data set)."""
+
+
+class EmptyShardError(DistributedError, EmptyDataError):
+    """A rank of a process group holds no sample of the problem's data."""
+
+
+class ModelMismatchError(DistributedError, ValueError):
+    """The ranks of a process group hold different models (the checksums of their parameters and
+    buffers differ)."""
+
+
+class NotDistributedError(DistributedError, NotImplementedError):
+    """A computation cannot run data-parallel; raised instead of returning a per-rank result."""
+
+
+class RemoteRankError(DistributedError):
+    """Another rank of the process group failed during a collective step; the message names the
+    rank and its error."""

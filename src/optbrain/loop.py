@@ -1,4 +1,9 @@
-"""The prune–retrain loop (OBD recipe, PAPERS.md §1.3) with atomic per-round checkpoints."""
+"""The prune–retrain loop (OBD recipe, PAPERS.md §1.3) with atomic per-round checkpoints.
+
+Under ``torch.distributed`` (problems sharded over the ranks, :mod:`optbrain.distributed`) every
+rank runs the loop; rank 0 alone reads and writes the checkpoint directory (the others take what
+it read), and each round's record is rank 0's on every rank, so every rank takes the same
+decisions and holds the same history."""
 
 from __future__ import annotations
 
@@ -13,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import safeload
+from . import distributed, safeload
 from .elimination import Step, eliminate
 from .errors import OptbrainError, UnsafeFileError
 from .generalization import FPEUndefinedError, check_decay, fpe
@@ -103,7 +108,7 @@ def iterative_prune(
     gens = generators(loaders)
 
     history: History | None = None
-    if ckdir is not None and (ckdir / CHECKPOINT).exists():
+    if ckdir is not None and _exists(ckdir / CHECKPOINT):
         history = _resume(ckdir, model, pruner, cfg, gens)
         log.info("resumed from %s after round %d", ckdir, history.last.round)
         if history.stopped or history.last.round >= rounds:
@@ -147,18 +152,17 @@ def _first_record(model: nn.Module, pruner: Pruner, cfg: dict, evaluate) -> Hist
     history = History(config=cfg)
     mask = _start_mask(pruner, model)
     metrics = dict(evaluate(model)) if evaluate is not None else {}
-    history.append(
-        RoundRecord(
-            round=0,
-            target=0.0,
-            sparsity=mask.sparsity(),
-            remaining=mask.kept(),
-            total=mask.total(),
-            remaining_params=_remaining_params(model, mask),
-            metrics_pruned=metrics,
-            metrics=metrics,
-        )
+    record = RoundRecord(
+        round=0,
+        target=0.0,
+        sparsity=mask.sparsity(),
+        remaining=mask.kept(),
+        total=mask.total(),
+        remaining_params=_remaining_params(model, mask),
+        metrics_pruned=metrics,
+        metrics=metrics,
     )
+    history.append(distributed.world().broadcast(record))  # rank 0's metrics on every rank
     return history
 
 
@@ -218,22 +222,26 @@ class _Recorder:
         info, new = step.info, step.new
         metrics = dict(self.evaluate(self.model)) if self.retrains else self.metrics_pruned
         before, after = self.objective
+        # rank 0's record on every rank (its metrics and time), so that every rank takes the
+        # same decisions and holds the same history
         self.history.append(
-            RoundRecord(
-                round=step.round,
-                target=float(step.target),
-                sparsity=info.sparsity,
-                remaining=info.total - info.pruned,
-                total=info.total,
-                remaining_params=_remaining_params(self.model, new),
-                predicted_increase=info.predicted_increase,
-                actual_increase=after - before,
-                objective_before=before,
-                objective_pruned=after,
-                metrics_pruned=self.metrics_pruned,
-                metrics=metrics,
-                seconds=time.perf_counter() - self.t0,
-                generalization=self.estimates(self.model),
+            distributed.world().broadcast(
+                RoundRecord(
+                    round=step.round,
+                    target=float(step.target),
+                    sparsity=info.sparsity,
+                    remaining=info.total - info.pruned,
+                    total=info.total,
+                    remaining_params=_remaining_params(self.model, new),
+                    predicted_increase=info.predicted_increase,
+                    actual_increase=after - before,
+                    objective_before=before,
+                    objective_pruned=after,
+                    metrics_pruned=self.metrics_pruned,
+                    metrics=metrics,
+                    seconds=time.perf_counter() - self.t0,
+                    generalization=self.estimates(self.model),
+                )
             )
         )
         if self.stop_val_loss is not None and metrics.get("val_loss", -math.inf) > (
@@ -347,33 +355,49 @@ def _checkpoint(
 ) -> None:
     if ckdir is None:
         return
-    if keep and history.last is not None:
-        save_pruned(model, round_path(ckdir, history.last.round))
-    payload = {
-        "format": _FORMAT,
-        "history": history.to_dict(),
-        "model": pruned_state(model),
-        "pruner": pruner.state_dict(),
-        "generators": [g.get_state() for g in gens],
-    }
-    atomic_write(ckdir / CHECKPOINT, lambda tmp: torch.save(payload, tmp))
-    write_text(ckdir / HISTORY, json.dumps(history.to_dict(), indent=1))
+
+    def write() -> None:  # rank 0 only: the ranks hold the same state
+        if keep and history.last is not None:
+            save_pruned(model, round_path(ckdir, history.last.round))
+        payload = {
+            "format": _FORMAT,
+            "history": history.to_dict(),
+            "model": pruned_state(model),
+            "pruner": pruner.state_dict(),
+            "generators": [g.get_state() for g in gens],
+        }
+        atomic_write(ckdir / CHECKPOINT, lambda tmp: torch.save(payload, tmp))
+        write_text(ckdir / HISTORY, json.dumps(history.to_dict(), indent=1))
+
+    distributed.on_rank0(write, "writing the checkpoint")
+
+
+def _exists(path: Path) -> bool:
+    """Whether ``path`` exists, as rank 0 sees it (every rank takes its answer)."""
+    return distributed.from_rank0(path.exists, "looking for a checkpoint")
+
+
+def _read(path: Path) -> dict:
+    """The checkpoint at ``path``, validated (:class:`CheckpointError` when corrupt)."""
+    try:
+        payload = safeload.load(path)
+        if not isinstance(payload, dict) or payload.get("format") != _FORMAT:
+            raise ValueError("unknown format")
+        History.from_dict(payload["history"])
+        Mask.from_state_dict(payload["model"]["mask"])  # validates the stored mask
+    except UnsafeFileError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - named and re-raised
+        raise CheckpointError(f"corrupt checkpoint {path}: {exc}") from exc
+    return payload
 
 
 def _resume(
     ckdir: Path, model: nn.Module, pruner: Pruner, cfg: dict[str, Any], gens: list
 ) -> History:
     path = ckdir / CHECKPOINT
-    try:
-        payload = safeload.load(path)
-        if not isinstance(payload, dict) or payload.get("format") != _FORMAT:
-            raise ValueError("unknown format")
-        history = History.from_dict(payload["history"])
-        Mask.from_state_dict(payload["model"]["mask"])  # validates the stored mask
-    except UnsafeFileError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - named and re-raised
-        raise CheckpointError(f"corrupt checkpoint {path}: {exc}") from exc
+    payload = distributed.from_rank0(lambda: _read(path), "reading the checkpoint")
+    history = History.from_dict(payload["history"])
     if history.config != cfg:
         keys = sorted(
             k

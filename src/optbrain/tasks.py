@@ -47,6 +47,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from . import distributed
 from .errors import NonFiniteDataError, OptbrainError
 from .pruners.presets import METHODS as _METHOD_TABLE
 
@@ -343,7 +344,8 @@ class PruneResult:
     #: the curvature engine the method's estimator took and why ("" for methods without one)
     engine: str = ""
     #: with ``select``: the round the rule chose (:meth:`History.select`) and a copy of the model
-    #: restored to that round (``model`` is the last round's); None without ``select``
+    #: restored to that round (``model`` is the last round's); None without ``select`` (the model:
+    #: also None on the ranks other than 0 under ``torchrun``)
     selected: Any = None
     selected_model: nn.Module | None = field(default=None, repr=False)
 
@@ -424,6 +426,7 @@ def prune(
     resume: bool = False,
     force: bool = False,
     progress: bool = False,
+    shards: str = "split",
     weight_decay: float = 0.0,
     fpe: str | None = None,
     select: str | None = None,
@@ -455,7 +458,9 @@ def prune(
     an uninterrupted run's; a folder that already holds a run is refused with
     :class:`RunExistsError` unless ``resume`` or ``force``, which replaces it),
     ``<method>/model.pt`` (load with ``optbrain.masking.load_pruned(model, path)`` into a fresh
-    model of the same architecture), ``report.md``, its PNGs and ``run.json``.
+    model of the same architecture), ``report.md``, its PNGs and ``run.json``. Under ``torchrun``
+    the saliencies are data-parallel (``shards="split"``: each rank takes its part of every
+    training batch; ``"given"``: the loader yields this rank's shard); rank 0 alone writes.
 
     Generalisation (PAPERS.md §5, §14.4; :mod:`optbrain.generalization`): ``weight_decay`` λ ≥ 0
     is the L2 decay of the retraining optimizer (PyTorch's ``weight_decay``: the model is taken
@@ -469,15 +474,12 @@ def prune(
     before a round whose smallest kept saliency exceeds it: ``0`` is γOBD's rule (stop once
     every deletion would raise the estimated test error).
     """
+    split = _split_shards(shards)
     t_start = time.perf_counter()
     method = resolve_method(method, retrain_epochs)
     run = _Settings(method, sparsity, rounds, retrain_epochs, schedule, lr, optimizer, seed)
-    run.weight_decay, run.fpe, run.select, run.stop_saliency = (
-        weight_decay,
-        fpe,
-        select,
-        stop_saliency,
-    )
+    run.weight_decay, run.fpe = weight_decay, fpe
+    run.select, run.stop_saliency = select, stop_saliency
     sched = run.check()
     task = load_task(task) if isinstance(task, str) else as_task(task)
     if run.select == "validation" and task.val_loader is None:
@@ -485,10 +487,18 @@ def prune(
     pruner = _pruner(method, seed, task, run.weight_decay)
     run_dir = Path(out_dir)
     checked = _checked_loaders(task)  # before anything is written or removed
-    _claim(run_dir / method, resume, force)
+    distributed.on_rank0(lambda: _claim(run_dir / method, resume, force), "claiming --out")
     engine = _engine(task, checked, pruner)
-    history = _rounds(task, checked, pruner, sched, run_dir / method, run, progress)
+    history = _rounds(task, checked, pruner, sched, run_dir / method, run, progress, split)
     return _finish(task, history, pruner, sched, run_dir, run, t_start, engine)
+
+
+def _split_shards(shards: str) -> bool:
+    """Whether every rank splits the training batches (``"split"``) or gets its shard
+    (``"given"``)."""
+    if shards not in ("split", "given"):
+        raise ValueError(f"shards must be 'split' or 'given', not {shards!r}")
+    return shards == "split"
 
 
 def _engine(task: Task, checked: dict, pruner) -> str:
@@ -578,7 +588,9 @@ class _Settings:
         return f"{self.retrain_epochs} epoch{'' if self.retrain_epochs == 1 else 's'}"
 
 
-def _rounds(task: Task, checked: dict, pruner, sched, folder: Path, run: _Settings, progress):
+def _rounds(
+    task: Task, checked: dict, pruner, sched, folder: Path, run: _Settings, progress, split: bool
+):
     """The prune–retrain rounds of :func:`prune` (progress bars, checkpoints in ``folder``)."""
     from .loop import CHECKPOINT, HISTORY, iterative_prune
     from .problem import Problem
@@ -602,7 +614,7 @@ def _rounds(task: Task, checked: dict, pruner, sched, folder: Path, run: _Settin
         def make_problem(m: nn.Module) -> Problem:
             if stage is not None:
                 stage.note("saliencies")
-            return Problem(m, loss_fn, train_loader)
+            return Problem(m, loss_fn, train_loader, split=split)
 
         def retrain(m: nn.Module, r: int) -> None:
             if stage is not None:
@@ -612,7 +624,7 @@ def _rounds(task: Task, checked: dict, pruner, sched, folder: Path, run: _Settin
                 kw["weight_decay"] = run.weight_decay
                 train(m, train_loader, loss_fn, epochs=run.retrain_epochs, progress=cb, **kw)
 
-        fresh = not (folder / CHECKPOINT).exists()
+        fresh = not distributed.from_rank0((folder / CHECKPOINT).exists)
         try:
             return iterative_prune(
                 task.model,
@@ -633,7 +645,7 @@ def _rounds(task: Task, checked: dict, pruner, sched, folder: Path, run: _Settin
                 keep_rounds=run.select is not None,
             )
         except NonFiniteDataError:
-            if fresh:  # leave no checkpoint of a run whose data turned out to be broken
+            if fresh and distributed.is_rank0():  # no checkpoint of a run with broken data
                 for name in (CHECKPOINT, HISTORY):
                     (folder / name).unlink(missing_ok=True)
             raise
@@ -646,8 +658,8 @@ def _finish(task: Task, history, pruner, sched, run_dir: Path, run: _Settings, t
     from .report.tables import history_table, label, selection_lines
 
     model_path = run_dir / run.method / "model.pt"
-    save_pruned(task.model, model_path)
-    selected, selected_model, chosen = _select(task, history, run, run_dir)
+    distributed.on_rank0(lambda: save_pruned(task.model, model_path), "saving the model")
+    selected, selected_model, chosen = _select_on_rank0(task, history, run, run_dir)
     histories = {run.method: history}
     columns = default_columns(histories)
     seconds = time.perf_counter() - t_start
@@ -663,8 +675,11 @@ def _finish(task: Task, history, pruner, sched, run_dir: Path, run: _Settings, t
     if engine:
         notes.append(f"Curvature engine: {engine}.")
     notes += _generalization_notes(run, chosen)
-    report = write_report(
-        run_dir, histories, title=f"optbrain prune: {task.name}", notes=notes, columns=columns
+    report = distributed.on_rank0(
+        lambda: write_report(
+            run_dir, histories, title=f"optbrain prune: {task.name}", notes=notes, columns=columns
+        ),
+        "writing the report",
     )
     table = "\n".join(
         [
@@ -693,6 +708,20 @@ def _finish(task: Task, history, pruner, sched, run_dir: Path, run: _Settings, t
 
 
 _CRITERIA = {"fpe": "FPE", "validation": "validation loss"}
+
+
+def _select_on_rank0(task: Task, history, run: _Settings, run_dir: Path):
+    """:func:`_select` on rank 0 (which wrote the rounds); every rank gets the chosen record and
+    line, the restored model stays on rank 0 (None elsewhere: a parametrised module cannot be
+    sent between processes)."""
+    got: list = []
+
+    def pick():
+        got.extend(_select(task, history, run, run_dir))
+        return got[0], got[2]
+
+    rec, line = distributed.from_rank0(pick, "selecting a round")
+    return rec, (got[1] if got else None), line
 
 
 def _select(task: Task, history, run: _Settings, run_dir: Path):

@@ -4,6 +4,7 @@ See :mod:`optbrain.curvature.base` for exact definitions of what each estimator 
 """
 
 from .base import DiagonalCurvature, DiagonalEstimator
+from .blocks import BlockInverse, BlockInverseHessian
 from .calibration import LayerHessian, LayerwiseHessian, calibration_hessians
 from .exact import ExactHessianDiagonal
 from .fisher import EmpiricalFisherDiagonal, MCFisherDiagonal
@@ -16,9 +17,11 @@ from .inverse import (
     InverseHessian,
     RecursiveInverse,
 )
+from .kfac import KFACInverse, KroneckerInverseHessian
 from .lecun import LeCunDiagonal
 from .paths import Path, explain
 from .rules import register, register_elementwise
+from .subsampled import SubsampledDiagonal, SubsampledEstimate
 
 ESTIMATORS = {
     "lecun": LeCunDiagonal,
@@ -31,6 +34,8 @@ ESTIMATORS = {
 
 __all__ = [
     "AutoInverse",
+    "BlockInverse",
+    "BlockInverseHessian",
     "DiagonalCurvature",
     "DirectInverse",
     "DiagonalEstimator",
@@ -41,6 +46,8 @@ __all__ = [
     "HutchinsonDiagonal",
     "InverseCurvature",
     "InverseHessian",
+    "KFACInverse",
+    "KroneckerInverseHessian",
     "LayerHessian",
     "LayerwiseHessian",
     "LeCunDiagonal",
@@ -48,6 +55,8 @@ __all__ = [
     "Path",
     "explain",
     "RecursiveInverse",
+    "SubsampledDiagonal",
+    "SubsampledEstimate",
     "calibration_hessians",
     "register",
     "register_elementwise",

@@ -178,10 +178,10 @@ def run(
     )
     if first is None:
         return {n: torch.zeros_like(p) for n, p in wanted.items()}
+    problem.prepare()
     acc: ParamDict = {}  # filled by the first contribution to each entry (see _add)
-    n_total = problem.n_samples
     done = 0
-    with torch.no_grad(), eval_mode(model):
+    with problem.together(f"{estimator}: the curvature sweep"), torch.no_grad(), eval_mode(model):
         chunk = None  # LeCun carries one diagonal: batches as given
         if not mode.startswith("lecun"):
             first_x = next(problem.batches())[0]
@@ -195,28 +195,18 @@ def run(
             if not all_finite([xs[-1]]):
                 raise NonFiniteLossError(f"{estimator}: the model output contains NaN or inf")
             writable = _writable_inputs(chain, xs, owned, square_tolerant=mode == "lecun_gn")
-            _sweep(
-                problem,
-                chain,
-                xs,
-                y,
-                mode,
-                first,
-                acc,
-                wanted,
-                samples,
-                generator,
-                n_total,
-                writable,
-            )
+            _sweep(problem, chain, xs, y, mode, first, acc, wanted, samples, generator, writable)
             del xs
             done += x.shape[0]
             if tick is not None:
-                tick(done, n_total)
-    if not mode.startswith("lecun"):  # LeCun's boundary carries the 1/N already
-        for name in acc:  # finiteness is checked once, by DiagonalEstimator._finish
-            acc[name] /= n_total
-    return {n: acc[n] if n in acc else torch.zeros_like(p) for n, p in wanted.items()}
+                tick(done, problem.progress_total())
+    problem.progress_done(tick, done)
+    out = {n: acc[n] if n in acc else torch.zeros_like(p) for n, p in wanted.items()}
+    problem.all_reduce_(out)  # sums over the samples of every rank
+    n_total = problem.counted(done)
+    for v in out.values():  # finiteness is checked once, by DiagonalEstimator._finish
+        v /= n_total
+    return out
 
 
 def _add(acc: ParamDict, wanted, link: Link, contrib: dict[str, Tensor]) -> None:
@@ -250,9 +240,7 @@ def _square_sum_suffices(chain: list[Link], xs: list[Tensor], i: int, first: int
     return i - 1 == first or (i - 2 == first and isinstance(chain[i - 1].rule, ElementwiseRule))
 
 
-def _sweep(
-    problem, chain, xs, y, mode, first, acc, wanted, samples, generator, n_total, writable
-) -> None:
+def _sweep(problem, chain, xs, y, mode, first, acc, wanted, samples, generator, writable) -> None:
     """The backward sweep over one chunk (see the module doc). ``xs`` is consumed: each entry is
     released once the sweep has passed it, and inputs marked in ``writable`` may be
     overwritten."""
@@ -260,9 +248,8 @@ def _sweep(
     need_grad = mode in ("lecun", "hessian")
     g = losses.output_grads(problem, out, y) if (need_grad or mode == "ef") else None
     if mode in ("lecun", "lecun_gn"):
-        # the recursion is linear in (d, g): the objective's 1/N is applied at the boundary
-        d = losses.hessian_diagonal(problem, out, y) * (1.0 / n_total)
-        st = _LeCunState(d, None if g is None else g * (1.0 / n_total))
+        # the recursion is linear in (d, g): the objective's 1/N is applied once, at the end
+        st = _LeCunState(losses.hessian_diagonal(problem, out, y), g)
         _lecun_sweep(st, chain, xs, first, acc, wanted, writable)
         return
     sign: Tensor | None = None

@@ -82,13 +82,17 @@ class DiagonalEstimator:
         return f"{type(self).__name__}({args})"
 
 
-def seeded_generator(seed: int | None) -> torch.Generator:
-    """A CPU generator seeded with ``seed`` (fresh entropy when None); global RNG untouched."""
+def seeded_generator(seed: int | None, stream: int = 0) -> torch.Generator:
+    """A CPU generator seeded with ``seed`` (fresh entropy when None); global RNG untouched.
+    ``stream`` > 0 (a rank) gives an independent stream derived from ``seed``; 0 is ``seed``
+    itself."""
     gen = torch.Generator()
-    if seed is not None:
-        gen.manual_seed(seed)
-    else:
+    if seed is None:
         gen.seed()
+    elif stream:
+        gen.manual_seed((int(seed) * 1_000_003 + 7919 * int(stream)) % 2**63)
+    else:
+        gen.manual_seed(seed)
     return gen
 
 

@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..distributed import SINGLE, Shards
 from ..errors import CalibrationError, UnsupportedModuleError
 from ..problem import Problem, eval_mode
 from .rules import ConvRule
@@ -173,12 +174,17 @@ class _Accumulator:
     @property
     def H(self) -> Tensor | None:
         """(2/n) Σ x xᵀ (float64), or None before any input."""
-        if self.buf is None or self.n == 0:
+        total = self.total()
+        return None if total is None or self.n == 0 else total.mul_(2.0 / self.n)
+
+    def total(self) -> Tensor | None:
+        """Σ x xᵀ over the rows so far (a float64 copy), or None before any input."""
+        if self.buf is None:
             return None
         out = self.buf.to(torch.float64, copy=True)
         if self.S is not None:
             out += self.S
-        return out.mul_(2.0 / self.n)
+        return out
 
     def _flush(self) -> None:
         if self.S is None:
@@ -253,13 +259,26 @@ class HessianHooks:
             if a.error is not None:
                 raise a.error
 
-    def hessians(self) -> dict[str, LayerHessian]:
+    def hessians(self, shards: Shards = SINGLE) -> dict[str, LayerHessian]:
+        """Every layer's H; on several ``shards`` (ranks) Σ x xᵀ and n are summed over them
+        first, so each rank gets H of the union of the ranks' inputs."""
+        totals = {name: a.total() for name, a in self.acc.items()}
+        counts = {name: a.n for name, a in self.acc.items()}
+        if shards.active:
+            for name, a in self.acc.items():
+                if totals[name] is None:  # no input here: this rank adds nothing
+                    g = a.module.groups if isinstance(a.module, (nn.Conv1d, nn.Conv2d)) else 1
+                    k = layer_columns(a.module)
+                    totals[name] = torch.zeros(g, k, k, dtype=torch.float64)
+            n = torch.tensor(list(counts.values()), dtype=torch.int64)
+            shards.all_reduce_([*totals.values(), n])
+            counts = dict(zip(counts, n.tolist()))
         out = {}
         for name, a in self.acc.items():
-            H = a.H
-            if H is None:
+            if totals[name] is None or counts[name] == 0:
                 raise CalibrationError(f"no calibration input reached layer {name!r}")
-            out[name] = _layer_hessian(name, a.module, H, a.n)
+            H = totals[name].mul_(2.0 / counts[name])
+            out[name] = _layer_hessian(name, a.module, H, counts[name])
         return out
 
 
@@ -315,12 +334,15 @@ def calibration_hessians(
     model: nn.Module,
     inputs: Iterable,
     layers: Sequence[str] | None = None,
+    *,
+    shards: Shards = SINGLE,
 ) -> dict[str, LayerHessian]:
     """H = 2XXᵀ/n of the inputs of each layer (module paths; default: every supported layer).
 
     ``inputs`` yields input tensors, or ``(x, y)`` batches whose ``y`` is ignored. The model runs
     in eval mode without autograd; its modes are restored and every hook is removed, also when a
-    forward pass fails.
+    forward pass fails. ``shards``: the ranks whose inputs are parts of one calibration set
+    (:attr:`optbrain.problem.Problem.shards`): Σ x xᵀ and n are summed over them.
     """
     available = supported_layers(model)
     wanted = list(available) if layers is None else list(layers)
@@ -331,12 +353,13 @@ def calibration_hessians(
             f"supported layers: {list(available)}"
         )
     hooks = HessianHooks({name: available[name] for name in wanted})
-    with hooks, torch.no_grad(), eval_mode(model):
-        for batch in inputs:
-            x = batch[0] if isinstance(batch, (tuple, list)) else batch
-            model(x)
-            hooks.check()
-    return hooks.hessians()
+    with shards.together("calibrating the layer-wise Hessians"):
+        with hooks, torch.no_grad(), eval_mode(model):
+            for batch in inputs:
+                x = batch[0] if isinstance(batch, (tuple, list)) else batch
+                model(x)
+                hooks.check()
+    return hooks.hessians(shards)
 
 
 class LayerwiseHessian:
@@ -346,7 +369,8 @@ class LayerwiseHessian:
     def hessians(
         self, problem: Problem, layers: Sequence[str] | None = None
     ) -> dict[str, LayerHessian]:
-        return calibration_hessians(problem.model, problem.batches(), layers)
+        problem.prepare()
+        return calibration_hessians(problem.model, problem.batches(), layers, shards=problem.shards)
 
     def __repr__(self) -> str:
         return "LayerwiseHessian()"

@@ -32,7 +32,9 @@ class MCFisherDiagonal(StructuredEstimator):
     (cross-entropy: labels from softmax(f); other losses: Gaussian directions of the loss Hessian's
     square root) and their squared per-sample gradients averaged. Cost: ``samples`` backward
     columns instead of C for :class:`GGNDiagonal`. Seeded by ``seed`` without touching the global
-    RNG (each call with the same seed draws the same samples).
+    RNG (each call with the same seed draws the same samples). On a distributed problem rank r
+    draws from its own stream derived from ``seed`` (rank 0: ``seed``'s): the estimate stays
+    unbiased and equal on all ranks, but is not one process's draw on the union.
     """
 
     mode = "mc"
@@ -45,7 +47,9 @@ class MCFisherDiagonal(StructuredEstimator):
         self._gen = None
 
     def diagonal(self, problem: Problem) -> ParamDict:
-        self._gen = seeded_generator(self.seed)
+        # distributed: each rank draws its own stream (seed's for rank 0), so the ranks' draws
+        # are independent; the sum is unbiased but depends on how the data are split
+        self._gen = seeded_generator(self.seed, problem.shards.rank)
         return super().diagonal(problem)
 
     def _backprop_options(self) -> dict:

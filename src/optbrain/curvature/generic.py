@@ -46,6 +46,8 @@ class _Functional:
         return functional_call(self.model, full, (x,))
 
     def objective(self, params: dict[str, Tensor]) -> Tensor:
+        """E at ``params`` over this rank's data, as one autograd graph (memory grows with the
+        data: for small problems)."""
         total = 0.0
         for x, y in self.problem.batches():
             total = total + self.problem.batch_objective(self(params, x), y)
@@ -53,11 +55,12 @@ class _Functional:
 
 
 def per_sample_squares(problem: Problem, columns: ColumnFn, tick: Tick = None) -> ParamDict:
-    """(1/N) Σ_n Σ_k σ_kn (∂⟨S_kn, f(x_n)⟩/∂θ)² with (S, σ) = ``columns(out, y)``."""
-    fn = _Functional(problem)
+    """(1/N) Σ_n Σ_k σ_kn (∂⟨S_kn, f(x_n)⟩/∂θ)² with (S, σ) = ``columns(out, y)``: one pass over
+    the data, summed over the ranks of a distributed problem."""
+    fn = _Functional(problem.prepare())
     acc = {k: torch.zeros_like(v) for k, v in fn.wanted.items()}
-    n_total, done = problem.n_samples, 0
-    with eval_mode(problem.model):
+    done = 0
+    with problem.together("per-sample squared gradients"), eval_mode(problem.model):
         for x, y in _chunks(problem, None):
             with torch.no_grad():
                 out = fn(fn.wanted, x)
@@ -77,7 +80,10 @@ def per_sample_squares(problem: Problem, columns: ColumnFn, tick: Tick = None) -
                     acc[k] += sq.sum((0, 1))
             done += x.shape[0]
             if tick is not None:
-                tick(done, n_total)
+                tick(done, problem.progress_total())
+    problem.progress_done(tick, done)
+    problem.all_reduce_(acc)
+    n_total = problem.counted(done)
     return {k: v / n_total for k, v in acc.items()}
 
 
@@ -105,60 +111,86 @@ def _per_sample_pullbacks(fn: _Functional, x: Tensor, cols: Tensor) -> dict[str,
     return {k: torch.stack([r[k] for r in rows]) for k in fn.wanted}
 
 
-def _hvp_fn(fn: _Functional) -> Callable[[dict[str, Tensor]], dict[str, Tensor]]:
-    """v ↦ ∇²E·v by reverse-over-reverse: one gradient graph, its pull-back vmapped over v."""
-    _, pull = vjp(grad(fn.objective), fn.wanted)
+def _batch_hvp(fn: _Functional, x: Tensor, y: Tensor) -> Callable[[dict], dict]:
+    """v ↦ ∇²(Σ_batch ℓ_n)·v by reverse-over-reverse: one gradient graph of this batch, its
+    pull-back vmapped over v (memory of one batch, whatever N)."""
 
-    def hvp(v: dict[str, Tensor]) -> dict[str, Tensor]:
-        return pull(v)[0]
+    def batch_sum(params: dict[str, Tensor]) -> Tensor:
+        return fn.problem.batch_sum(fn(params, x), y)
 
-    return hvp
+    _, pull = vjp(grad(batch_sum), fn.wanted)
+    return lambda v: pull(v)[0]
+
+
+def _hvp_pass(problem: Problem, fn: _Functional, probes: Callable, what: str, tick: Tick) -> int:
+    """One pass over the data: for every batch, ``probes(hvp)`` with the batch's HVP (it
+    accumulates Σ over batches). Returns the samples read."""
+    done = 0
+    problem.prepare()
+    with problem.together(what), eval_mode(problem.model):
+        for x, y in problem.batches():
+            probes(_batch_hvp(fn, x, y))  # the forward pass runs here, in eval mode
+            done += x.shape[0]
+            if tick is not None:
+                tick(done, problem.progress_total())
+    problem.progress_done(tick, done)
+    return done
 
 
 def hvp_diagonal(problem: Problem, tick: Tick = None, chunk: int = 64) -> ParamDict:
-    """Exact diag ∇²E from one Hessian-vector product per parameter (small models only)."""
+    """Exact diag ∇²E from one Hessian-vector product per parameter (small models only): one
+    pass over the data, each batch's HVPs with every basis vector, summed over the batches (and
+    the ranks of a distributed problem)."""
     fn = _Functional(problem)
     names = list(fn.wanted)
-    sizes = [fn.wanted[k].numel() for k in names]
-    total = sum(sizes)
+    total = sum(fn.wanted[k].numel() for k in names)
     if total > 20_000:
         log.warning("exact Hessian diagonal by HVPs needs %d Hessian-vector products", total)
-    diag = torch.empty(total, dtype=next(iter(fn.wanted.values())).dtype)
-    with eval_mode(problem.model):
-        hvp = _hvp_fn(fn)  # runs the forward pass: must happen in eval mode
+    like = next(iter(fn.wanted.values()))
+    diag = torch.zeros(total, dtype=like.dtype, device=like.device)
+
+    def probes(hvp) -> None:
         for start in range(0, total, chunk):
-            idx = torch.arange(start, min(start + chunk, total))
-            basis = torch.zeros(len(idx), total, dtype=diag.dtype)
-            basis[torch.arange(len(idx)), idx] = 1
-            vs = _split(basis, names, fn.wanted)
-            hv = vmap(hvp)(vs)
+            idx = torch.arange(start, min(start + chunk, total), device=diag.device)
+            basis = torch.zeros(len(idx), total, dtype=diag.dtype, device=diag.device)
+            basis[torch.arange(len(idx), device=diag.device), idx] = 1
+            hv = vmap(hvp)(_split(basis, names, fn.wanted))
             flat = torch.cat([hv[k].reshape(len(idx), -1) for k in names], 1)
-            diag[idx] = flat[torch.arange(len(idx)), idx].cpu()
-            if tick is not None:
-                tick(int(idx[-1]) + 1, total)
-    return _unsplit(diag, names, fn.wanted)
+            diag[idx] += flat[torch.arange(len(idx), device=diag.device), idx]
+
+    done = _hvp_pass(problem, fn, probes, "exact Hessian diagonal", tick)
+    problem.all_reduce_(diag)
+    return _unsplit(diag / problem.counted(done), names, fn.wanted)
 
 
 def hutchinson(
     problem: Problem, samples: int, gen: torch.Generator, tick: Tick = None, chunk: int = 16
 ) -> ParamDict:
-    """(1/S) Σ_s v_s ⊙ H v_s with Rademacher probes v_s: an unbiased estimate of diag ∇²E."""
+    """(1/S) Σ_s v_s ⊙ H v_s with Rademacher probes v_s: an unbiased estimate of diag ∇²E.
+
+    One pass over the data: each batch's HVPs with all S probes, which are drawn again for
+    every batch from the same generator state (so every batch sees the same probes, and every
+    rank of a distributed problem rank 0's)."""
     fn = _Functional(problem)
     names = list(fn.wanted)
     total = sum(fn.wanted[k].numel() for k in names)
-    dtype = next(iter(fn.wanted.values())).dtype
-    acc = torch.zeros(total, dtype=dtype)
-    with eval_mode(problem.model):
-        hvp = _hvp_fn(fn)
+    like = next(iter(fn.wanted.values()))
+    dtype = like.dtype
+    acc = torch.zeros(total, dtype=dtype, device=like.device)
+    start_state = problem.shards.same_generator(gen).get_state()
+
+    def probes(hvp) -> None:
+        gen.set_state(start_state)
         for start in range(0, samples, chunk):
             m = min(chunk, samples - start)
-            v = (torch.randint(0, 2, (m, total), generator=gen) * 2 - 1).to(dtype)
+            v = (torch.randint(0, 2, (m, total), generator=gen) * 2 - 1).to(acc)
             hv = vmap(hvp)(_split(v, names, fn.wanted))
-            flat = torch.cat([hv[k].reshape(m, -1) for k in names], 1).cpu()
-            acc += (v * flat).sum(0)
-            if tick is not None:
-                tick(start + m, samples)
-    return _unsplit(acc / samples, names, fn.wanted)
+            flat = torch.cat([hv[k].reshape(m, -1) for k in names], 1)
+            acc.add_((v * flat).sum(0))
+
+    done = _hvp_pass(problem, fn, probes, "Hutchinson's probes", tick)
+    problem.all_reduce_(acc)
+    return _unsplit(acc / (samples * problem.counted(done)), names, fn.wanted)
 
 
 def _split(rows: Tensor, names: list[str], like: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -190,7 +190,17 @@ class InverseHessian:
     def __len__(self) -> int:
         return self.coords.size
 
+    def copy(self) -> InverseHessian:
+        """An independent copy (matrix and alive flags; the coordinates are shared)."""
+        out = InverseHessian(self.coords, self.matrix.clone(), self.info)
+        out.alive = self.alive.clone()
+        return out
+
     # ------------------------------------------------------------------ ParamDict views
+    def diagonal_vector(self) -> Tensor:
+        """[H⁻¹]_qq of every row (0 for eliminated rows), float64."""
+        return torch.diagonal(self.matrix)
+
     def diag(self) -> ParamDict:
         """[H⁻¹]_qq per parameter entry; +inf for pruned and eliminated entries."""
         d = torch.where(self.alive, torch.diagonal(self.matrix), torch.inf)
@@ -334,12 +344,12 @@ class _InverseEstimator:
 
 
 def _rows(
-    problem: Problem, coords: Coordinates, progress: Progress | None
+    problem: Problem, coords: Coordinates, progress: Progress | None, tally: dict[str, int]
 ) -> Iterator[tuple[Tensor, Tensor | None]]:
     """Chunks of rows v = J_nᵀ s_kn over the alive coordinates (and their signs σ, or None):
     the GGN is (1/N) Σ σ v vᵀ."""
-    fn = _Functional(problem)
-    total, done = problem.n_samples, 0
+    fn = _Functional(problem.prepare())
+    done = 0
     size = numel(fn.wanted)
     with eval_mode(problem.model):
         for x, y in _chunks(problem, None):
@@ -360,8 +370,10 @@ def _rows(
                 s = None if sign is None else sign[:, i : i + step].T.reshape(-1)
                 yield rows.to(torch.float64), s
             done += x.shape[0]
+            tally["samples"] = done
             if progress is not None:
-                progress(done, total)
+                progress(done, problem.progress_total())
+    problem.progress_done(progress, done)
 
 
 def _positive_rows(
@@ -370,7 +382,7 @@ def _positive_rows(
     """The rows of :func:`_rows` whose sign is +: Σ v vᵀ over them is N·G₊, the Gauss–Newton
     matrix of the loss Hessian's non-negative part (all rows for MSE and cross-entropy). Counts
     the rows kept and dropped in ``tally`` ("rows", "dropped")."""
-    for rows, sign in _rows(problem, coords, progress):
+    for rows, sign in _rows(problem, coords, progress, tally):
         if sign is not None:
             tally["dropped"] += int((sign < 0).sum())
             rows = rows[sign > 0]
@@ -416,14 +428,15 @@ class RecursiveInverse(_InverseEstimator):
         p, n = coords.size, work.n_samples
         dev = work.device
         hinv = torch.eye(p, dtype=torch.float64, device=dev) / self.alpha
-        tally = {"rows": 0, "dropped": 0}
-        for rows in _positive_rows(work, coords, self.progress, tally):
+        tally = {"rows": 0, "dropped": 0, "samples": 0}
+        for rows in _shared_rows(work, _positive_rows(work, coords, self.progress, tally)):
             for j in range(0, rows.shape[0], self.chunk):
                 v = rows[j : j + self.chunk]
                 hv = hinv @ v.T  # p × b
                 inner = v @ hv
                 inner.diagonal().add_(n)
                 hinv.addmm_(hv, torch.linalg.solve(inner, hv.T), alpha=-1)
+        _reduce_tally(work, tally)
         _warn_rank(tally["rows"], p, self.alpha)
         _warn_indefinite(tally)
         hinv = 0.5 * (hinv + hinv.T)
@@ -436,6 +449,33 @@ class RecursiveInverse(_InverseEstimator):
             "fallbacks": [],
         }
         return hinv, info
+
+
+def _shared_rows(work: Problem, local: Iterator[Tensor]) -> Iterator[Tensor]:
+    """The row blocks the recursion folds in: ``local``'s, or on a distributed problem every
+    rank's next block in rank order, step by step (all ranks fold the same rows in the same
+    order, so their inverses are equal; each rank computes only its own rows)."""
+    shards = work.shards
+    if not shards.active:
+        yield from local
+        return
+    while True:
+        with work.together("computing the rows of the OBS recursion"):
+            rows = next(local, None)
+        blocks = shards.all_gather_rows(rows)
+        if all(b is None for b in blocks):
+            return
+        for b in blocks:
+            if b is not None and b.shape[0]:
+                yield b
+
+
+def _reduce_tally(work: Problem, tally: dict[str, int]) -> None:
+    """Rows used and dropped, summed over the ranks."""
+    if work.distributed:
+        t = torch.tensor([tally["rows"], tally["dropped"]], dtype=torch.int64)
+        work.all_reduce_(t)
+        tally["rows"], tally["dropped"] = int(t[0]), int(t[1])
 
 
 class DirectInverse(_InverseEstimator):
@@ -482,12 +522,15 @@ class DirectInverse(_InverseEstimator):
         if self.curvature == "hessian":
             return _exact_hessian(work, coords), {"rows": None, "dropped": 0}
         mat = torch.zeros(coords.size, coords.size, dtype=torch.float64, device=work.device)
-        tally = {"rows": 0, "dropped": 0}
-        for rows in _positive_rows(work, coords, self.progress, tally):
-            mat.addmm_(rows.T, rows)
+        tally = {"rows": 0, "dropped": 0, "samples": 0}
+        with work.together("accumulating the Gauss-Newton matrix"):
+            for rows in _positive_rows(work, coords, self.progress, tally):
+                mat.addmm_(rows.T, rows)
+        work.all_reduce_(mat)
+        _reduce_tally(work, tally)
         _warn_rank(tally["rows"], coords.size, self.damping)
         _warn_indefinite(tally)
-        return mat / work.n_samples, tally
+        return mat / work.counted(tally["samples"]), tally
 
     def _compute(self, work: Problem, coords: Coordinates) -> tuple[Tensor, dict]:
         mat, tally = self._curvature_rows(work, coords)
@@ -545,26 +588,33 @@ def damped_inverse(mat: Tensor, damping: float = 0.0) -> tuple[Tensor, float, li
 
 
 def _exact_hessian(work: Problem, coords: Coordinates) -> Tensor:
-    """∇²E over the alive coordinates (pruned entries held at their value), float64."""
-    fn = _Functional(work)
+    """∇²E over the alive coordinates (pruned entries held at their value), float64: the
+    Hessians of the batches' loss sums, summed (over the ranks too) and divided by N."""
+    fn = _Functional(work.prepare())
     base = dict(fn.wanted)
-
-    def objective(vec: Tensor) -> Tensor:
-        params = {}
-        for n in coords.names:
-            pos, off = coords.positions[n], coords.offsets[n]
-            flat = base[n].reshape(-1).index_put((pos,), vec[off : off + pos.numel()])
-            params[n] = flat.reshape(base[n].shape)
-        return fn.objective(params)
-
     vec0 = coords.gather(base, dtype=next(iter(base.values())).dtype)
-    with eval_mode(work.model):
-        try:
-            mat = torch.func.hessian(objective)(vec0)
-        except (RuntimeError, NotImplementedError) as exc:
-            log.info("torch.func.hessian failed (%s); using a loop of Hessian-vector products", exc)
-            mat = torch.autograd.functional.hessian(objective, vec0)
-    return mat.to(torch.float64)
+    mat = torch.zeros(coords.size, coords.size, dtype=torch.float64, device=vec0.device)
+    seen = 0
+    with work.together("the exact Hessian"), eval_mode(work.model):
+        for x, y in work.batches():
+
+            def batch_sum(vec: Tensor, x=x, y=y) -> Tensor:
+                params = {}
+                for n in coords.names:
+                    pos, off = coords.positions[n], coords.offsets[n]
+                    flat = base[n].reshape(-1).index_put((pos,), vec[off : off + pos.numel()])
+                    params[n] = flat.reshape(base[n].shape)
+                return work.batch_sum(fn(params, x), y)
+
+            try:
+                h = torch.func.hessian(batch_sum)(vec0)
+            except (RuntimeError, NotImplementedError) as exc:
+                log.info("torch.func.hessian failed (%s); using Hessian-vector products", exc)
+                h = torch.autograd.functional.hessian(batch_sum, vec0)
+            mat += h.to(torch.float64)
+            seen += x.shape[0]
+    work.all_reduce_(mat)
+    return mat / work.counted(seen)
 
 
 class AutoInverse(_InverseEstimator):

@@ -678,7 +678,8 @@ class LayerwiseOBS(PrunerBase):
     # ------------------------------------------------------------------ internals
     @staticmethod
     def _hessians(problem: Problem, paths: Sequence[str]) -> dict[str, LayerHessian]:
-        return calibration_hessians(problem.model, problem.batches(), paths)
+        problem.prepare()
+        return calibration_hessians(problem.model, problem.batches(), paths, shards=problem.shards)
 
     @staticmethod
     def _layers(model: nn.Module, mask: Mask) -> dict[str, str]:

@@ -32,8 +32,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ..curvature.inverse import InverseHessian
-from ..errors import EmptyLayerError, TargetUnreachableError
+from ..errors import EmptyLayerError, TargetUnreachableError, UnsupportedArgumentError
 from ..masking import Mask
 from ..paramdict import ParamDict, named_parameters, restored_on_error
 from ..problem import Problem
@@ -116,8 +115,7 @@ class _Session:
     def copy(self) -> _Session:
         """An independent copy of the inverse and θ (the rest is read-only and shared)."""
         out = copy.copy(self)
-        out.inv = InverseHessian(self.inv.coords, self.inv.matrix.clone(), self.inv.info)
-        out.inv.alive = self.inv.alive.clone()
+        out.inv = self.inv.copy()
         out.theta = self.theta.clone()
         return out
 
@@ -226,6 +224,11 @@ class OBSPruner(PrunerBase):
             raise ValueError(f"refresh must be None or an int >= 1, not {refresh!r}")
         self.weight_decay = check_weight_decay(weight_decay)
         self.inverse = resolve_inverse(inverse, self.weight_decay)
+        if getattr(self.inverse, "structured", False) and (ghost_rule or groups != "weight"):
+            raise UnsupportedArgumentError(
+                f"{self.inverse!r} prunes single weights in bulk: ghost_rule and groups='unit' "
+                "need the dense inverse (AutoInverse)"
+            )
         self.groups = groups
         self.ghost_rule = bool(ghost_rule)
         self.refresh = refresh
@@ -438,6 +441,8 @@ class OBSPruner(PrunerBase):
         cells = self._cells(problem)
         current = mask  # the mask the session's inverse excludes
         s = s if s is not None else _Session(self, problem, params, current, cells, inverse)
+        if getattr(s.inv, "prunes_in_bulk", False):
+            return self._run_bulk(problem, params, current, wanted, s, inverse)
         already = s.removed_cells()
         if kind == "units":  # a total: the cells still to remove
             if wanted < already:
@@ -470,6 +475,36 @@ class OBSPruner(PrunerBase):
             done = s.removed_cells() - already if kind == "units" else done + gone
             if self.progress is not None:
                 self.progress(min(done, wanted), wanted)
+        s.write_back(params)
+        return current.with_pruned(s.deleted()), steps
+
+    def _run_bulk(self, problem, params, current: Mask, wanted: int, s: _Session, inverse):
+        """The greedy loop of a structured inverse (block-diagonal, K-FAC): its ``prune`` takes
+        many deletions at once (``refresh`` deletions per inverse when set)."""
+        steps: list[float] = []
+        done = 0
+        while done < wanted:
+            if done and self.refresh is not None:
+                s.write_back(params)
+                current = current.with_pruned(s.deleted())
+                s = _Session(self, problem, params, current, [], inverse)
+            take = wanted - done if self.refresh is None else min(self.refresh, wanted - done)
+            candidates = s.prunable & ~s.vetoed & s.inv.alive
+            caps = []
+            if self.min_kept:
+                for rows in s.name_rows.values():
+                    alive = int(s.inv.alive[rows].sum())
+                    caps.append((rows, max(alive - self.min_kept, 0)))
+            rows, losses = s.inv.prune(s.theta, candidates, take, caps)
+            if rows.numel() < take:
+                raise TargetUnreachableError(
+                    f"no candidate left after deleting {done + rows.numel()} of the {wanted} "
+                    "requested weights (the remaining ones are protected or outside the mask)"
+                )
+            steps += losses
+            done += rows.numel()
+            if self.progress is not None:
+                self.progress(done, wanted)
         s.write_back(params)
         return current.with_pruned(s.deleted()), steps
 

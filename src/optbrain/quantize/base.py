@@ -25,9 +25,12 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from .. import distributed
 from ..curvature.calibration import LayerHessian, weight_from_matrix, weight_matrix
+from ..distributed import SINGLE, Shards
 from ..errors import OptbrainError
 from ..paramdict import restored_on_error
+from ..problem import Problem
 from .calibrate import SEQUENTIAL, Stage, as_batches, plan_stages, stage_hessians
 from .grid import QuantSpec
 from .layers import find_layers, layer_kind
@@ -42,6 +45,19 @@ Progress = Callable[[int, int], None]
 
 class QuantizationError(OptbrainError, ValueError):
     """A model cannot be quantised as asked (non-finite weights, no layer, no calibration data)."""
+
+
+def _shards(calibration: object) -> Shards:
+    """The ranks the calibration data is sharded over: a distributed Problem's; raw batches in
+    a process group of several ranks are refused (they would give this rank's result only)."""
+    if isinstance(calibration, Problem):
+        return calibration.prepare().shards
+    if calibration is not None:
+        distributed.refuse(
+            "quantisation calibrated on raw batches",
+            "pass the calibration data as an optbrain.Problem (each rank's shard) instead",
+        )
+    return SINGLE
 
 
 def refuse_act_order(spec: QuantSpec, who: str, why: str) -> None:
@@ -160,6 +176,7 @@ class Quantizer:
             if not bool(torch.isfinite(m.weight).all()):
                 raise QuantizationError(f"layer {path!r} has NaN or infinite weights")
         batches = None if calibration is None else as_batches(calibration)
+        shards = _shards(calibration)
         if batches is None and self.needs_calibration:
             raise QuantizationError(
                 f"{type(self).__name__} needs calibration data (input batches of the model)"
@@ -172,7 +189,7 @@ class Quantizer:
         report.stages = [list(s.layers) for s in stages]
         with restored_on_error({p: m.weight for p, m in targets.items()}):
             for stage in stages:
-                hs = {} if batches is None else stage_hessians(model, batches, stage)
+                hs = {} if batches is None else stage_hessians(model, batches, stage, shards)
                 for path, module in stage.layers.items():
                     report.layers[path] = self._layer(path, module, hs.get(path))
                     if self.progress is not None:

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from ..curvature.calibration import HessianHooks, LayerHessian, is_layer
+from ..distributed import SINGLE, Shards
 from ..errors import CalibrationError
 from ..problem import Problem, eval_mode
 
@@ -47,12 +48,22 @@ class Stage:
     layers: dict[str, nn.Module]
 
 
+class _Reread:
+    """A problem's batches, read afresh by every stage (``Problem.batches()`` is a generator)."""
+
+    def __init__(self, problem: Problem):
+        self.problem = problem
+
+    def __iter__(self):
+        return self.problem.batches()
+
+
 def as_batches(calibration: object) -> list | Iterable:
     """Calibration data as a re-iterable of batches: a :class:`~optbrain.problem.Problem` (its
     inputs), a tensor (one batch), an ``(X, Y)`` pair of tensors (one batch), or an iterable of
     batches (a one-shot iterator is read into a list, since every stage reads the data)."""
     if isinstance(calibration, Problem):
-        return calibration.batches()
+        return _Reread(calibration)
     if isinstance(calibration, Tensor):
         return [calibration]
     if (
@@ -174,13 +185,16 @@ def _passes(model: nn.Module, batches: Iterable, stop: _CallCounter | None) -> I
         yield i
 
 
-def stage_hessians(model: nn.Module, batches: Iterable, stage: Stage) -> dict[str, LayerHessian]:
+def stage_hessians(
+    model: nn.Module, batches: Iterable, stage: Stage, shards: Shards = SINGLE
+) -> dict[str, LayerHessian]:
     """H = 2XXᵀ/n of each layer of ``stage`` on ``batches`` through the current model (eval
-    mode, no autograd; hooks removed and modes restored afterwards)."""
+    mode, no autograd; hooks removed and modes restored afterwards); on several ``shards``
+    (ranks holding parts of the calibration set) the sums are all-reduced."""
     hooks = HessianHooks(stage.layers)
     counter = _CallCounter() if stage.module is not None else None
     seen = 0
-    with hooks, torch.no_grad(), eval_mode(model):
+    with shards.together("calibrating a stage"), hooks, torch.no_grad(), eval_mode(model):
         # registered after the Hessian hooks: on a one-layer stage they must record first
         handle = stage.module.register_forward_hook(counter) if counter is not None else None
         try:
@@ -190,6 +204,6 @@ def stage_hessians(model: nn.Module, batches: Iterable, stage: Stage) -> dict[st
         finally:
             if handle is not None:
                 handle.remove()
-    if seen == 0:
+    if shards.count(seen) == 0:
         raise CalibrationError("the calibration data yielded no batch")
-    return hooks.hessians()
+    return hooks.hessians(shards)

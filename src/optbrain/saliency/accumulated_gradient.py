@@ -29,6 +29,8 @@ class AccumulatedGradient:
 
     ``batches``: the first ``batches`` batches of the problem's data (the course project used
     50 batches of 64); ``None``: all of them. Computed in eval mode, in the parameters' dtype.
+    On a distributed problem ``batches`` counts per rank and the gradient is summed over the
+    ranks before it is squared (``None``: one process's result on the union of the shards).
     """
 
     def __init__(self, batches: int | None = None):
@@ -41,15 +43,17 @@ class AccumulatedGradient:
         names = list(params)
         acc = [torch.zeros_like(p) for p in params.values()]
         n = problem.n_samples
-        with eval_mode(problem.model), torch.enable_grad():
-            for i, (x, y) in enumerate(problem.batches()):
-                if self.batches is not None and i >= self.batches:
-                    break
-                summed = n * problem.batch_objective(problem.model(x), y)  # Σ_{n∈b} ℓ_n
-                grads = torch.autograd.grad(summed, list(params.values()), allow_unused=True)
-                for a, g in zip(acc, grads):
-                    if g is not None:
-                        a += g
+        with problem.together("the accumulated gradient"), eval_mode(problem.model):
+            with torch.enable_grad():
+                for i, (x, y) in enumerate(problem.batches()):
+                    if self.batches is not None and i >= self.batches:
+                        break
+                    summed = n * problem.batch_objective(problem.model(x), y)  # Σ_{n∈b} ℓ_n
+                    grads = torch.autograd.grad(summed, list(params.values()), allow_unused=True)
+                    for a, g in zip(acc, grads):
+                        if g is not None:
+                            a += g
+        problem.all_reduce_(acc)  # the sum over the batches of every rank, before squaring
         return {k: 0.5 * g.square() * params[k].detach().square() for k, g in zip(names, acc)}
 
     def __repr__(self) -> str:

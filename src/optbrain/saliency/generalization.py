@@ -60,14 +60,20 @@ def objective_gradient(problem: Problem) -> ParamDict:
     params = problem.parameters()
     names = list(params)
     acc = [torch.zeros_like(p, dtype=torch.float64) for p in params.values()]
-    with eval_mode(problem.model), torch.enable_grad():
-        for x, y in problem.batches():
-            share = problem.batch_objective(problem.model(x), y)
-            grads = torch.autograd.grad(share, list(params.values()), allow_unused=True)
-            for a, g in zip(acc, grads):
-                if g is not None:
-                    a += g.detach().to(torch.float64)
-    return dict(zip(names, acc))
+    seen = 0
+    problem.prepare()
+    with problem.together("the objective's gradient"):
+        with eval_mode(problem.model), torch.enable_grad():
+            for x, y in problem.batches():
+                share = problem.batch_sum(problem.model(x), y)
+                grads = torch.autograd.grad(share, list(params.values()), allow_unused=True)
+                for a, g in zip(acc, grads):
+                    if g is not None:
+                        a += g.detach().to(torch.float64)
+                seen += x.shape[0]
+    problem.all_reduce_(acc)
+    n = problem.counted(seen)
+    return {k: a / n for k, a in zip(names, acc)}
 
 
 def _curvature(curvature: DiagonalCurvature | None) -> DiagonalCurvature:

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from ..curvature.inverse import AutoInverse, InverseHessian
-from ..errors import SingularCurvatureError
+from ..errors import SingularCurvatureError, UnsupportedArgumentError
 from ..masking import Mask, current_mask
 from ..paramdict import ParamDict
 from ..problem import Problem
@@ -49,6 +49,11 @@ def resolve_inverse(inverse, weight_decay: float):
         return AutoInverse(alpha=weight_decay if weight_decay > 0 else 1e-6)
     if not hasattr(inverse, "inverse"):
         raise TypeError(f"inverse must have an .inverse(problem, mask) method, not {inverse!r}")
+    if weight_decay > 0 and getattr(inverse, "structured", False):
+        raise UnsupportedArgumentError(
+            f"weight_decay needs the dense inverse (H⁻¹RH⁻¹ couples every coordinate); "
+            f"{inverse!r} is structured: use AutoInverse(alpha={weight_decay}) or weight_decay=0"
+        )
     if weight_decay > 0:
         reg = getattr(inverse, "regularizer", None)
         if reg is None or not math.isclose(reg, weight_decay, rel_tol=1e-12, abs_tol=0.0):
@@ -78,8 +83,10 @@ def check_regularizer(inv: InverseHessian, weight_decay: float) -> None:
 
 
 def obs_saliencies(inv: InverseHessian, theta: Tensor, weight_decay: float = 0.0) -> Tensor:
-    """Single-coordinate saliency of every row of ``inv`` (+inf for eliminated rows)."""
-    d = torch.diagonal(inv.matrix)
+    """Single-coordinate saliency of every row of ``inv`` (+inf for eliminated rows); a
+    structured inverse (block-diagonal, K-FAC) without ``weight_decay`` needs only its
+    diagonal."""
+    d = inv.diagonal_vector()
     safe = torch.where(inv.alive, d, torch.ones_like(d))
     if weight_decay == 0:
         s = theta.square() / (2 * safe)

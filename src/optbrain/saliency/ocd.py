@@ -250,7 +250,7 @@ def gate_curvature(
 
 
 def _gate_forms(work: Problem, cell_list, matrix: str, progress) -> Tensor:
-    fn = _Functional(work)
+    fn = _Functional(work.prepare())
     size = sum(v.numel() for v in fn.wanted.values())
     per_chunk = max(1, _BUDGET // max(1, size))
     total = len(cell_list)
@@ -274,7 +274,18 @@ def _ggn_forms(problem: Problem, fn: _Functional, tangents: dict[str, Tensor]) -
     """(1/N) Σ_n Σ_k σ_kn (S_knᵀ J_n s)² for each stacked tangent s (H_n = Σ_k σ S Sᵀ)."""
     k_cells = next(iter(tangents.values())).shape[0]
     acc = torch.zeros(k_cells, dtype=torch.float64, device=problem.device)
+    seen = 0
+    with problem.together("OCD's gate curvature"):
+        seen = _ggn_pass(problem, fn, tangents, acc)
+    problem.all_reduce_(acc)
+    return acc / problem.counted(seen)
+
+
+def _ggn_pass(problem: Problem, fn: _Functional, tangents: dict[str, Tensor], acc: Tensor) -> int:
+    """This rank's Σ_n Σ_k σ (S_knᵀ J_n s)² into ``acc``; returns the samples read."""
+    seen = 0
     for x, y in problem.batches():
+        seen += x.shape[0]
         with torch.no_grad():
             out = fn(fn.wanted, x)
         if not torch.isfinite(out).all():
@@ -290,7 +301,7 @@ def _ggn_forms(problem: Problem, fn: _Functional, tangents: dict[str, Tensor]) -
         if sign is not None:
             sq = sq * sign.to(sq)[None]
         acc += sq.sum((1, 2)).to(torch.float64)
-    return acc / problem.n_samples
+    return seen
 
 
 def _hessian_forms(problem: Problem, fn: _Functional, tangents: dict[str, Tensor]) -> Tensor:
@@ -298,17 +309,21 @@ def _hessian_forms(problem: Problem, fn: _Functional, tangents: dict[str, Tensor
     k_cells = next(iter(tangents.values())).shape[0]
     acc = torch.zeros(k_cells, dtype=torch.float64, device=problem.device)
     w0 = next(iter(fn.wanted.values()))
-    for x, y in problem.batches():
+    seen = 0
+    with problem.together("OCD's gate curvature"):
+        for x, y in problem.batches():
 
-        def second(t: dict[str, Tensor], x=x, y=y) -> Tensor:
-            def phi(a: Tensor) -> Tensor:
-                moved = {k: w + a * t[k] for k, w in fn.wanted.items()}
-                return problem.batch_objective(fn(moved, x), y)
+            def second(t: dict[str, Tensor], x=x, y=y) -> Tensor:
+                def phi(a: Tensor) -> Tensor:
+                    moved = {k: w + a * t[k] for k, w in fn.wanted.items()}
+                    return problem.batch_sum(fn(moved, x), y)
 
-            return jacrev(jacrev(phi))(torch.zeros((), dtype=w0.dtype, device=w0.device))
+                return jacrev(jacrev(phi))(torch.zeros((), dtype=w0.dtype, device=w0.device))
 
-        acc += _map(second, tangents).to(torch.float64)
-    return acc
+            acc += _map(second, tangents).to(torch.float64)
+            seen += x.shape[0]
+    problem.all_reduce_(acc)
+    return acc / problem.counted(seen)
 
 
 def _map(one, tangents: dict[str, Tensor]) -> Tensor:

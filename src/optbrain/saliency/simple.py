@@ -53,7 +53,9 @@ class SNIP:
     |∂E/∂c_k| at c = 1 for the gate c_k of weight k: the magnitude of the first-order change of E
     when the weight is removed. ``batches=1`` uses the first batch only (as the paper does at
     initialisation); ``None`` uses all the data. Works at initialisation or after training; the
-    normalisation by Σ|·| of the paper does not change the ranking and is omitted.
+    normalisation by Σ|·| of the paper does not change the ranking and is omitted. On a
+    distributed problem ``batches`` counts per rank (the first ``batches`` of every shard) and
+    the gradient is summed over the ranks; ``None`` gives one process's result on the union.
     """
 
     def __init__(self, batches: int | None = 1):
@@ -66,17 +68,19 @@ class SNIP:
         names = list(params)
         grads = [torch.zeros_like(p) for p in params.values()]
         used = 0
-        with eval_mode(problem.model), torch.enable_grad():
+        problem.prepare()
+        with problem.together("SNIP's gradient"), eval_mode(problem.model), torch.enable_grad():
             for i, (x, y) in enumerate(problem.batches()):
                 if self.batches is not None and i >= self.batches:
                     break
-                out = problem.model(x)
-                loss = problem.loss_fn(out, y) * (x.shape[0] if problem.reduction == "mean" else 1)
+                loss = problem.batch_sum(problem.model(x), y)
                 gs = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
                 for acc, g in zip(grads, gs):
                     if g is not None:
                         acc += g
                 used += x.shape[0]
+        problem.all_reduce_(grads)
+        used = problem.shards.count(used)
         return {k: (params[k].detach() * g / used).abs() for k, g in zip(names, grads)}
 
     def __repr__(self) -> str:

@@ -312,35 +312,43 @@ def run(
     """Accumulate the parameter diagonal of ``mode`` over the problem's data."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}")
+    problem.prepare()
     acc: dict[int, Tensor] = {}
-    n_total, done = problem.n_samples, 0
+    done = 0
     plan: _Plan | None = None
     chunk: int | None = None
-    with torch.no_grad(), eval_mode(problem.model):
-        for x, y in problem.batches():
-            if plan is None:
-                plan = _plan(graph, wanted, x, problem.model)
-                if not mode.startswith("lecun"):
-                    k = {"ef": 1, "mc": samples}.get(mode, plan.out_width)
-                    chunk = samples_per_sweep(k, plan.width, plan.kept, x.shape[0], plan.scratch)
-            for xc, yc in split(x, y, chunk):
-                env = _forward(graph, xc)
-                out = env[_output(graph).name]
-                if not isinstance(out, Tensor):
-                    raise GraphReadError("the model output is not one tensor")
-                if not all_finite([out]):
-                    raise NonFiniteLossError(f"{estimator}: the model output contains NaN or inf")
-                _one(problem, plan, env, yc, mode, acc, samples, generator, n_total)
-                del env
-            done += x.shape[0]
-            if tick is not None:
-                tick(done, n_total)
+    with problem.together(f"{estimator}: the curvature sweep"), torch.no_grad():
+        with eval_mode(problem.model):
+            for x, y in problem.batches():
+                if plan is None:
+                    plan = _plan(graph, wanted, x, problem.model)
+                    if not mode.startswith("lecun"):
+                        k = {"ef": 1, "mc": samples}.get(mode, plan.out_width)
+                        chunk = samples_per_sweep(
+                            k, plan.width, plan.kept, x.shape[0], plan.scratch
+                        )
+                for xc, yc in split(x, y, chunk):
+                    env = _forward(graph, xc)
+                    out = env[_output(graph).name]
+                    if not isinstance(out, Tensor):
+                        raise GraphReadError("the model output is not one tensor")
+                    if not all_finite([out]):
+                        raise NonFiniteLossError(
+                            f"{estimator}: the model output contains NaN or inf"
+                        )
+                    _one(problem, plan, env, yc, mode, acc, samples, generator)
+                    del env
+                done += x.shape[0]
+                if tick is not None:
+                    tick(done, problem.progress_total())
+    problem.progress_done(tick, done)
     out: ParamDict = {}
     for name, p in wanted.items():
         v = acc.get(id(p))
-        v = torch.zeros_like(p) if v is None else v
-        out[name] = v if mode.startswith("lecun") else v / n_total
-    return out
+        out[name] = torch.zeros_like(p) if v is None else v
+    problem.all_reduce_(out)  # sums over the samples of every rank
+    n_total = problem.counted(done)
+    return {name: v / n_total for name, v in out.items()}
 
 
 def _output(graph: ModelGraph) -> GNode:
@@ -351,7 +359,7 @@ def _output(graph: ModelGraph) -> GNode:
     return graph.by_name[arg.name]
 
 
-def _one(problem, plan, env, y, mode, acc, samples, generator, n_total) -> None:
+def _one(problem, plan, env, y, mode, acc, samples, generator) -> None:
     graph = plan.graph
     out_node = _output(graph)
     out = env[out_node.name]
@@ -359,8 +367,8 @@ def _one(problem, plan, env, y, mode, acc, samples, generator, n_total) -> None:
     if lay is None or lay.dim != 0 or lay.mult != 1:
         raise GraphReadError("the model output does not have the samples on its first axis")
     if mode.startswith("lecun"):
-        d = losses.hessian_diagonal(problem, out, y) * (1.0 / n_total)
-        g = losses.output_grads(problem, out, y) * (1.0 / n_total) if mode == "lecun" else None
+        d = losses.hessian_diagonal(problem, out, y)  # the objective's 1/N: applied at the end
+        g = losses.output_grads(problem, out, y) if mode == "lecun" else None
         _LeCunSweep(plan, env, acc).run(out_node, d, g)
         return
     if mode == "ggn":
