@@ -221,3 +221,20 @@ def test_optbrain_prune_under_torchrun_equals_one_process(tmp_path):
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(
         p.name for p in (tmp_path / "one").iterdir()
     )
+
+
+def test_ranks_retraining_on_their_own_shards_continue_as_one_model(tmp_path):
+    """``--shards given`` with retraining: each rank retrains on its shard, then the weights are
+    averaged (weighted by samples), so the next round's model check passes on every rank."""
+    task = f"{HERE / 'fixtures_given_task.py'}:task"
+    args = ["prune", "--task", task, "--method", "obd", "--rounds", "2", "--sparsity", "0.6"]
+    args += ["--retrain-epochs", "1", "--shards", "given", "--no-progress"]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), *sys.path]))
+    env.pop("WORLD_SIZE", None)
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    cmd = [*launch, "-m", "optbrain", *args, "--out", str(tmp_path / "two")]
+    done = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True,
+                          timeout=TIMEOUT)  # fmt: skip
+    assert done.returncode == 0, f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    history = json.loads((tmp_path / "two" / "obd" / "history.json").read_text())
+    assert len(history["records"]) >= 2

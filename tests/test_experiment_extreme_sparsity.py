@@ -104,6 +104,23 @@ def test_unreachable_sparsity_is_refused_before_training(tmp_path):
     assert not (tmp_path / "runs.json").exists()
 
 
+def test_a_level_one_weight_class_cannot_reach_is_refused_before_training(tmp_path, monkeypatch):
+    """64-4-10 MLP at 99 %: reachable over the whole model (1 - 2/296), but class-uniform
+    pruning would empty the output class (39 of its 40 weights may go, 40 would have to)."""
+    from optbrain.experiments import extreme_sparsity as es
+
+    trained = []
+    monkeypatch.setattr(es, "_train", lambda *a, **k: trained.append(1))
+    with pytest.raises(EmptyLayerError, match="class-uniform pruning cannot reach"):
+        experiments.run(
+            "extreme-sparsity",
+            tmp_path,
+            quick=True,
+            overrides=["tasks=digits", "digits_hidden=4", "levels=0.5,0.99", "seeds=0"],
+        )
+    assert not trained
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [

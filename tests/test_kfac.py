@@ -123,3 +123,26 @@ def test_obs_pruner_with_kfac_runs_and_predicts_its_sum():
     assert info.predicted_increase > 0
     assert all(bool((m.state_dict()[k][~mask[k]] == 0).all()) for k in mask.names)
     assert info.objective_before == pytest.approx(before)
+
+
+def test_a_single_step_holds_weights_pruned_before_the_inverse_at_zero():
+    """One Linear layer under MSE (K-FAC exact) with entries pruned beforehand: deleting one
+    more weight solves the constrained quadratic, as the dense OBS inverse does."""
+    from optbrain.masking import Mask
+
+    m = one_layer()
+    keep = {n: torch.ones_like(p, dtype=torch.bool) for n, p in m.named_parameters()}
+    keep["0.weight"][0, :3] = False
+    with torch.no_grad():
+        m[0].weight[0, :3] = 0
+    p = _problem(m)
+    mask = Mask(keep)
+    kfac = KFACInverse(alpha=ALPHA).inverse(p, mask)
+    dense = DirectInverse("ggn", damping=ALPHA).inverse(p, mask)
+    w = p.parameters()
+    for idx in [(0, 3), (1, 0)]:
+        lk, dk = kfac.obs_step(w, [kfac.flat_index("0.weight", idx)])
+        ld, dd = dense.obs_step(w, [dense.flat_index("0.weight", idx)])
+        assert lk == pytest.approx(ld, rel=1e-8)
+        for k in dd:
+            torch.testing.assert_close(dk[k], dd[k], rtol=1e-7, atol=1e-10)

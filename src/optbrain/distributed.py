@@ -253,6 +253,24 @@ SINGLE = Shards()
 """One process: no collective calls."""
 
 
+def average_models_(model: nn.Module, weight: float, s: Shards) -> None:
+    """Replace every parameter (and normalisation statistic) of ``model`` by its average over
+    the ranks, weighted by ``weight`` (this rank's samples), in place: after each rank retrained
+    on its own shard the ranks hold one model again (weight averaging, not the model one
+    process would train on the union of the shards). A no-op on one process."""
+    if not s.active:
+        return
+    total = s.sum(float(weight))
+    if total <= 0:
+        raise ValueError("average_models_: the ranks hold no samples")
+    stats = [b for n, b in model.named_buffers() if n.endswith(("running_mean", "running_var"))]
+    tensors = [t for t in (*model.parameters(), *stats) if t.is_floating_point()]
+    with torch.no_grad():
+        for t in tensors:
+            t.mul_(float(weight) / total)
+        s.all_reduce_(tensors)
+
+
 @dataclass(frozen=True)
 class ShardInfo:
     """What the ranks compare of their shards: the sample count read so far (0: none), and the

@@ -31,6 +31,7 @@ from typing import Any
 
 from torch import nn
 
+from . import distributed
 from .masking import Mask, attach
 from .problem import Problem
 from .pruners.base import default_mask
@@ -100,12 +101,24 @@ def eliminate(
             deleted(step)
         if retrain is not None:
             retrain(model, r)
+            _one_model(model, step.problem)
         reason = after(step) if after is not None else None
         if reason:
             return reason
         if mask is not None:
             current = step.new
         r += 1
+
+
+def _one_model(model: nn.Module, problem: Problem) -> None:
+    """After each rank retrained on its own shard: the weights averaged over the ranks, weighted
+    by their samples, so that every rank holds one model again (nothing on one process)."""
+    if not problem.distributed:
+        return
+    local = problem.local_samples
+    if local is None:  # not counted yet: this rank's batches, no collective call
+        local = sum(int(x.shape[0]) for x, _ in problem.batches())
+    distributed.average_models_(model, local, problem.shards)
 
 
 def _default_mask(pruner: Any, model: nn.Module) -> Mask:

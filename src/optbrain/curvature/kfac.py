@@ -214,7 +214,10 @@ class KroneckerInverseHessian:
         return out
 
     def diagonal_vector(self) -> Tensor:
-        """[H⁻¹]_qq of every row (0 for eliminated rows)."""
+        """[H⁻¹]_qq of every row (0 for eliminated rows). In a layer with entries pruned before
+        this inverse was built it is the Kronecker inverse's own diagonal, which does not hold
+        them at zero: an approximation for choosing weights; the steps are exact
+        (:meth:`step_vector`, :meth:`prune`)."""
         out = torch.zeros(self.coords.size, dtype=torch.float64, device=self.alive.device)
         for lay in self.layers:
             d = lay.kdiag().reshape(-1)
@@ -261,6 +264,12 @@ class KroneckerInverseHessian:
         loss = 0.0
         for li, rows in self._by_layer(q).items():
             lay = self.layers[li]
+            if self._held(lay):  # entries already at zero: the constrained quadratic
+                part, free, step = self._constrained(lay, theta, rows)
+                delta[lay.rows[free]] += step[free]
+                delta[rows] = -theta[rows]
+                loss += part
+                continue
             flat = self._flat[rows]
             cols = self._cols(lay, flat)
             z = torch.linalg.solve(cols[flat], theta[rows])
@@ -270,6 +279,13 @@ class KroneckerInverseHessian:
             delta[rows] = -theta[rows]
             loss += 0.5 * float(theta[rows] @ z)
         return loss, delta
+
+    def _held(self, lay: KroneckerLayer) -> bool:
+        """Whether some of the layer's entries are held at zero (pruned before this inverse was
+        built, or eliminated since): its columns of the Kronecker inverse then do not hold them,
+        and a step solves the constrained quadratic instead (conjugate gradients)."""
+        ok = lay.rows >= 0
+        return not bool(ok.all()) or not bool(self.alive[lay.rows[ok]].all())
 
     def obs_step(self, weights: Mapping[str, Tensor], q) -> tuple[float, ParamDict]:
         loss, delta = self.step_vector(self.gather(weights), q)
@@ -315,6 +331,13 @@ class KroneckerInverseHessian:
     def _group_update(self, lay: KroneckerLayer, theta: Tensor, rows: Tensor) -> float:
         """θ of the layer ← argmin ½δᵀHδ with δ = −θ on ``rows`` and 0 on the entries not alive;
         returns ½δᵀHδ."""
+        loss, free, delta = self._constrained(lay, theta, rows)
+        theta[lay.rows[free]] += delta[free]
+        return loss
+
+    def _constrained(self, lay: KroneckerLayer, theta: Tensor, rows: Tensor):
+        """(½δᵀHδ, the free entries, δ) for δ = argmin ½δᵀHδ over the layer with δ = −θ on
+        ``rows`` and 0 on every entry not alive (conjugate gradients on the free entries)."""
         full = lay.rows
         ok = full >= 0
         free = ok & self.alive[full.clamp_min(0)]
@@ -327,8 +350,7 @@ class KroneckerInverseHessian:
         x = _pcg(lambda v: lay.h(v) * free, rhs, lambda r: lay.kinv(r) * free,
                  self.cg_tol, self.cg_iters)  # fmt: skip
         delta = fixed + x
-        theta[full[free]] += delta[free]
-        return 0.5 * float((delta * lay.h(delta)).sum())
+        return 0.5 * float((delta * lay.h(delta)).sum()), free, delta
 
     def __repr__(self) -> str:
         return (

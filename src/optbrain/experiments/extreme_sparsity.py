@@ -205,21 +205,32 @@ def _run_method(cfg, task: Task, dense: nn.Module, method: str, level: float, se
     return record
 
 
-def _check_reachable(model: nn.Module, levels, task: str) -> None:
+def _check_reachable(model: nn.Module, levels, task: Task, methods=()) -> None:
     """Every pruner keeps one entry of every weight matrix (``min_kept=1``): a level above
     1 − (matrices)/(prunable entries) cannot be reached without emptying a layer, and is refused
-    before any training (:class:`~optbrain.errors.EmptyLayerError`)."""
+    before any training (:class:`~optbrain.errors.EmptyLayerError`); so is a level that
+    class-uniform pruning cannot reach within one of the weight classes."""
     from ..errors import EmptyLayerError
     from ..masking import Mask
+    from ..selection import ClassUniformSelector
 
     mask = Mask.ones(model)
     reachable = 1 - len(mask.names) / mask.total()
     if max(levels) > reachable:
         raise EmptyLayerError(
-            f"{task}: sparsity {max(levels):.4g} needs more than every weight but one of some "
-            f"weight matrix; this model ({mask.total()} prunable weights in {len(mask.names)} "
-            f"matrices) reaches at most {reachable:.6f} with one weight kept per matrix"
+            f"{task.name}: sparsity {max(levels):.4g} needs more than every weight but one of "
+            f"some weight matrix; this model ({mask.total()} prunable weights in "
+            f"{len(mask.names)} matrices) reaches at most {reachable:.6f} with one weight kept "
+            "per matrix"
         )
+    if "magnitude_uniform" in methods:
+        scores = {n: p.detach().abs() for n, p in model.named_parameters() if n in mask.names}
+        try:
+            ClassUniformSelector(task.classes(model), min_kept=1)(scores, mask, max(levels))
+        except EmptyLayerError as exc:
+            raise EmptyLayerError(
+                f"{task.name}: class-uniform pruning cannot reach sparsity {max(levels):.4g}: {exc}"
+            ) from exc
 
 
 def _sweep(cfg: Config, task: Task, session: Session) -> dict[str, Any]:
@@ -236,7 +247,7 @@ def _sweep(cfg: Config, task: Task, session: Session) -> dict[str, Any]:
     for seed in cfg.seeds:
         t0 = time.perf_counter()
         dense = task.build(seed)
-        _check_reachable(dense, cfg.levels, task.name)
+        _check_reachable(dense, cfg.levels, task, cfg.methods)
         _train(cfg, task, dense, epochs, cfg.lr, seed)
         objective = Problem(dense, task.loss_fn, task.prune_data).objective()
         entry = {"seed": seed, **task.evaluate(dense), "objective": objective}
