@@ -42,6 +42,7 @@ from ..paramdict import ParamDict
 from ..problem import Problem
 from .base import Progress, in_dtype
 from .budget import BUDGET as _BUDGET
+from .coordinate_views import CoordinateViews
 from .inverse import Coordinates
 from .layer_factors import LayerSlot, layer_factors, layer_slots
 
@@ -240,7 +241,7 @@ def _damped_chol(g: Tensor) -> Tensor:
     raise SingularCurvatureError("a curvature block is not positive definite even with damping")
 
 
-class BlockInverseHessian:
+class BlockInverseHessian(CoordinateViews):
     """A block-diagonal inverse curvature over the alive coordinates, with the operations of
     :class:`~optbrain.curvature.inverse.InverseHessian` (``diag``, ``column``, ``obs_step``,
     ``step_vector``, ``eliminate``, ``gather``/``scatter``) and the bulk step
@@ -264,13 +265,6 @@ class BlockInverseHessian:
             raise ValueError("some coordinates are in no block")
 
     # ------------------------------------------------------------------ views
-    @property
-    def names(self) -> tuple[str, ...]:
-        return self.coords.names
-
-    def __len__(self) -> int:
-        return self.coords.size
-
     def copy(self) -> BlockInverseHessian:
         groups = [BlockGroup(g.index, g.inv.clone()) for g in self.groups]
         out = BlockInverseHessian.__new__(BlockInverseHessian)
@@ -286,20 +280,6 @@ class BlockInverseHessian:
             out[g.index[ok]] = g.inv.diagonal(dim1=1, dim2=2)[ok]
         return out
 
-    def diag(self) -> ParamDict:
-        """[H⁻¹]_qq per parameter entry; +inf for pruned and eliminated entries."""
-        d = torch.where(self.alive, self.diagonal_vector(), torch.inf)
-        return self.coords.scatter(d, fill=torch.inf)
-
-    def gather(self, values: Mapping[str, Tensor]) -> Tensor:
-        return self.coords.gather(values).to(self.alive.device)
-
-    def scatter(self, vec: Tensor) -> ParamDict:
-        return self.coords.scatter(vec)
-
-    def flat_index(self, name: str, index) -> int:
-        return self.coords.row(name, index)
-
     def column(self, name: str, index) -> ParamDict:
         """H⁻¹ e_q as a ParamDict (nonzero only in q's block)."""
         q = self.flat_index(name, index)
@@ -312,13 +292,7 @@ class BlockInverseHessian:
 
     # ------------------------------------------------------------------ OBS, one step
     def _blocks_of(self, q: Tensor) -> dict[tuple[int, int], Tensor]:
-        idx = torch.as_tensor(q, dtype=torch.long, device=self.alive.device).reshape(-1)
-        if idx.numel() == 0:
-            raise ValueError("no coordinate given")
-        if idx.unique().numel() != idx.numel():
-            raise ValueError(f"rows {idx.tolist()} repeat a coordinate")
-        if not bool(self.alive[idx].all()):
-            raise ValueError(f"coordinate(s) {idx[~self.alive[idx]].tolist()} were eliminated")
+        idx = self._alive_rows(q)
         out: dict[tuple[int, int], list[int]] = {}
         for gi, b, s in self._where[idx].tolist():
             out.setdefault((gi, b), []).append(s)

@@ -49,6 +49,7 @@ from ..masking import Mask
 from ..paramdict import ParamDict
 from ..problem import Problem
 from .base import Progress, in_dtype
+from .coordinate_views import CoordinateViews
 from .inverse import Coordinates
 from .layer_factors import LayerSlot, layer_factors, layer_slots
 
@@ -174,7 +175,7 @@ class KFACInverse:
         return KroneckerInverseHessian(coords, layers, info, self.cg_tol, self.cg_iters)
 
 
-class KroneckerInverseHessian:
+class KroneckerInverseHessian(CoordinateViews):
     """K-FAC inverse curvature over the alive coordinates, with the operations of
     :class:`~optbrain.curvature.inverse.InverseHessian` (``diag``, ``column``, ``obs_step``,
     ``step_vector``, ``eliminate``, ``gather``/``scatter``) and the bulk step :meth:`prune`."""
@@ -195,13 +196,6 @@ class KroneckerInverseHessian:
             self._flat[rows] = torch.arange(lay.rows.numel(), device=dev)[ok]
 
     # ------------------------------------------------------------------ views
-    @property
-    def names(self) -> tuple[str, ...]:
-        return self.coords.names
-
-    def __len__(self) -> int:
-        return self.coords.size
-
     def copy(self) -> KroneckerInverseHessian:
         out = KroneckerInverseHessian.__new__(KroneckerInverseHessian)
         out.__dict__.update(self.__dict__)
@@ -227,19 +221,6 @@ class KroneckerInverseHessian:
             out[lay.rows.reshape(-1)[ok]] = d[ok]
         return torch.where(self.alive, out, 0.0)
 
-    def diag(self) -> ParamDict:
-        d = torch.where(self.alive, self.diagonal_vector(), torch.inf)
-        return self.coords.scatter(d, fill=torch.inf)
-
-    def gather(self, values: Mapping[str, Tensor]) -> Tensor:
-        return self.coords.gather(values).to(self.alive.device)
-
-    def scatter(self, vec: Tensor) -> ParamDict:
-        return self.coords.scatter(vec)
-
-    def flat_index(self, name: str, index) -> int:
-        return self.coords.row(name, index)
-
     # ------------------------------------------------------------------ OBS, one step
     def _cols(self, lay: KroneckerLayer, flat: Tensor) -> Tensor:
         """Columns of the current reduced inverse at flat layer positions (p_l × m)."""
@@ -249,13 +230,7 @@ class KroneckerInverseHessian:
         return cols
 
     def _by_layer(self, q) -> dict[int, Tensor]:
-        idx = torch.as_tensor(q, dtype=torch.long, device=self.alive.device).reshape(-1)
-        if idx.numel() == 0:
-            raise ValueError("no coordinate given")
-        if idx.unique().numel() != idx.numel():
-            raise ValueError(f"rows {idx.tolist()} repeat a coordinate")
-        if not bool(self.alive[idx].all()):
-            raise ValueError(f"coordinate(s) {idx[~self.alive[idx]].tolist()} were eliminated")
+        idx = self._alive_rows(q)
         return {int(li): idx[self._layer[idx] == li] for li in self._layer[idx].unique()}
 
     def step_vector(self, theta: Tensor, q) -> tuple[float, Tensor]:

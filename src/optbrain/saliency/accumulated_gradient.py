@@ -18,10 +18,9 @@ factor N² does not change the ranking.
 
 from __future__ import annotations
 
-import torch
-
 from ..paramdict import ParamDict
-from ..problem import Problem, eval_mode
+from ..problem import Problem
+from .gradient_sum import summed_gradient
 
 
 class AccumulatedGradient:
@@ -39,22 +38,9 @@ class AccumulatedGradient:
         self.batches = batches
 
     def __call__(self, problem: Problem) -> ParamDict:
-        params = problem.parameters()
-        names = list(params)
-        acc = [torch.zeros_like(p) for p in params.values()]
-        n = problem.n_samples
-        with problem.together("the accumulated gradient"), eval_mode(problem.model):
-            with torch.enable_grad():
-                for i, (x, y) in enumerate(problem.batches()):
-                    if self.batches is not None and i >= self.batches:
-                        break
-                    summed = n * problem.batch_objective(problem.model(x), y)  # Σ_{n∈b} ℓ_n
-                    grads = torch.autograd.grad(summed, list(params.values()), allow_unused=True)
-                    for a, g in zip(acc, grads):
-                        if g is not None:
-                            a += g
-        problem.all_reduce_(acc)  # the sum over the batches of every rank, before squaring
-        return {k: 0.5 * g.square() * params[k].detach().square() for k, g in zip(names, acc)}
+        params, acc, _ = summed_gradient(problem, self.batches, "the accumulated gradient")
+        # the sum over the batches of every rank, before squaring
+        return {k: 0.5 * g.square() * p.detach().square() for (k, p), g in zip(params.items(), acc)}
 
     def __repr__(self) -> str:
         return f"AccumulatedGradient(batches={self.batches})"

@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 
 from ..paramdict import ParamDict
-from ..problem import Problem, eval_mode
+from ..problem import Problem
 from .base import detached_params
+from .gradient_sum import summed_gradient
 
 
 class Magnitude:
@@ -64,24 +65,8 @@ class SNIP:
         self.batches = batches
 
     def __call__(self, problem: Problem) -> ParamDict:
-        params = problem.parameters()
-        names = list(params)
-        grads = [torch.zeros_like(p) for p in params.values()]
-        used = 0
-        problem.prepare()
-        with problem.together("SNIP's gradient"), eval_mode(problem.model), torch.enable_grad():
-            for i, (x, y) in enumerate(problem.batches()):
-                if self.batches is not None and i >= self.batches:
-                    break
-                loss = problem.batch_sum(problem.model(x), y)
-                gs = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
-                for acc, g in zip(grads, gs):
-                    if g is not None:
-                        acc += g
-                used += x.shape[0]
-        problem.all_reduce_(grads)
-        used = problem.shards.count(used)
-        return {k: (params[k].detach() * g / used).abs() for k, g in zip(names, grads)}
+        params, grads, used = summed_gradient(problem, self.batches, "SNIP's gradient")
+        return {k: (p.detach() * g / used).abs() for (k, p), g in zip(params.items(), grads)}
 
     def __repr__(self) -> str:
         return f"SNIP(batches={self.batches})"
