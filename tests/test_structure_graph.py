@@ -318,3 +318,16 @@ def test_unit_graph_names_what_blocks_each_group():
     # the scalar gain is shared by every unit: blocked, the units stay removable
     fn = unit_graph(_build(Functional))
     assert sum(g.removable for g in fn.groups.values() if g.members) == 7
+
+
+def test_masked_weights_are_recorded_by_their_stored_tensor():
+    """A masked weight read as ``module.weight`` is a fresh tensor on every read, whose id a
+    later temporary may take: the unit graph keys it by the stored ``original`` (once, a
+    16-unit and a 3-unit layer were united by such a reused id, in the full test suite)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3))
+    attach(model, Mask.ones(model))
+    ug = unit_graph(model, input_shape=(8,))
+    stored = {id(model[i].parametrizations.weight.original) for i in (0, 2)}
+    weights = {key[0] for key, rec in ug.rec.axes.items() if rec.attr == "weight"}
+    assert weights == stored

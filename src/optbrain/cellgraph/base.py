@@ -121,7 +121,7 @@ class Records:
     ) -> None:
         """Record ``owner.attr``'s positions along ``axis``; a tensor recorded twice (a module
         called twice, tied weights) unites the atoms of each position."""
-        tensor = getattr(owner, attr)
+        tensor = _stored(owner, attr)
         if tensor is None:
             return
         key = (id(tensor), axis)
@@ -134,3 +134,13 @@ class Records:
             return
         self.uf.union_pairs(got.ids, ids)
         got.ids = torch.where(got.ids != 0, got.ids, ids)
+
+
+def _stored(owner: nn.Module, attr: str) -> Tensor | None:
+    """The tensor ``owner`` stores for ``attr``: a parametrized weight's ``original`` (reading
+    ``owner.attr`` computes a fresh tensor each time, whose id a later temporary may reuse)."""
+    from torch.nn.utils import parametrize
+
+    if parametrize.is_parametrized(owner, attr):
+        return owner.parametrizations[attr].original
+    return getattr(owner, attr)
