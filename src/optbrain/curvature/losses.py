@@ -180,7 +180,7 @@ def mc_factor(
     if _is_plain_ce(problem, out, y):
         p = _probabilities(out)
         flat = _positions_last(p)  # one label drawn per sample and position
-        idx = torch.multinomial(flat.double().cpu(), samples, replacement=True, generator=gen)
+        idx = _draw(flat, samples, gen)
         onehot = torch.nn.functional.one_hot(idx.T, p.shape[1]).to(p)  # samples × (N·pos) × C
         if out.dim() > 2:
             shape = (samples, p.shape[0], *p.shape[2:], p.shape[1])
@@ -195,3 +195,13 @@ def mc_factor(
     eps = torch.randn(samples, k, out.shape[0], generator=gen, dtype=torch.float64)
     eps = eps.to(device=s.device, dtype=s.dtype)
     return torch.einsum("jkn,kn...->jn...", eps, s) * scale
+
+
+def _draw(probs: Tensor, samples: int, gen: torch.Generator) -> Tensor:
+    """``samples`` labels per row of ``probs`` (rows × classes), drawn by inverting each row's
+    cumulative distribution at uniform numbers from ``gen`` (float64, on the CPU): index j
+    with P(j) = p_j. One cumsum and one binary search, where ``torch.multinomial`` costs a
+    quarter of a gradient pass on 2048 rows."""
+    cdf = probs.detach().double().cpu().cumsum(-1)
+    u = torch.rand(cdf.shape[0], samples, dtype=torch.float64, generator=gen) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).clamp_max(cdf.shape[1] - 1)
