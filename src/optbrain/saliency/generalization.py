@@ -46,34 +46,26 @@ from torch import Tensor
 from ..curvature import GGNDiagonal
 from ..curvature.base import DiagonalCurvature
 from ..generalization import check_decay, fraction_determined
-from ..masking import Mask, current_mask
-from ..paramdict import ParamDict, named_parameters
-from ..problem import Problem, eval_mode
+from ..paramdict import ParamDict
+from ..problem import Problem
 from .base import detached_params
-from .obs import check_regularizer, check_weight_decay, obs_saliencies, resolve_inverse
+from .decay import check_decay_names, decay_of
+from .gradient_sum import summed_gradient
+from .obs import (
+    alive_inverse,
+    check_weight_decay,
+    obs_saliencies,
+    resolve_inverse,
+    scatter_alive,
+)
 
 __all__ = ["EBD", "ESP", "GammaOBD", "GammaOBS", "ValidationOBD", "objective_gradient"]
 
 
 def objective_gradient(problem: Problem) -> ParamDict:
     """∂E/∂w of the problem's parameters over all its data (model in eval mode), float64."""
-    params = problem.parameters()
-    names = list(params)
-    acc = [torch.zeros_like(p, dtype=torch.float64) for p in params.values()]
-    seen = 0
-    problem.prepare()
-    with problem.together("the objective's gradient"):
-        with eval_mode(problem.model), torch.enable_grad():
-            for x, y in problem.batches():
-                share = problem.batch_sum(problem.model(x), y)
-                grads = torch.autograd.grad(share, list(params.values()), allow_unused=True)
-                for a, g in zip(acc, grads):
-                    if g is not None:
-                        a += g.detach().to(torch.float64)
-                seen += x.shape[0]
-    problem.all_reduce_(acc)
-    n = problem.counted(seen)
-    return {k: a / n for k, a in zip(names, acc)}
+    params, acc, n = summed_gradient(problem, None, "the objective's gradient", dtype=torch.float64)
+    return {k: a / n for k, a in zip(params, acc)}
 
 
 def _curvature(curvature: DiagonalCurvature | None) -> DiagonalCurvature:
@@ -93,17 +85,8 @@ class GammaOBD:
         self.weight_decay = check_decay(weight_decay)
         self.curvature = _curvature(curvature)
 
-    def _decay(self, name: str) -> float:
-        if isinstance(self.weight_decay, Mapping):
-            return float(self.weight_decay.get(name, 0.0))
-        return float(self.weight_decay)
-
     def __call__(self, problem: Problem) -> ParamDict:
-        if isinstance(self.weight_decay, Mapping):
-            known = set(named_parameters(problem.model, trainable_only=False))
-            unknown = [k for k in self.weight_decay if k not in known]
-            if unknown:
-                raise KeyError(f"weight_decay names unknown parameter(s) {unknown}")
+        check_decay_names(self.weight_decay, problem.model)
         h = self.curvature.diagonal(problem)
         w = detached_params(problem)
         penalty = 2.0 * problem.objective() / problem.n_samples
@@ -112,7 +95,7 @@ class GammaOBD:
             # float64: the training part of a near-dead weight (~1e-10) must survive the
             # subtraction of the penalty (~1e-2), or the ranking turns into index order
             hk = h32.to(torch.float64)
-            lam = torch.full_like(hk, self._decay(k))
+            lam = torch.full_like(hk, decay_of(self.weight_decay, k))
             train = (0.5 * hk + lam) * w[k].to(device=hk.device, dtype=hk.dtype).square()
             out[k] = train - penalty * fraction_determined(hk, lam).square()
         return out
@@ -147,17 +130,11 @@ class GammaOBS:
         self.inverse = resolve_inverse(inverse, self.weight_decay)
 
     def __call__(self, problem: Problem) -> ParamDict:
-        params = problem.parameters()
-        attached = current_mask(problem.model)
-        mask = Mask({n: attached[n] for n in attached.names if n in params})
-        inv = self.inverse.inverse(problem, mask)
-        check_regularizer(inv, self.weight_decay)
-        theta = inv.gather(params)
+        inv, theta = alive_inverse(self.inverse, problem, self.weight_decay)
         train = obs_saliencies(inv, theta, self.weight_decay)
         penalty = 2.0 * problem.objective() / problem.n_samples
-        s = train - penalty * neff_drop(inv.matrix, self.weight_decay)
-        out = inv.scatter(torch.where(inv.alive, s, torch.zeros_like(s)))
-        return {k: out[k].to(device=params[k].device) for k in params}
+        drop = neff_drop(inv.matrix, self.weight_decay)
+        return scatter_alive(inv, train - penalty * drop, problem)
 
     def __repr__(self) -> str:
         return f"GammaOBS(weight_decay={self.weight_decay!r}, inverse={self.inverse!r})"

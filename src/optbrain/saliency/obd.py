@@ -8,9 +8,10 @@ from torch import Tensor
 
 from ..curvature import GGNDiagonal
 from ..curvature.base import DiagonalCurvature
-from ..paramdict import ParamDict, named_parameters
+from ..paramdict import ParamDict
 from ..problem import Problem
 from .base import detached_params
+from .decay import check_decay_names, decay_of
 
 
 class OBD:
@@ -42,23 +43,14 @@ class OBD:
             raise ValueError(f"weight decay must be a number >= 0, got {bad}")
         self.weight_decay = weight_decay
 
-    def _decay(self, name: str) -> float:
-        if isinstance(self.weight_decay, Mapping):
-            return float(self.weight_decay.get(name, 0.0))
-        return float(self.weight_decay)
-
     def __call__(self, problem: Problem) -> ParamDict:
-        if isinstance(self.weight_decay, Mapping):
-            known = set(named_parameters(problem.model, trainable_only=False))
-            unknown = [k for k in self.weight_decay if k not in known]
-            if unknown:
-                raise KeyError(f"weight_decay names unknown parameter(s) {unknown}")
+        check_decay_names(self.weight_decay, problem.model)
         h = self.curvature.diagonal(problem)
         w = detached_params(problem)
         out: dict[str, Tensor] = {}
         for k, hk in h.items():
             wk = w[k].to(hk.dtype)
-            out[k] = (0.5 * hk + self._decay(k)) * wk.square()
+            out[k] = (0.5 * hk + decay_of(self.weight_decay, k)) * wk.square()
         return out
 
     def __repr__(self) -> str:

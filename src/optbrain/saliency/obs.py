@@ -129,6 +129,24 @@ def group_saliency(
     return group_step(inv, theta, rows, weight_decay)[0]
 
 
+def alive_inverse(inverse, problem: Problem, weight_decay: float):
+    """(H⁻¹ over the problem's parameters left alive by the attached mask, their values θ);
+    checks that the inverse's regulariser is the decay's."""
+    params = problem.parameters()
+    attached = current_mask(problem.model)
+    mask = Mask({n: attached[n] for n in attached.names if n in params})
+    inv = inverse.inverse(problem, mask)
+    check_regularizer(inv, weight_decay)
+    return inv, inv.gather(params)
+
+
+def scatter_alive(inv, s: Tensor, problem: Problem) -> ParamDict:
+    """Row saliencies ``s`` as a ParamDict on the parameters' devices (0 where pruned)."""
+    params = problem.parameters()
+    out = inv.scatter(torch.where(inv.alive, s, torch.zeros_like(s)))
+    return {k: out[k].to(device=params[k].device) for k in params}
+
+
 class OBS:
     """s_q = w_q² / (2 [H⁻¹]_qq) (or ζ_q with ``weight_decay``), one shot, from ``inverse``.
 
@@ -146,15 +164,8 @@ class OBS:
         self.inverse = resolve_inverse(inverse, self.weight_decay)
 
     def __call__(self, problem: Problem) -> ParamDict:
-        params = problem.parameters()
-        attached = current_mask(problem.model)
-        mask = Mask({n: attached[n] for n in attached.names if n in params})
-        inv = self.inverse.inverse(problem, mask)
-        check_regularizer(inv, self.weight_decay)
-        theta = inv.gather(params)
-        s = obs_saliencies(inv, theta, self.weight_decay)
-        out = inv.scatter(torch.where(inv.alive, s, torch.zeros_like(s)))
-        return {k: out[k].to(device=params[k].device) for k in params}
+        inv, theta = alive_inverse(self.inverse, problem, self.weight_decay)
+        return scatter_alive(inv, obs_saliencies(inv, theta, self.weight_decay), problem)
 
     def __repr__(self) -> str:
         return f"OBS(inverse={self.inverse!r}, weight_decay={self.weight_decay!r})"

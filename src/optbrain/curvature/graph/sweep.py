@@ -290,12 +290,20 @@ def canon(t: Tensor, lay: Layout, lead: int = 0) -> Tensor:
 def probe(problem: Problem, graph: ModelGraph) -> None:
     """Read the sample layout of every value on the problem's first batch (and check that the
     graph computes the model's output) before any work: GraphReadError where the sweep cannot
-    follow it. The plan is kept, so the run that follows does not repeat it."""
+    follow it. The plan is kept, so the run that follows does not repeat it, and a graph probed
+    once for these parameters is not probed again (no batch is drawn: a later input shape is
+    checked when the run plans for it)."""
+    wanted = problem.parameters()
+    probed = graph.__dict__.setdefault("_probed", set())
+    key = tuple(sorted(id(p) for p in wanted.values()))
+    if key in probed:
+        return
     x = next(iter(problem.batches()), (None,))[0]
     if not isinstance(x, Tensor) or x.shape[0] == 0:
         return
     with torch.no_grad(), eval_mode(problem.model):
-        _plan(graph, problem.parameters(), x, problem.model)
+        _plan(graph, wanted, x, problem.model)
+    probed.add(key)
 
 
 def run(
