@@ -238,3 +238,38 @@ def test_ranks_retraining_on_their_own_shards_continue_as_one_model(tmp_path):
     assert done.returncode == 0, f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     history = json.loads((tmp_path / "two" / "obd" / "history.json").read_text())
     assert len(history["records"]) >= 2
+
+
+def test_average_models_is_the_sample_weighted_mean_of_the_ranks():
+    """Against a stand-in for a second rank: every parameter (and normalisation statistic, not
+    other buffers) becomes (n₀·θ₀ + n₁·θ₁)/(n₀ + n₁)."""
+    from torch import nn
+
+    from optbrain.distributed import Shards, average_models_
+
+    torch.manual_seed(0)
+    mine, other = (nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)) for _ in range(2))
+    for m in (mine, other):
+        m[1].running_mean.normal_()
+        m[1].register_buffer("tag", torch.randn(4))
+    n0, n1 = 30.0, 10.0
+    want = {k: (n0 * v + n1 * other.state_dict()[k]) / (n0 + n1)
+            for k, v in mine.state_dict().items() if v.is_floating_point()}  # fmt: skip
+    theirs = [*(p.detach() for p in other.parameters()),
+              other[1].running_mean, other[1].running_var]  # fmt: skip
+
+    class TwoRanks(Shards):
+        def sum(self, value):
+            return value + n1
+
+        def all_reduce_(self, values):
+            for t, o in zip(values, theirs):
+                t.add_(o * (n1 / (n0 + n1)))
+            return values
+
+    tag = mine[1].tag.clone()
+    average_models_(mine, n0, TwoRanks(size=2))
+    got = mine.state_dict()
+    for k in ("0.weight", "0.bias", "1.weight", "1.bias", "1.running_mean", "1.running_var"):
+        torch.testing.assert_close(got[k], want[k])
+    assert torch.equal(got["1.tag"], tag)  # other buffers (masks) untouched
