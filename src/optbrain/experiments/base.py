@@ -83,6 +83,12 @@ class Config:
         if not ok:
             raise ValueError(f"setting {key!r} = {getattr(self, key)!r}: {what}")
 
+    def need_seeds(self, key: str = "seeds") -> None:
+        """For :meth:`validate`: at least one seed in ``key``, all distinct."""
+        seeds = getattr(self, key)
+        self.need(len(seeds) > 0, key, "give at least one seed")
+        self.need(len(set(seeds)) == len(seeds), key, "seeds must be distinct")
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-able dict of the fields (tuples become lists)."""
         return to_jsonable(dataclasses.asdict(self))

@@ -132,8 +132,7 @@ class Config(base.Config):
 
     def validate(self) -> None:
         need = self.need
-        need(len(self.seeds) > 0, "seeds", "give at least one seed")
-        need(len(set(self.seeds)) == len(self.seeds), "seeds", "seeds must be distinct")
+        self.need_seeds()
         for key in ("n_train", "n_val", "n_test"):
             need(getattr(self, key) >= 30, key, "must be >= 30")
         need(self.hidden >= 1, "hidden", "must be >= 1")

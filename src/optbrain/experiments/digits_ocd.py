@@ -105,8 +105,7 @@ class Config(base.Config):
 
     def validate(self) -> None:
         need = self.need
-        need(len(self.seeds) > 0, "seeds", "give at least one seed")
-        need(len(set(self.seeds)) == len(self.seeds), "seeds", "seeds must be distinct")
+        self.need_seeds()
         need(self.hidden >= 1, "hidden", "must be >= 1")
         need(0.0 < self.test_size < 1.0, "test_size", "must be in (0, 1)")
         need(0.0 < self.val_fraction < 1.0, "val_fraction", "must be in (0, 1)")

@@ -99,8 +99,7 @@ class Config(base.Config):
 
     def validate(self) -> None:
         need = self.need
-        need(len(self.seeds) > 0, "seeds", "give at least one seed")
-        need(len(set(self.seeds)) == len(self.seeds), "seeds", "seeds must be distinct")
+        self.need_seeds()
         need(len(self.sizes) > 0, "sizes", "give at least one training-set size")
         need(all(10 <= n <= 700 for n in self.sizes), "sizes", "sizes must be in 10..700")
         need(list(self.sizes) == sorted(set(self.sizes)), "sizes", "must increase strictly")

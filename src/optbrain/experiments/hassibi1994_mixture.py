@@ -102,8 +102,7 @@ class Config(base.Config):
 
     def validate(self) -> None:
         need = self.need
-        need(len(self.seeds) > 0, "seeds", "give at least one seed")
-        need(len(set(self.seeds)) == len(self.seeds), "seeds", "seeds must be distinct")
+        self.need_seeds()
         need(self.n_train >= 10, "n_train", "must be >= 10")
         need(self.n_test >= 10, "n_test", "must be >= 10")
         need(self.hidden >= 1, "hidden", "must be >= 1")

@@ -98,8 +98,7 @@ class Config(base.Config):
 
     def validate(self) -> None:
         need = self.need
-        need(len(self.seeds) > 0, "seeds", "give at least one seed")
-        need(len(set(self.seeds)) == len(self.seeds), "seeds", "seeds must be distinct")
+        self.need_seeds()
         need(len(self.problems) > 0, "problems", "give at least one of linear, net")
         need(len(set(self.problems)) == len(self.problems), "problems", "must be distinct")
         need(self.n_train >= 5, "n_train", "must be >= 5")

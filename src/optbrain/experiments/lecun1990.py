@@ -130,8 +130,7 @@ class Config(base.Config):
 
     def validate(self) -> None:
         need = self.need
-        need(len(self.seeds) > 0, "seeds", "give at least one seed")
-        need(len(set(self.seeds)) == len(self.seeds), "seeds", "seeds must be distinct")
+        self.need_seeds()
         need(len(self.models) > 0, "models", "give at least one of cnn, mlp")
         need(len(set(self.models)) == len(self.models), "models", "models must be distinct")
         need(all(h >= 1 for h in self.mlp_hidden), "mlp_hidden", "layer sizes must be >= 1")

@@ -97,8 +97,7 @@ class Config(base.Config):
 
     def validate(self) -> None:
         need = self.need
-        need(len(self.seeds) > 0, "seeds", "give at least one seed")
-        need(len(set(self.seeds)) == len(self.seeds), "seeds", "seeds must be distinct")
+        self.need_seeds()
         need(self.hidden >= 1, "hidden", "must be >= 1")
         need(1 <= self.lags <= 24, "lags", "must be in 1..24")
         need(self.decay_output > 0, "decay_output", "must be > 0 (the demo's D)")

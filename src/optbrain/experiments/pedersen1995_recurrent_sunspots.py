@@ -126,8 +126,7 @@ class Config(base.Config):
 
     def validate(self) -> None:
         need = self.need
-        need(len(self.seeds) > 0, "seeds", "give at least one seed")
-        need(len(set(self.seeds)) == len(self.seeds), "seeds", "seeds must be distinct")
+        self.need_seeds()
         need(self.hidden >= 1, "hidden", "must be >= 1")
         need(5 <= self.window <= 100, "window", "must be in 5..100")
         need(self.decay > 0, "decay", "must be > 0")

@@ -90,8 +90,7 @@ class Config(base.Config):
 
     def validate(self) -> None:
         need = self.need
-        need(len(self.seeds) > 0, "seeds", "give at least one seed")
-        need(len(set(self.seeds)) == len(self.seeds), "seeds", "seeds must be distinct")
+        self.need_seeds()
         need(self.n_train >= 20, "n_train", "must be >= 20")
         need(self.n_test >= 20, "n_test", "must be >= 20")
         need(self.hidden >= 1, "hidden", "must be >= 1")
