@@ -736,3 +736,22 @@ def test_lecun_knows_before_the_run_that_it_cannot_divide_by_a_parameter_depende
     assert path.engine == "generic" and "division" in path.reason
     with pytest.raises(UnsupportedModuleError, match="division"):
         LeCunDiagonal().diagonal(p)
+
+
+def test_a_parametrization_that_is_not_a_mask_is_named_by_both_structured_engines():
+    from torch.nn.utils import parametrize
+
+    class Double(nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    for model in (nn.Sequential(nn.Linear(4, 3)), _Leaky()):
+        layer = model[0] if isinstance(model, nn.Sequential) else model.a
+        parametrize.register_parametrization(layer, "weight", Double())
+        x, y = _ce_data(6)
+        p = Problem(model.double(), nn.CrossEntropyLoss(), [(x, y)])
+        with pytest.raises(
+            UnsupportedModuleError, match="not an optbrain mask|only optbrain masks"
+        ):
+            GGNDiagonal(method="backprop").diagonal(p)
+        assert GGNDiagonal().path(p).engine == "generic"

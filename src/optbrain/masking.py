@@ -536,3 +536,20 @@ def load_pruned(model: nn.Module, path, map_location=None) -> Mask:
     if not isinstance(payload, dict) or payload.get("format") != _PRUNED_FORMAT:
         raise ValueError(f"{path} is not an optbrain pruned-model file")
     return restore_pruned(model, payload)
+
+
+def masked_parameter(m: nn.Module, attr: str) -> tuple[Tensor, Tensor | None] | None:
+    """The stored parameter ``attr`` of ``m`` and the 0/1 multiplier of the optbrain masks
+    parametrizing it (None when it has none), or None when ``m.attr`` is None. ``ValueError``
+    when a parametrization of it is not an optbrain mask (what the curvature engines can read)."""
+    if parametrize.is_parametrized(m, attr):
+        plist = m.parametrizations[attr]
+        masks = [getattr(p, "mask", None) for p in plist]
+        if any(mk is None for mk in masks):
+            raise ValueError(f"{type(m).__name__}.{attr} has a parametrization that is not a mask")
+        mult = masks[0].to(plist.original.dtype)
+        for mk in masks[1:]:
+            mult = mult * mk
+        return plist.original, mult
+    p = m._parameters.get(attr)
+    return None if p is None else (p, None)

@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from torch import Tensor, nn
-from torch.nn.utils import parametrize
 
 from ..errors import UnsupportedModuleError
+from ..masking import masked_parameter
 from .rules import GENERIC_ESTIMATORS, Rule, rule_for
 
 
@@ -38,20 +38,13 @@ def _leaves(module: nn.Module, prefix: str):
 
 
 def _param_of(m: nn.Module, attr: str, estimator: str) -> tuple[Tensor, Tensor | None] | None:
-    if parametrize.is_parametrized(m, attr):
-        plist = m.parametrizations[attr]
-        masks = [getattr(p, "mask", None) for p in plist]
-        if any(mk is None for mk in masks):
-            raise UnsupportedModuleError(
-                f"{estimator} supports only optbrain masks as parametrizations of "
-                f"{type(m).__name__}.{attr}; use one of {', '.join(GENERIC_ESTIMATORS)}"
-            )
-        mult = masks[0].to(plist.original.dtype)
-        for mk in masks[1:]:
-            mult = mult * mk
-        return plist.original, mult
-    p = m._parameters.get(attr)
-    return None if p is None else (p, None)
+    try:
+        return masked_parameter(m, attr)
+    except ValueError as exc:
+        raise UnsupportedModuleError(
+            f"{estimator} supports only optbrain masks as parametrizations of "
+            f"{type(m).__name__}.{attr}; use one of {', '.join(GENERIC_ESTIMATORS)}"
+        ) from exc
 
 
 def build_chain(model: nn.Module, estimator: str) -> list[Link]:

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from ...errors import UnsupportedModuleError
+from ...masking import masked_parameter
 from ...paramdict import clean_name
 from ...problem import eval_mode
 from ..rules import GENERIC_ESTIMATORS, Rule
@@ -159,19 +160,12 @@ def _param_of(m: nn.Module, attr: str) -> tuple[Tensor, Tensor | None] | None:
     *path, last = attr.split(".")
     for part in path:
         m = getattr(m, part)
-    if parametrize.is_parametrized(m, last):
-        plist = m.parametrizations[last]
-        masks = [getattr(p, "mask", None) for p in plist]
-        if any(mk is None for mk in masks):
-            raise GraphReadError(
-                f"{type(m).__name__}.{last} has a parametrization that is not an optbrain mask"
-            )
-        mult = masks[0].to(plist.original.dtype)
-        for mk in masks[1:]:
-            mult = mult * mk
-        return plist.original, mult
-    p = m._parameters.get(last)
-    return None if p is None else (p, None)
+    try:
+        return masked_parameter(m, last)
+    except ValueError as exc:
+        raise GraphReadError(
+            f"{type(m).__name__}.{last} has a parametrization that is not an optbrain mask"
+        ) from exc
 
 
 def _trace(model: nn.Module, extra_leaves: tuple[type, ...] = ()) -> fx.GraphModule:
