@@ -45,7 +45,7 @@ import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -345,3 +345,22 @@ def fpe(
         form=used,
         damping=damping,
     )
+
+
+def fpe_fields(problem: Problem, **options: Any) -> dict[str, float]:
+    """:func:`fpe`'s estimate as a round's record fields (``fpe``, ``n_eff``, ``train_error``,
+    ``gamma2``, ``n_params``, ``damping``); where FPE is undefined, ``fpe`` NaN beside the
+    training error (logged)."""
+    try:
+        est = fpe(problem, **options)
+    except FPEUndefinedError as exc:
+        log.warning("no FPE for this round: %s", exc)
+        return {"fpe": math.nan, "train_error": problem.objective()}
+    return {
+        "fpe": est.fpe,
+        "n_eff": est.n_eff,
+        "train_error": est.train_error,
+        "gamma2": est.gamma2,
+        "n_params": float(est.n_params),
+        "damping": est.damping,
+    }

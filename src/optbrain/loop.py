@@ -21,7 +21,7 @@ from torch import nn
 from . import distributed, safeload
 from .elimination import Step, eliminate
 from .errors import OptbrainError, UnsafeFileError
-from .generalization import FPEUndefinedError, check_decay, fpe
+from .generalization import check_decay, fpe_fields
 from .history import History, RoundRecord
 from .jsonio import atomic_write, write_text
 from .masking import Mask, detach, load_pruned, pruned_state, restore_pruned, save_pruned
@@ -288,7 +288,7 @@ def _estimates(estimate_fpe, make_problem) -> Callable[[nn.Module], dict[str, fl
     options = _fpe_options(estimate_fpe)
 
     def estimates(m: nn.Module) -> dict[str, float]:
-        return {} if options is None else _estimate(make_problem(m), options)
+        return {} if options is None else fpe_fields(make_problem(m), **options)
 
     return estimates
 
@@ -305,23 +305,6 @@ def _fpe_options(estimate_fpe: bool | Mapping[str, Any]) -> dict[str, Any] | Non
     options = dict(estimate_fpe)
     check_decay(options.get("weight_decay", 0.0))  # fail before any work
     return options
-
-
-def _estimate(problem: Problem, options: dict[str, Any]) -> dict[str, float]:
-    """FPE and N_eff of the model on ``problem`` (NaN for FPE where it is undefined)."""
-    try:
-        est = fpe(problem, **options)
-    except FPEUndefinedError as exc:
-        log.warning("no FPE for this round: %s", exc)
-        return {"fpe": math.nan, "train_error": problem.objective()}
-    return {
-        "fpe": est.fpe,
-        "n_eff": est.n_eff,
-        "train_error": est.train_error,
-        "gamma2": est.gamma2,
-        "n_params": float(est.n_params),
-        "damping": est.damping,
-    }
 
 
 def round_path(checkpoint_dir: str | Path, round: int) -> Path:

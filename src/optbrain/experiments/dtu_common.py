@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from ..elimination import eliminate as shared_eliminate
-from ..generalization import FPEUndefinedError, fpe
+from ..generalization import fpe_fields
 from ..history import History, RoundRecord
 from ..masking import Mask, current_mask, restore_pruned
 from ..problem import Problem
@@ -117,21 +117,6 @@ def restore(template: nn.Module, state: Mapping[str, Any]) -> nn.Module:
     return model
 
 
-def _fpe_fields(problem: Problem, weight_decay: float, form: str) -> dict[str, float]:
-    try:
-        est = fpe(problem, weight_decay=weight_decay, form=form)
-    except FPEUndefinedError:
-        return {"fpe": math.nan, "train_error": problem.objective()}
-    return {
-        "fpe": est.fpe,
-        "n_eff": est.n_eff,
-        "train_error": est.train_error,
-        "gamma2": est.gamma2,
-        "n_params": float(est.n_params),
-        "damping": est.damping,
-    }
-
-
 def _smallest_kept(scores: Mapping[str, Tensor], mask: Mask) -> float:
     vals = [
         scores[k].detach()[mask[k].to(scores[k].device)].reshape(-1)
@@ -161,8 +146,10 @@ class _Rounds:
             remaining=m.kept(),
             total=m.total(),
             remaining_params=self.n_all - m.pruned(),
-            generalization=_fpe_fields(
-                self.make_problem(self.model), self.s["weight_decay"], self.s["fpe_form"]
+            generalization=fpe_fields(
+                self.make_problem(self.model),
+                weight_decay=self.s["weight_decay"],
+                form=self.s["fpe_form"],
             ),
             **fields,
         )
